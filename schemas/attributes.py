@@ -1,0 +1,55 @@
+"""The registry of span and resource attribute names tokentrace writes and reads.
+
+OpenTelemetry GenAI semantic-convention names (``gen_ai.*``) where one exists,
+``tokentrace.*`` otherwise. Both the instrumentation (which writes them) and the
+collector (which derives rows from them) import the names from here only.
+"""
+
+from __future__ import annotations
+
+# -- resource attributes (every process) -------------------------------------------
+SERVICE_NAME = "service.name"
+HOST_NAME = "host.name"
+NODE_ID = "tokentrace.node.id"
+ROLE = "tokentrace.role"  # router | prefill | decode
+
+ROLES = ("router", "prefill", "decode")
+
+# -- span names --------------------------------------------------------------------
+SPAN_REQUEST = "llm.request"  # SERVER, router
+SPAN_PREFILL = "llm.prefill"  # SERVER, prefill worker
+SPAN_KV_TRANSFER = "llm.kv_transfer"  # CLIENT, initiator of the transfer (decode, pull mode)
+SPAN_DECODE = "llm.decode"  # SERVER, decode worker
+SPAN_TOKEN = "llm.token"  # INTERNAL, child of llm.decode
+
+# -- llm.request / llm.prefill / llm.decode ----------------------------------------
+GEN_AI_OPERATION_NAME = "gen_ai.operation.name"  # "text_completion" | "chat"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_SERVER_TTFT = "gen_ai.server.time_to_first_token"  # seconds, float
+REQUEST_ID = "tokentrace.request.id"  # the X-Request-Id the router returned
+STREAM = "tokentrace.request.stream"  # bool
+PREFILL_NODE = "tokentrace.prefill.node"  # set by the router: the worker it chose
+DECODE_NODE = "tokentrace.decode.node"  # set by the router: the worker it chose
+QUEUE_TIME_S = "tokentrace.queue_time_s"  # arrival -> engine starts the request
+COMPUTE_TIME_S = "tokentrace.compute_time_s"  # engine compute for the request
+HTTP_STATUS = "http.response.status_code"
+
+# -- llm.token ---------------------------------------------------------------------
+TOKEN_INDEX = "tokentrace.token.index"  # 0-based index of the emission's first token
+TOKEN_COUNT = "tokentrace.token.count"  # tokens carried by this emission (>1 when speculating)
+ENGINE_STEP = "tokentrace.engine.step"  # the engine's step counter at this emission
+BATCH_SIZE = "tokentrace.batch.size"  # running requests in that step
+
+# -- llm.kv_transfer ---------------------------------------------------------------
+KV_BYTES = "tokentrace.kv.bytes"
+KV_BLOCKS = "tokentrace.kv.blocks"
+KV_BACKEND = "tokentrace.kv.backend"  # e.g. "nixl/UCX"
+KV_SRC_NODE = "tokentrace.kv.src_node"
+KV_DST_NODE = "tokentrace.kv.dst_node"
+
+__all__ = [name for name in dir() if name.isupper()]

@@ -1,0 +1,222 @@
+"""ClickHouse DDL for tokentrace's database, single node or cluster.
+
+``otel_traces`` and its trace-id lookup table keep the OpenTelemetry Collector
+ClickHouse exporter's layout column for column, so Grafana's trace view and the Go
+collector's exporter work against them unchanged.
+
+A request's row is assembled from spans of several nodes that reach the collector in
+any order (the router's ``llm.request``, the prefill worker's ``llm.prefill``, the
+decode worker's ``llm.decode`` and ``llm.kv_transfer``). Each span inserts a partial
+row into ``request_parts`` (an AggregatingMergeTree keyed by trace id whose columns
+ignore NULLs when merged) and the ``requests`` view folds the parts into one row per
+request. No join state lives in the collector, so arrival order and collector
+restarts do not matter.
+"""
+
+from __future__ import annotations
+
+DATABASE = "tokentrace"
+
+_OTEL_TRACES = """
+CREATE TABLE IF NOT EXISTS {db}.otel_traces{on_cluster} (
+    Timestamp DateTime64(9) CODEC(Delta, ZSTD(1)),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    ParentSpanId String CODEC(ZSTD(1)),
+    TraceState String CODEC(ZSTD(1)),
+    SpanName LowCardinality(String) CODEC(ZSTD(1)),
+    SpanKind LowCardinality(String) CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    SpanAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    Duration UInt64 CODEC(ZSTD(1)),
+    StatusCode LowCardinality(String) CODEC(ZSTD(1)),
+    StatusMessage String CODEC(ZSTD(1)),
+    Events Nested (
+        Timestamp DateTime64(9),
+        Name LowCardinality(String),
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    Links Nested (
+        TraceId String,
+        SpanId String,
+        TraceState String,
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1,
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_key mapKeys(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_value mapValues(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_duration Duration TYPE minmax GRANULARITY 1
+) ENGINE = {engine}
+PARTITION BY toDate(Timestamp)
+ORDER BY (ServiceName, SpanName, toDateTime(Timestamp))
+{ttl}SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1
+"""
+
+_TRACE_ID_TS = """
+CREATE TABLE IF NOT EXISTS {db}.otel_traces_trace_id_ts{on_cluster} (
+    TraceId String CODEC(ZSTD(1)),
+    Start DateTime CODEC(Delta, ZSTD(1)),
+    End DateTime CODEC(Delta, ZSTD(1)),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.01) GRANULARITY 1
+) ENGINE = {engine}
+PARTITION BY toDate(Start)
+ORDER BY (TraceId, Start)
+{ttl_start}SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1
+"""
+
+_TRACE_ID_TS_MV = """
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.otel_traces_trace_id_ts_mv{on_cluster}
+TO {db}.otel_traces_trace_id_ts
+AS SELECT
+    TraceId,
+    min(Timestamp) AS Start,
+    max(Timestamp) AS End
+FROM {db}.otel_traces
+WHERE TraceId != ''
+GROUP BY TraceId
+"""
+
+# Every value column ignores NULL when parts merge, so each span contributes only the
+# columns it knows; `kv_transfer_s`/`kv_bytes` add up over a request's transfers.
+_REQUEST_PARTS = """
+CREATE TABLE IF NOT EXISTS {db}.request_parts{on_cluster} (
+    trace_id String,
+    ts SimpleAggregateFunction(min, Nullable(DateTime64(9))),
+    request_id SimpleAggregateFunction(max, Nullable(String)),
+    model SimpleAggregateFunction(max, Nullable(String)),
+    router_node SimpleAggregateFunction(max, Nullable(String)),
+    prefill_node SimpleAggregateFunction(max, Nullable(String)),
+    decode_node SimpleAggregateFunction(max, Nullable(String)),
+    input_tokens SimpleAggregateFunction(max, Nullable(UInt32)),
+    output_tokens SimpleAggregateFunction(max, Nullable(UInt32)),
+    ttft_s SimpleAggregateFunction(max, Nullable(Float64)),
+    e2e_s SimpleAggregateFunction(max, Nullable(Float64)),
+    tpot_s SimpleAggregateFunction(max, Nullable(Float64)),
+    prefill_s SimpleAggregateFunction(max, Nullable(Float64)),
+    kv_transfer_s SimpleAggregateFunction(sum, Nullable(Float64)),
+    kv_bytes SimpleAggregateFunction(sum, Nullable(UInt64)),
+    status SimpleAggregateFunction(max, Nullable(String))
+) ENGINE = {agg_engine}
+ORDER BY trace_id
+SETTINGS index_granularity = 8192
+"""
+
+_REQUESTS_VIEW = """
+CREATE VIEW IF NOT EXISTS {db}.requests{on_cluster} AS
+SELECT
+    min(ts) AS ts,
+    trace_id,
+    max(request_id) AS request_id,
+    max(model) AS model,
+    max(router_node) AS router_node,
+    max(prefill_node) AS prefill_node,
+    max(decode_node) AS decode_node,
+    max(input_tokens) AS input_tokens,
+    max(output_tokens) AS output_tokens,
+    max(ttft_s) AS ttft_s,
+    max(e2e_s) AS e2e_s,
+    max(tpot_s) AS tpot_s,
+    max(prefill_s) AS prefill_s,
+    sum(kv_transfer_s) AS kv_transfer_s,
+    sum(kv_bytes) AS kv_bytes,
+    max(status) AS status
+FROM {db}.request_parts
+GROUP BY trace_id
+HAVING request_id IS NOT NULL
+"""
+
+_TOKEN_LATENCIES = """
+CREATE TABLE IF NOT EXISTS {db}.token_latencies{on_cluster} (
+    ts DateTime64(9) CODEC(Delta, ZSTD(1)),
+    trace_id String CODEC(ZSTD(1)),
+    node LowCardinality(String),
+    token_index UInt32,
+    itl_s Nullable(Float64),
+    tokens UInt16,
+    batch_size UInt16
+) ENGINE = {engine}
+PARTITION BY toDate(ts)
+ORDER BY (node, ts)
+{ttl_ts}SETTINGS index_granularity = 8192
+"""
+
+_KV_TRANSFERS = """
+CREATE TABLE IF NOT EXISTS {db}.kv_transfers{on_cluster} (
+    ts DateTime64(9) CODEC(Delta, ZSTD(1)),
+    trace_id String CODEC(ZSTD(1)),
+    src_node LowCardinality(String),
+    dst_node LowCardinality(String),
+    duration_s Float64,
+    bytes UInt64,
+    blocks UInt32,
+    backend LowCardinality(String),
+    status LowCardinality(String)
+) ENGINE = {engine}
+PARTITION BY toDate(ts)
+ORDER BY (src_node, dst_node, ts)
+{ttl_ts}SETTINGS index_granularity = 8192
+"""
+
+_NODE_CLOCKS = """
+CREATE TABLE IF NOT EXISTS {db}.node_clocks{on_cluster} (
+    ts DateTime64(9) CODEC(Delta, ZSTD(1)),
+    node LowCardinality(String),
+    offset_s Float64,
+    error_s Float64,
+    reference_node LowCardinality(String)
+) ENGINE = {engine}
+ORDER BY (node, ts)
+SETTINGS index_granularity = 8192
+"""
+
+TABLES = ("otel_traces", "otel_traces_trace_id_ts", "request_parts", "token_latencies",
+          "kv_transfers", "node_clocks")
+
+
+def ddl_statements(
+    database: str = DATABASE,
+    cluster: str | None = None,
+    ttl_days: int | None = None,
+) -> list[str]:
+    """The statements that create tokentrace's database, in order; all idempotent.
+
+    ``cluster`` adds ``ON CLUSTER`` and uses ReplicatedMergeTree engines (a
+    Distributed layer on top is the operator's choice of sharding key); ``ttl_days``
+    drops whole daily partitions older than that many days.
+    """
+    if not database.isidentifier():
+        raise ValueError(f"database name must be an identifier, got {database!r}")
+    if cluster is not None and not cluster.replace("-", "_").isidentifier():
+        raise ValueError(f"cluster name must be an identifier, got {cluster!r}")
+    if ttl_days is not None and ttl_days <= 0:
+        raise ValueError(f"ttl_days must be positive, got {ttl_days!r}")
+    on_cluster = f" ON CLUSTER {cluster}" if cluster else ""
+    if cluster:
+        engine = "ReplicatedMergeTree"
+        agg_engine = "ReplicatedAggregatingMergeTree"
+    else:
+        engine = "MergeTree"
+        agg_engine = "AggregatingMergeTree"
+
+    def ttl(column: str) -> str:
+        return f"TTL toDateTime({column}) + toIntervalDay({ttl_days})\n" if ttl_days else ""
+
+    fmt = {
+        "db": database,
+        "on_cluster": on_cluster,
+        "engine": engine,
+        "agg_engine": agg_engine,
+        "ttl": ttl("Timestamp"),
+        "ttl_start": ttl("Start"),
+        "ttl_ts": ttl("ts"),
+    }
+    statements = [f"CREATE DATABASE IF NOT EXISTS {database}{on_cluster}"]
+    for template in (_OTEL_TRACES, _TRACE_ID_TS, _TRACE_ID_TS_MV, _REQUEST_PARTS,
+                     _REQUESTS_VIEW, _TOKEN_LATENCIES, _KV_TRANSFERS, _NODE_CLOCKS):
+        statements.append(template.format(**fmt).strip())
+    return statements

@@ -1,0 +1,3 @@
+from tokentrace.cli import main
+
+raise SystemExit(main())
