@@ -82,7 +82,8 @@ GROUP BY TraceId
 """
 
 # Every value column ignores NULL when parts merge, so each span contributes only the
-# columns it knows; `kv_transfer_s`/`kv_bytes` add up over a request's transfers.
+# columns it knows; `kv_transfer_s`/`kv_bytes` add up over a request's transfers;
+# `status` takes the minimum so that 'error' (< 'ok') wins over 'ok'.
 _REQUEST_PARTS = """
 CREATE TABLE IF NOT EXISTS {db}.request_parts{on_cluster} (
     trace_id String,
@@ -100,7 +101,7 @@ CREATE TABLE IF NOT EXISTS {db}.request_parts{on_cluster} (
     prefill_s SimpleAggregateFunction(max, Nullable(Float64)),
     kv_transfer_s SimpleAggregateFunction(sum, Nullable(Float64)),
     kv_bytes SimpleAggregateFunction(sum, Nullable(UInt64)),
-    status SimpleAggregateFunction(max, Nullable(String))
+    status SimpleAggregateFunction(min, Nullable(String))
 ) ENGINE = {agg_engine}
 ORDER BY trace_id
 SETTINGS index_granularity = 8192
@@ -124,7 +125,7 @@ SELECT
     max(prefill_s) AS prefill_s,
     sum(kv_transfer_s) AS kv_transfer_s,
     sum(kv_bytes) AS kv_bytes,
-    max(status) AS status
+    min(status) AS status
 FROM {db}.request_parts
 GROUP BY trace_id
 HAVING request_id IS NOT NULL
@@ -174,8 +175,14 @@ ORDER BY (node, ts)
 SETTINGS index_granularity = 8192
 """
 
-TABLES = ("otel_traces", "otel_traces_trace_id_ts", "request_parts", "token_latencies",
-          "kv_transfers", "node_clocks")
+TABLES = (
+    "otel_traces",
+    "otel_traces_trace_id_ts",
+    "request_parts",
+    "token_latencies",
+    "kv_transfers",
+    "node_clocks",
+)
 
 
 def ddl_statements(
@@ -216,7 +223,15 @@ def ddl_statements(
         "ttl_ts": ttl("ts"),
     }
     statements = [f"CREATE DATABASE IF NOT EXISTS {database}{on_cluster}"]
-    for template in (_OTEL_TRACES, _TRACE_ID_TS, _TRACE_ID_TS_MV, _REQUEST_PARTS,
-                     _REQUESTS_VIEW, _TOKEN_LATENCIES, _KV_TRANSFERS, _NODE_CLOCKS):
+    for template in (
+        _OTEL_TRACES,
+        _TRACE_ID_TS,
+        _TRACE_ID_TS_MV,
+        _REQUEST_PARTS,
+        _REQUESTS_VIEW,
+        _TOKEN_LATENCIES,
+        _KV_TRANSFERS,
+        _NODE_CLOCKS,
+    ):
         statements.append(template.format(**fmt).strip())
     return statements
