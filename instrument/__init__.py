@@ -1,1 +1,25 @@
+"""What runs inside serving processes: tracer set-up, span conventions, the token
+recorder and W3C context propagation. Never imports the collector or serving."""
 
+from tokentrace.instrument.asgi import ArrivalStampMiddleware, arrival_s
+from tokentrace.instrument.propagation import TRACEPARENT, extract, inject
+from tokentrace.instrument.recorder import TokenRecorder
+from tokentrace.instrument.tracing import (
+    Tracing,
+    resolve_endpoint,
+    resolve_node_id,
+    setup_tracing,
+)
+
+__all__ = [
+    "ArrivalStampMiddleware",
+    "arrival_s",
+    "TRACEPARENT",
+    "TokenRecorder",
+    "Tracing",
+    "extract",
+    "inject",
+    "resolve_endpoint",
+    "resolve_node_id",
+    "setup_tracing",
+]

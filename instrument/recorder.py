@@ -1,0 +1,129 @@
+"""The per-request token recorder: the only instrumentation on the engine's hot path.
+
+``record()`` reads the monotonic clock and stores it with the emission's token count,
+engine step and batch size into arrays preallocated when the request starts. Spans are
+built once, off the hot path, when the request ends (``emit_spans``). One wall-clock
+anchor per request places the monotonic times on the timeline.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from tokentrace.schemas import attributes as A
+
+
+def _zeros(typecode: str, n: int) -> array:
+    return array(typecode, bytes(array(typecode).itemsize * n))
+
+
+class TokenRecorder:
+    """Token emission times of one request on one decode node.
+
+    Threading: ``start``/``record`` are called from the engine thread only;
+    ``emit_spans`` after the request finished, from any one thread.
+    """
+
+    __slots__ = (
+        "_times",
+        "_counts",
+        "_steps",
+        "_batch",
+        "_n",
+        "_capacity",
+        "start_mono_ns",
+        "anchor_wall_ns",
+        "anchor_mono_ns",
+    )
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity!r}")
+        self._capacity = capacity
+        self._times = _zeros("q", capacity)
+        self._counts = _zeros("H", capacity)
+        self._steps = _zeros("q", capacity)
+        self._batch = _zeros("H", capacity)
+        self._n = 0
+        self.anchor_wall_ns = time.time_ns()
+        self.anchor_mono_ns = time.monotonic_ns()
+        self.start_mono_ns = self.anchor_mono_ns
+
+    def start(self) -> None:
+        """Mark decode start: the first token span begins here."""
+        self.start_mono_ns = time.monotonic_ns()
+
+    def record(self, tokens: int, step: int, batch_size: int) -> None:
+        """Hot path: one emission of ``tokens`` tokens in engine step ``step``."""
+        i = self._n
+        if i == self._capacity:
+            self._grow()
+        self._times[i] = time.monotonic_ns()
+        self._counts[i] = tokens
+        self._steps[i] = step
+        self._batch[i] = batch_size
+        self._n = i + 1
+
+    def _grow(self) -> None:
+        # Off the common path: only when a request emits more often than its capacity.
+        n = self._capacity
+        for name in ("_times", "_counts", "_steps", "_batch"):
+            buf = getattr(self, name)
+            buf.extend(_zeros(buf.typecode, n))
+        self._capacity = 2 * n
+
+    @property
+    def emissions(self) -> int:
+        return self._n
+
+    @property
+    def tokens(self) -> int:
+        return sum(self._counts[: self._n])
+
+    def wall_ns(self, mono_ns: int) -> int:
+        """A monotonic reading of this request placed on the wall-clock timeline."""
+        return self.anchor_wall_ns + (mono_ns - self.anchor_mono_ns)
+
+    def emission_wall_ns(self, i: int) -> int:
+        """Wall-clock time of emission ``i`` (0-based)."""
+        if not 0 <= i < self._n:
+            raise IndexError(f"emission {i} out of range (have {self._n})")
+        return self.wall_ns(self._times[i])
+
+    def first_emission_s(self) -> float | None:
+        """Decode start → first emission, in seconds (engine-side TTFT on this node)."""
+        if self._n == 0:
+            return None
+        return (self._times[0] - self.start_mono_ns) / 1e9
+
+    def emit_spans(self, tracer: trace.Tracer, parent: Context) -> int:
+        """Build one ``llm.token`` span per emission under ``parent``; returns the count.
+
+        Each span starts at the previous emission (the first at decode start) and ends
+        at this one, so its duration is the inter-token gap.
+        """
+        prev = self.wall_ns(self.start_mono_ns)
+        index = 0
+        times, counts, steps, batch = self._times, self._counts, self._steps, self._batch
+        for i in range(self._n):
+            end = self.wall_ns(times[i])
+            span = tracer.start_span(
+                A.SPAN_TOKEN,
+                context=parent,
+                kind=trace.SpanKind.INTERNAL,
+                start_time=prev,
+                attributes={
+                    A.TOKEN_INDEX: index,
+                    A.TOKEN_COUNT: counts[i],
+                    A.ENGINE_STEP: steps[i],
+                    A.BATCH_SIZE: batch[i],
+                },
+            )
+            span.end(end_time=end)
+            prev = end
+            index += counts[i]
+        return self._n

@@ -1,0 +1,169 @@
+"""Tracer set-up for a serving process: resource identity and the OTLP/gRPC exporter.
+
+Without an endpoint (argument, ``TOKENTRACE_OTLP_ENDPOINT`` or
+``OTEL_EXPORTER_OTLP_ENDPOINT``) tracing is a no-op: the tracer is OpenTelemetry's
+no-op tracer and the token recorder records nothing, so instrumented code costs
+nothing when off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from tokentrace.schemas import attributes as A
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_ENVS = ("TOKENTRACE_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+NODE_ID_ENV = "TOKENTRACE_NODE_ID"
+INSTRUMENTATION_SCOPE = "tokentrace"
+
+
+def resolve_endpoint(endpoint: str | None) -> str | None:
+    """The OTLP endpoint to export to: the argument, else the environment, else None."""
+    if endpoint:
+        return endpoint
+    for env in ENDPOINT_ENVS:
+        value = os.environ.get(env)
+        if value:
+            return value
+    return None
+
+
+def resolve_node_id(node_id: str | None) -> str:
+    """The node identity: the argument, else ``TOKENTRACE_NODE_ID``, else the host name."""
+    return node_id or os.environ.get(NODE_ID_ENV) or socket.gethostname()
+
+
+class _Deferred:
+    """One daemon thread that runs span-building work after the request path is done
+    with it, so a response's last bytes never wait for spans to be built."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="tokentrace-spans", daemon=True
+                    )
+                    self._thread.start()
+        self._queue.put(fn)
+
+    def _run(self) -> None:
+        while True:
+            fn = self._queue.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except Exception:  # never raise into the application; log and go on
+                log.warning("building spans failed", exc_info=True)
+
+    def drain(self, timeout_s: float = 10.0) -> None:
+        """Run everything submitted so far, then stop the thread."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout_s)
+
+
+@dataclass
+class Tracing:
+    """A process's tracing state. ``enabled`` is False when there is nowhere to export."""
+
+    node_id: str
+    role: str
+    service_name: str
+    endpoint: str | None
+    tracer: trace.Tracer
+    provider: TracerProvider | None = field(default=None, repr=False)
+    _deferred: _Deferred = field(default_factory=_Deferred, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.provider is not None
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (which builds and ends spans) on the span thread, in submission
+        order; inline when tracing is off (then it only touches no-op spans)."""
+        if self.provider is None:
+            fn()
+        else:
+            self._deferred.submit(fn)
+
+    def shutdown(self) -> None:
+        """Build what was deferred, flush what is queued and stop exporting.
+        Idempotent; never raises."""
+        self._deferred.drain()
+        provider, self.provider = self.provider, None
+        if provider is None:
+            return
+        try:
+            provider.shutdown()
+        except Exception:  # exporters never raise into the application
+            log.warning("tracing shutdown failed", exc_info=True)
+
+
+def setup_tracing(
+    role: str,
+    node_id: str | None = None,
+    endpoint: str | None = None,
+    service_name: str | None = None,
+    export_delay_ms: int = 500,
+    max_queue_size: int = 65536,
+) -> Tracing:
+    """Create this process's tracer with tokentrace's resource attributes.
+
+    ``endpoint`` is an OTLP/gRPC URL such as ``http://127.0.0.1:4317``. The exporter
+    runs on the SDK's batch thread; it never blocks the caller, and spans beyond
+    ``max_queue_size`` are dropped (and counted by the SDK) rather than queued forever.
+    """
+    if role not in A.ROLES:
+        raise ValueError(f"role must be one of {A.ROLES}, got {role!r}")
+    if export_delay_ms <= 0:
+        raise ValueError(f"export_delay_ms must be positive, got {export_delay_ms!r}")
+    node = resolve_node_id(node_id)
+    service = service_name or f"tokentrace-{role}"
+    url = resolve_endpoint(endpoint)
+    if url is None:
+        return Tracing(node, role, service, None, trace.NoOpTracer())
+
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    resource = Resource.create(
+        {
+            A.SERVICE_NAME: service,
+            A.HOST_NAME: socket.gethostname(),
+            A.NODE_ID: node,
+            A.ROLE: role,
+        }
+    )
+    provider = TracerProvider(resource=resource)
+    insecure = not url.startswith("https://")
+    exporter = OTLPSpanExporter(endpoint=url, insecure=insecure)
+    provider.add_span_processor(
+        BatchSpanProcessor(
+            exporter,
+            max_queue_size=max_queue_size,
+            schedule_delay_millis=export_delay_ms,
+            max_export_batch_size=4096,
+        )
+    )
+    tracer = provider.get_tracer(INSTRUMENTATION_SCOPE)
+    return Tracing(node, role, service, url, tracer, provider)
