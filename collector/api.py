@@ -1,0 +1,103 @@
+"""The collector's own HTTP API: ``GET /health`` and read-only ``POST /query``.
+
+``/query`` is how other processes read a chDB store this collector owns (chDB lets
+one process open a data path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import decimal
+import ipaddress
+import math
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from .store import QueryResult, Store, StoreError
+
+__all__ = ["ApiConfig", "create_api_app", "json_safe", "result_to_json"]
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = "127.0.0.1"
+    port: int = 4320  # 0 picks a free port
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"API port must be 0..65535, got {self.port!r}")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as JSON: datetimes as ISO 8601 (ns kept for DateTime64), Decimal, UUID,
+    IP addresses as strings, bytes as UTF-8 (base64 if not text), NaN/inf as strings."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(
+        value,
+        decimal.Decimal | uuid.UUID | ipaddress.IPv4Address | ipaddress.IPv6Address | dt.timedelta,
+    ):
+        return str(value)
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict):
+        return {str(json_safe(k)): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_safe(v) for v in value]
+    return str(value)
+
+
+def result_to_json(result: QueryResult) -> dict[str, Any]:
+    """``{"columns": [...], "types": [...], "rows": [[...], ...]}``."""
+    return {
+        "columns": list(result.column_names),
+        "types": list(result.column_types),
+        "rows": [[json_safe(v) for v in row] for row in result.rows],
+    }
+
+
+def create_api_app(store: Store, counters: Callable[[], dict[str, int]]) -> FastAPI:
+    """The ASGI app; queries run on worker threads (the store serialises them)."""
+    app = FastAPI(title="tokentrace collector", openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", **counters()}
+
+    @app.post("/query")
+    async def query(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            return JSONResponse({"error": f"request body must be JSON: {exc}"}, status_code=400)
+        sql = body.get("sql") if isinstance(body, dict) else None
+        if not isinstance(sql, str) or not sql.strip():
+            return JSONResponse(
+                {"error": 'request body must be {"sql": "<statement>"}'}, status_code=400
+            )
+        params = body.get("params")
+        if params is not None and not isinstance(params, dict):
+            return JSONResponse({"error": '"params" must be an object'}, status_code=400)
+        try:
+            result = await asyncio.to_thread(store.query, sql, params, True)
+        except StoreError as exc:
+            return JSONResponse(
+                {"error": str(exc), "code": exc.code}, status_code=503 if exc.transient else 400
+            )
+        return JSONResponse(result_to_json(result))
+
+    return app

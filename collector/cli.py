@@ -1,0 +1,280 @@
+"""``tokentrace collector`` and ``tokentrace query``.
+
+Registration imports nothing heavy; each command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+_DATA_DIR_HELP = (
+    "tokentrace's data directory (default: $TOKENTRACE_DATA_DIR, else "
+    "$XDG_DATA_HOME/tokentrace, i.e. ~/.local/share/tokentrace); the embedded ClickHouse "
+    "store lives in DATA_DIR/clickhouse and a running collector writes DATA_DIR/collector.json"
+)
+_CLICKHOUSE_HELP = "ClickHouse DSN instead of the embedded store: chdb:///path or http://host:8123"
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``collector`` and ``query`` subcommands to the root parser's subparsers."""
+    p = subparsers.add_parser(
+        "collector",
+        help="receive OTLP spans, store them and derived latency rows in ClickHouse",
+        description=(
+            "Receive OTLP traces over gRPC and HTTP, store the raw spans (otel_traces) and "
+            "the derived request, token-latency and KV-transfer rows in ClickHouse, and "
+            "serve a read-only query API. Port 0 picks a free port. Once listening it "
+            "writes DATA_DIR/collector.json and prints one 'tokentrace collector ready' "
+            "line; SIGINT/SIGTERM stop it after everything accepted is stored."
+        ),
+    )
+    _add_store_args(p)
+    p.add_argument(
+        "--otlp-grpc",
+        default="127.0.0.1:4317",
+        metavar="HOST:PORT",
+        help="OTLP/gRPC listen address (default: %(default)s)",
+    )
+    p.add_argument(
+        "--otlp-http",
+        default="127.0.0.1:4318",
+        metavar="HOST:PORT",
+        help="OTLP/HTTP listen address, POST /v1/traces (default: %(default)s)",
+    )
+    p.add_argument(
+        "--http",
+        default="127.0.0.1:4320",
+        metavar="HOST:PORT",
+        help="collector API listen address: GET /health, POST /query (default: %(default)s)",
+    )
+    p.set_defaults(func=_run_collector)
+
+    q = subparsers.add_parser(
+        "query",
+        help="run a read-only SQL query against tokentrace's ClickHouse store",
+        description=(
+            "Run SQL against the store. With --clickhouse, query that DSN directly; "
+            "otherwise ask the collector running on DATA_DIR (it owns the embedded store), "
+            "or open the embedded store directly if no collector is running. Unqualified "
+            "table names mean the tokentrace database."
+        ),
+    )
+    q.add_argument("sql", metavar="SQL", help='the statement, e.g. "SELECT * FROM requests"')
+    _add_store_args(q)
+    q.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="output format: rich table, CSV with a header, or a JSON array of "
+        "row objects (default: %(default)s)",
+    )
+    q.set_defaults(func=_run_query)
+
+
+def _add_store_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--data-dir", type=Path, default=None, metavar="DIR", help=_DATA_DIR_HELP)
+    group.add_argument("--clickhouse", default=None, metavar="DSN", help=_CLICKHOUSE_HELP)
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    from tokentrace.schemas.layout import default_data_dir
+
+    return Path(args.data_dir) if args.data_dir is not None else default_data_dir()
+
+
+# -- tokentrace collector -------------------------------------------------------------
+
+
+def _run_collector(args: argparse.Namespace) -> int:
+    import logging
+    import os
+    import signal
+    import threading
+
+    from tokentrace.schemas.layout import collector_file, default_dsn
+
+    from .api import ApiConfig
+    from .otlp_grpc import OtlpGrpcConfig
+    from .otlp_http import OtlpHttpConfig
+    from .service import Collector, CollectorConfig, parse_hostport, write_collector_file
+    from .store import StoreError
+
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    data_dir = _data_dir(args)
+    try:
+        grpc_host, grpc_port = parse_hostport(args.otlp_grpc)
+        http_host, http_port = parse_hostport(args.otlp_http)
+        api_host, api_port = parse_hostport(args.http)
+        config = CollectorConfig(
+            dsn=args.clickhouse or default_dsn(data_dir),
+            otlp_grpc=OtlpGrpcConfig(host=grpc_host, port=grpc_port),
+            otlp_http=OtlpHttpConfig(host=http_host, port=http_port),
+            api=ApiConfig(host=api_host, port=api_port),
+        )
+        collector = Collector(config)
+    except ValueError as exc:
+        print(f"tokentrace collector: {exc}", file=sys.stderr)
+        return 2
+
+    running = _running_collector(collector_file(data_dir))
+    if running is not None and args.clickhouse is None:
+        print(
+            f"tokentrace collector: a collector (pid {running.get('pid')}) already serves "
+            f"{data_dir}; stop it first",
+            file=sys.stderr,
+        )
+        return 1
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    info_path = collector_file(data_dir)
+    try:
+        collector.start()
+    except (StoreError, OSError) as exc:
+        print(f"tokentrace collector: {exc}", file=sys.stderr)
+        return 1
+    try:
+        info = collector.info()
+        write_collector_file(info_path, info)
+        print(
+            f"tokentrace collector ready otlp-grpc={info['otlp_grpc']} "
+            f"otlp-http={info['otlp_http']} http={info['http']} store={info['dsn']}",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+    finally:
+        collector.shutdown()
+        try:
+            import json
+
+            if json.loads(info_path.read_text()).get("pid") == os.getpid():
+                info_path.unlink()
+        except (OSError, ValueError):
+            pass
+    return 0
+
+
+def _running_collector(path: Path) -> dict[str, Any] | None:
+    """The collector.json contents if that collector answers /health, else None."""
+    import json
+
+    import httpx
+
+    try:
+        info = json.loads(path.read_text())
+        url = f"http://{info['http']}/health"
+        response = httpx.get(url, timeout=2.0)
+    except (OSError, ValueError, KeyError, TypeError, httpx.HTTPError):
+        return None
+    return info if response.status_code == 200 else None
+
+
+# -- tokentrace query -----------------------------------------------------------------
+
+
+class _QueryFailed(Exception):
+    pass
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    try:
+        result = _query(args)
+    except _QueryFailed as exc:
+        print(f"tokentrace query: {exc}", file=sys.stderr)
+        return 1
+    _print_result(result, args.format)
+    return 0
+
+
+def _query(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"columns", "types", "rows"}`` as the /query API returns it."""
+    from tokentrace.schemas.layout import collector_file, default_dsn
+
+    if args.clickhouse:
+        return _query_direct(args.clickhouse, args.sql)
+    data_dir = _data_dir(args)
+    info = _running_collector(collector_file(data_dir))
+    if info is not None:
+        import httpx
+
+        try:
+            response = httpx.post(
+                f"http://{info['http']}/query", json={"sql": args.sql}, timeout=300.0
+            )
+        except httpx.HTTPError as exc:
+            raise _QueryFailed(f"collector at {info['http']} did not answer: {exc}") from exc
+        body = response.json()
+        if response.status_code != 200:
+            raise _QueryFailed(body.get("error") or response.text)
+        return dict(body)
+    return _query_direct(default_dsn(data_dir), args.sql)
+
+
+def _query_direct(dsn: str, sql: str) -> dict[str, Any]:
+    from .api import result_to_json
+    from .store import StoreError, open_store
+
+    try:
+        store = open_store(dsn)
+    except (StoreError, ValueError) as exc:
+        raise _QueryFailed(str(exc)) from exc
+    try:
+        return result_to_json(store.query(sql, readonly=True))
+    except StoreError as exc:
+        raise _QueryFailed(str(exc)) from exc
+    finally:
+        store.close()
+
+
+def _cell_text(value: Any) -> str:
+    import json
+
+    if value is None:
+        return ""
+    if isinstance(value, list | dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _print_result(result: dict[str, Any], fmt: str) -> None:
+    columns: list[str] = result["columns"]
+    rows: list[list[Any]] = result["rows"]
+    if fmt == "json":
+        import json
+
+        objects = [dict(zip(columns, row, strict=True)) for row in rows]
+        sys.stdout.write(json.dumps(objects, indent=2) + "\n")
+    elif fmt == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_cell_text(v) for v in row])
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*columns)
+        for row in rows:
+            table.add_row(*(_cell_text(v) if v is not None else "NULL" for v in row))
+        Console().print(table)
+        print(f"{len(rows)} row{'s' if len(rows) != 1 else ''}", file=sys.stderr)
+    sys.stdout.flush()

@@ -1,0 +1,410 @@
+"""OTLP trace requests → a column-oriented :class:`SpanBatch`; pure, no I/O.
+
+Parses OTLP/protobuf (:func:`parse_protobuf`) and OTLP/JSON (:func:`parse_json`) into an
+``ExportTraceServiceRequest``, then :func:`decode_request` validates every span and lays
+the good ones out column by column in the OpenTelemetry Collector ClickHouse exporter's
+``otel_traces`` layout, plus what derivation needs. Invalid spans are dropped and counted
+(OTLP partial success); the rest of the request is kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError as _ProtobufDecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from tokentrace.schemas import attributes as attrs
+
+__all__ = [
+    "DecodeError",
+    "OTEL_TRACES_COLUMNS",
+    "SpanBatch",
+    "decode_request",
+    "parse_json",
+    "parse_protobuf",
+]
+
+# Rejection messages beyond this many are summarised as a count, so one bad exporter
+# cannot make a response (or a log line) arbitrarily large.
+_MAX_ERROR_MESSAGES = 5
+
+_SPAN_KIND = {
+    Span.SPAN_KIND_UNSPECIFIED: "Unspecified",
+    Span.SPAN_KIND_INTERNAL: "Internal",
+    Span.SPAN_KIND_SERVER: "Server",
+    Span.SPAN_KIND_CLIENT: "Client",
+    Span.SPAN_KIND_PRODUCER: "Producer",
+    Span.SPAN_KIND_CONSUMER: "Consumer",
+}
+_STATUS_CODE = {
+    Status.STATUS_CODE_UNSET: "Unset",
+    Status.STATUS_CODE_OK: "Ok",
+    Status.STATUS_CODE_ERROR: "Error",
+}
+
+#: ``otel_traces`` column names in insert order, as :meth:`SpanBatch.otel_traces_columns`
+#: returns them.
+OTEL_TRACES_COLUMNS = (
+    "Timestamp",
+    "TraceId",
+    "SpanId",
+    "ParentSpanId",
+    "TraceState",
+    "SpanName",
+    "SpanKind",
+    "ServiceName",
+    "ResourceAttributes",
+    "ScopeName",
+    "ScopeVersion",
+    "SpanAttributes",
+    "Duration",
+    "StatusCode",
+    "StatusMessage",
+    "Events.Timestamp",
+    "Events.Name",
+    "Events.Attributes",
+    "Links.TraceId",
+    "Links.SpanId",
+    "Links.TraceState",
+    "Links.Attributes",
+)
+
+
+class DecodeError(ValueError):
+    """The request as a whole cannot be parsed (permanent: never retry it)."""
+
+
+@dataclass
+class SpanBatch:
+    """Valid spans of one or more export requests, one list per column.
+
+    Every list has one entry per span. Timestamps are integer nanoseconds since the Unix
+    epoch; attribute maps hold every value as a string (see :func:`any_value_to_str`).
+    ``rejected_spans`` / ``errors`` describe the spans that were dropped.
+    """
+
+    start_ns: list[int] = field(default_factory=list)
+    end_ns: list[int] = field(default_factory=list)
+    trace_id: list[str] = field(default_factory=list)
+    span_id: list[str] = field(default_factory=list)
+    parent_span_id: list[str] = field(default_factory=list)
+    trace_state: list[str] = field(default_factory=list)
+    name: list[str] = field(default_factory=list)
+    kind: list[str] = field(default_factory=list)
+    service_name: list[str] = field(default_factory=list)
+    resource_attributes: list[dict[str, str]] = field(default_factory=list)
+    scope_name: list[str] = field(default_factory=list)
+    scope_version: list[str] = field(default_factory=list)
+    attributes: list[dict[str, str]] = field(default_factory=list)
+    status_code: list[str] = field(default_factory=list)
+    status_message: list[str] = field(default_factory=list)
+    event_timestamps_ns: list[list[int]] = field(default_factory=list)
+    event_names: list[list[str]] = field(default_factory=list)
+    event_attributes: list[list[dict[str, str]]] = field(default_factory=list)
+    link_trace_ids: list[list[str]] = field(default_factory=list)
+    link_span_ids: list[list[str]] = field(default_factory=list)
+    link_trace_states: list[list[str]] = field(default_factory=list)
+    link_attributes: list[list[dict[str, str]]] = field(default_factory=list)
+    rejected_spans: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.span_id)
+
+    @property
+    def error_message(self) -> str:
+        """All rejection reasons in one line ('' when nothing was rejected)."""
+        if not self.errors:
+            return ""
+        shown = "; ".join(self.errors[:_MAX_ERROR_MESSAGES])
+        more = self.rejected_spans - min(len(self.errors), _MAX_ERROR_MESSAGES)
+        return f"{shown}; and {more} more" if more > 0 else shown
+
+    def extend(self, other: SpanBatch) -> None:
+        """Append ``other``'s spans and rejections to this batch."""
+        for name in _LIST_FIELDS:
+            getattr(self, name).extend(getattr(other, name))
+        self.rejected_spans += other.rejected_spans
+        self.errors.extend(other.errors)
+
+    def otel_traces_columns(self) -> dict[str, list[Any]]:
+        """The batch as ``otel_traces`` insert columns (names as in the table)."""
+        return {
+            "Timestamp": self.start_ns,
+            "TraceId": self.trace_id,
+            "SpanId": self.span_id,
+            "ParentSpanId": self.parent_span_id,
+            "TraceState": self.trace_state,
+            "SpanName": self.name,
+            "SpanKind": self.kind,
+            "ServiceName": self.service_name,
+            "ResourceAttributes": self.resource_attributes,
+            "ScopeName": self.scope_name,
+            "ScopeVersion": self.scope_version,
+            "SpanAttributes": self.attributes,
+            "Duration": [e - s for s, e in zip(self.start_ns, self.end_ns, strict=True)],
+            "StatusCode": self.status_code,
+            "StatusMessage": self.status_message,
+            "Events.Timestamp": self.event_timestamps_ns,
+            "Events.Name": self.event_names,
+            "Events.Attributes": self.event_attributes,
+            "Links.TraceId": self.link_trace_ids,
+            "Links.SpanId": self.link_span_ids,
+            "Links.TraceState": self.link_trace_states,
+            "Links.Attributes": self.link_attributes,
+        }
+
+
+_LIST_FIELDS = tuple(
+    name for name in SpanBatch.__dataclass_fields__ if name not in ("rejected_spans", "errors")
+)
+
+
+# -- parsing -------------------------------------------------------------------------
+
+
+def parse_protobuf(data: bytes) -> ExportTraceServiceRequest:
+    """Parse OTLP/protobuf bytes; :class:`DecodeError` names what is wrong."""
+    request = ExportTraceServiceRequest()
+    try:
+        request.ParseFromString(data)
+    except (_ProtobufDecodeError, ValueError) as exc:
+        raise DecodeError(
+            f"invalid OTLP protobuf ExportTraceServiceRequest ({len(data)} bytes): {exc}"
+        ) from exc
+    return request
+
+
+def parse_json(data: bytes | str) -> ExportTraceServiceRequest:
+    """Parse OTLP/JSON; :class:`DecodeError` names what is wrong.
+
+    Per the OTLP spec, trace and span ids are hex strings (not base64 as in proto3
+    JSON), enums may be names or integers, int64 may be strings, and unknown fields are
+    ignored.
+    """
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"invalid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise DecodeError(
+            f"invalid OTLP/JSON: expected an object at the top level, got {type(doc).__name__}"
+        )
+    _hex_ids_to_base64(doc)
+    request = ExportTraceServiceRequest()
+    try:
+        json_format.ParseDict(doc, request, ignore_unknown_fields=True)
+    except json_format.ParseError as exc:
+        raise DecodeError(f"invalid OTLP/JSON ExportTraceServiceRequest: {exc}") from exc
+    return request
+
+
+def _hex_ids_to_base64(doc: dict[str, Any]) -> None:
+    """Rewrite OTLP/JSON hex ids in place to the base64 proto3 JSON expects."""
+    resource_spans = _json_list(doc, "resourceSpans", "resource_spans", "")
+    for r, rs in enumerate(resource_spans):
+        scope_spans = _json_list(rs, "scopeSpans", "scope_spans", f"resourceSpans[{r}]")
+        for s, ss in enumerate(scope_spans):
+            spans = _json_list(ss, "spans", "spans", f"resourceSpans[{r}].scopeSpans[{s}]")
+            for i, span in enumerate(spans):
+                where = f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]"
+                _rewrite_ids(
+                    span,
+                    where,
+                    ("traceId", "trace_id"),
+                    ("spanId", "span_id"),
+                    ("parentSpanId", "parent_span_id"),
+                )
+                for k, link in enumerate(_json_list(span, "links", "links", where)):
+                    _rewrite_ids(
+                        link, f"{where}.links[{k}]", ("traceId", "trace_id"), ("spanId", "span_id")
+                    )
+
+
+def _json_list(obj: Any, camel: str, snake: str, where: str) -> list[Any]:
+    if not isinstance(obj, dict):
+        raise DecodeError(f"invalid OTLP/JSON: {where or 'request'} must be an object")
+    value = obj.get(camel, obj.get(snake))
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        prefix = f"{where}." if where else ""
+        raise DecodeError(f"invalid OTLP/JSON: {prefix}{camel} must be a list")
+    return value
+
+
+def _rewrite_ids(obj: Any, where: str, *keys: tuple[str, str]) -> None:
+    if not isinstance(obj, dict):
+        raise DecodeError(f"invalid OTLP/JSON: {where} must be an object")
+    for camel, snake in keys:
+        for key in (camel, snake):
+            value = obj.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise DecodeError(f"invalid OTLP/JSON: {where}.{camel} must be a hex string")
+            try:
+                raw = bytes.fromhex(value)
+            except ValueError as exc:
+                raise DecodeError(
+                    f"invalid OTLP/JSON: {where}.{camel} is not a hex string: {value!r}"
+                ) from exc
+            obj[key] = base64.b64encode(raw).decode("ascii")
+
+
+# -- attribute values ----------------------------------------------------------------
+
+
+def any_value_to_str(value: AnyValue) -> str:
+    """An attribute value as the string the ``Map(..., String)`` columns hold.
+
+    str as is, int as decimal, double as ``repr``, bool as ``true``/``false``, bytes as
+    base64, arrays and key-value lists as compact JSON, unset as ''.
+    """
+    which = value.WhichOneof("value")
+    if which == "string_value":
+        return value.string_value
+    if which == "int_value":
+        return str(value.int_value)
+    if which == "double_value":
+        return repr(value.double_value)
+    if which == "bool_value":
+        return "true" if value.bool_value else "false"
+    if which == "bytes_value":
+        return base64.b64encode(value.bytes_value).decode("ascii")
+    if which in ("array_value", "kvlist_value"):
+        return json.dumps(_any_value_to_json(value), separators=(",", ":"), ensure_ascii=False)
+    return ""
+
+
+def _any_value_to_json(value: AnyValue) -> Any:
+    which = value.WhichOneof("value")
+    if which == "string_value":
+        return value.string_value
+    if which == "int_value":
+        return value.int_value
+    if which == "double_value":
+        d = value.double_value
+        return d if d == d and d not in (float("inf"), float("-inf")) else repr(d)
+    if which == "bool_value":
+        return value.bool_value
+    if which == "bytes_value":
+        return base64.b64encode(value.bytes_value).decode("ascii")
+    if which == "array_value":
+        return [_any_value_to_json(v) for v in value.array_value.values]
+    if which == "kvlist_value":
+        return {kv.key: _any_value_to_json(kv.value) for kv in value.kvlist_value.values}
+    return None
+
+
+def _attr_map(key_values: Any) -> dict[str, str]:
+    kvs: list[KeyValue] = list(key_values)
+    return {kv.key: any_value_to_str(kv.value) for kv in kvs}
+
+
+# -- validation and layout -----------------------------------------------------------
+
+
+def _check_id(raw: bytes, size: int, field_name: str, *, required: bool) -> str | None:
+    """None if ``raw`` is a valid id of ``size`` bytes, else what is wrong with it."""
+    if not raw and not required:
+        return None
+    if len(raw) != size:
+        return f"{field_name} must be {size} bytes, got {len(raw)}"
+    if raw == bytes(size):
+        return f"{field_name} is all zeros" if required else None
+    return None
+
+
+def _span_problem(span: Span) -> str | None:
+    for problem in (
+        _check_id(span.trace_id, 16, "trace_id", required=True),
+        _check_id(span.span_id, 8, "span_id", required=True),
+        _check_id(span.parent_span_id, 8, "parent_span_id", required=False),
+    ):
+        if problem:
+            return problem
+    if span.start_time_unix_nano == 0:
+        return "start_time_unix_nano is 0 (missing)"
+    if span.end_time_unix_nano < span.start_time_unix_nano:
+        return (
+            f"end_time_unix_nano {span.end_time_unix_nano} < "
+            f"start_time_unix_nano {span.start_time_unix_nano}"
+        )
+    for k, link in enumerate(span.links):
+        problem = _check_id(link.trace_id, 16, f"links[{k}].trace_id", required=True) or (
+            _check_id(link.span_id, 8, f"links[{k}].span_id", required=True)
+        )
+        if problem:
+            return problem
+    return None
+
+
+def decode_request(request: ExportTraceServiceRequest) -> SpanBatch:
+    """Validate and lay out every span of ``request``; never raises for bad spans.
+
+    A span with a wrong-length or all-zero trace/span id, a wrong-length parent id or
+    link id, a missing start time, or an end before its start is dropped; the batch
+    counts it in ``rejected_spans`` and says why in ``errors`` (naming the field, the
+    span's position, name and id).
+    """
+    batch = SpanBatch()
+    for r, resource_spans in enumerate(request.resource_spans):
+        resource_attrs = _attr_map(resource_spans.resource.attributes)
+        service_name = resource_attrs.get(attrs.SERVICE_NAME, "")
+        for s, scope_spans in enumerate(resource_spans.scope_spans):
+            scope_name = scope_spans.scope.name
+            scope_version = scope_spans.scope.version
+            for i, span in enumerate(scope_spans.spans):
+                problem = _span_problem(span)
+                if problem:
+                    batch.rejected_spans += 1
+                    if len(batch.errors) < _MAX_ERROR_MESSAGES:
+                        batch.errors.append(
+                            f"span resource_spans[{r}].scope_spans[{s}].spans[{i}] "
+                            f"name={span.name!r} span_id={span.span_id.hex() or '-'}: {problem}"
+                        )
+                    continue
+                _append_span(batch, span, resource_attrs, service_name, scope_name, scope_version)
+    return batch
+
+
+def _append_span(
+    batch: SpanBatch,
+    span: Span,
+    resource_attrs: dict[str, str],
+    service_name: str,
+    scope_name: str,
+    scope_version: str,
+) -> None:
+    batch.start_ns.append(span.start_time_unix_nano)
+    batch.end_ns.append(span.end_time_unix_nano)
+    batch.trace_id.append(span.trace_id.hex())
+    batch.span_id.append(span.span_id.hex())
+    batch.parent_span_id.append(span.parent_span_id.hex())
+    batch.trace_state.append(span.trace_state)
+    batch.name.append(span.name)
+    batch.kind.append(_SPAN_KIND.get(span.kind, "Unspecified"))
+    batch.service_name.append(service_name)
+    batch.resource_attributes.append(resource_attrs)
+    batch.scope_name.append(scope_name)
+    batch.scope_version.append(scope_version)
+    batch.attributes.append(_attr_map(span.attributes))
+    batch.status_code.append(_STATUS_CODE.get(span.status.code, "Unset"))
+    batch.status_message.append(span.status.message)
+    batch.event_timestamps_ns.append([e.time_unix_nano for e in span.events])
+    batch.event_names.append([e.name for e in span.events])
+    batch.event_attributes.append([_attr_map(e.attributes) for e in span.events])
+    batch.link_trace_ids.append([link.trace_id.hex() for link in span.links])
+    batch.link_span_ids.append([link.span_id.hex() for link in span.links])
+    batch.link_trace_states.append([link.trace_state for link in span.links])
+    batch.link_attributes.append([_attr_map(link.attributes) for link in span.links])

@@ -1,0 +1,246 @@
+"""Span batch → latency rows for ``request_parts``, ``token_latencies``, ``kv_transfers``.
+
+Pure and column-wise. Each span contributes at most one partial row per table; the
+``requests`` view folds a request's parts together, so arrival order does not matter.
+Attribute values that are missing, unparsable or out of the column's range become NULL
+(or the column's default), never an error: a row that ClickHouse would refuse would
+otherwise fail a whole group commit again and again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokentrace.schemas import attributes as attrs
+
+from .decode import SpanBatch
+
+__all__ = [
+    "DerivedRows",
+    "KV_TRANSFERS_COLUMNS",
+    "REQUEST_PARTS_COLUMNS",
+    "TOKEN_LATENCIES_COLUMNS",
+    "derive_rows",
+    "node_of",
+]
+
+REQUEST_PARTS_COLUMNS = (
+    "trace_id",
+    "ts",
+    "request_id",
+    "model",
+    "router_node",
+    "prefill_node",
+    "decode_node",
+    "input_tokens",
+    "output_tokens",
+    "ttft_s",
+    "e2e_s",
+    "tpot_s",
+    "prefill_s",
+    "kv_transfer_s",
+    "kv_bytes",
+    "status",
+)
+TOKEN_LATENCIES_COLUMNS = (
+    "ts",
+    "trace_id",
+    "node",
+    "token_index",
+    "itl_s",
+    "tokens",
+    "batch_size",
+)
+KV_TRANSFERS_COLUMNS = (
+    "ts",
+    "trace_id",
+    "src_node",
+    "dst_node",
+    "duration_s",
+    "bytes",
+    "blocks",
+    "backend",
+    "status",
+)
+
+_UINT16_MAX = 2**16 - 1
+_UINT32_MAX = 2**32 - 1
+_UINT64_MAX = 2**64 - 1
+
+
+def _columns(names: tuple[str, ...]) -> dict[str, list[Any]]:
+    return {name: [] for name in names}
+
+
+@dataclass
+class DerivedRows:
+    """Insert columns per derived table (timestamps as integer ns since the epoch)."""
+
+    request_parts: dict[str, list[Any]] = field(
+        default_factory=lambda: _columns(REQUEST_PARTS_COLUMNS)
+    )
+    token_latencies: dict[str, list[Any]] = field(
+        default_factory=lambda: _columns(TOKEN_LATENCIES_COLUMNS)
+    )
+    kv_transfers: dict[str, list[Any]] = field(
+        default_factory=lambda: _columns(KV_TRANSFERS_COLUMNS)
+    )
+
+    def tables(self) -> dict[str, dict[str, list[Any]]]:
+        """Table name → columns, for every table with at least one row."""
+        out = {
+            "request_parts": self.request_parts,
+            "token_latencies": self.token_latencies,
+            "kv_transfers": self.kv_transfers,
+        }
+        return {name: cols for name, cols in out.items() if cols["trace_id"]}
+
+    def extend(self, other: DerivedRows) -> None:
+        for mine, theirs in (
+            (self.request_parts, other.request_parts),
+            (self.token_latencies, other.token_latencies),
+            (self.kv_transfers, other.kv_transfers),
+        ):
+            for name, values in theirs.items():
+                mine[name].extend(values)
+
+
+def node_of(resource_attrs: dict[str, str]) -> str:
+    """The node identity: ``tokentrace.node.id``, else ``host.name``, else ``service.name``."""
+    for key in (attrs.NODE_ID, attrs.HOST_NAME, attrs.SERVICE_NAME):
+        value = resource_attrs.get(key)
+        if value:
+            return value
+    return ""
+
+
+def _uint(value: str | None, max_value: int) -> int | None:
+    """A non-negative integer attribute (sent as int, or as a float/str of one)."""
+    if value is None or value == "":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        try:
+            as_float = float(value)
+        except ValueError:
+            return None
+        if not as_float.is_integer():
+            return None
+        number = int(as_float)
+    return number if 0 <= number <= max_value else None
+
+
+def _float(value: str | None) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if number == number and abs(number) != float("inf") else None
+
+
+def _str(value: str | None) -> str | None:
+    return value if value else None
+
+
+def _status(status_code: str) -> str:
+    return "error" if status_code == "Error" else "ok"
+
+
+def _add_request_part(rows: DerivedRows, trace_id: str, **values: Any) -> None:
+    for name, column in rows.request_parts.items():
+        column.append(trace_id if name == "trace_id" else values.get(name))
+
+
+def derive_rows(batch: SpanBatch) -> DerivedRows:
+    """Rows derived from the ``llm.*`` spans of ``batch``; other spans add nothing.
+
+    Durations are seconds (end − start) / 1e9 on the emitting node's clock.
+    """
+    rows = DerivedRows()
+    for i, name in enumerate(batch.name):
+        if name == attrs.SPAN_REQUEST:
+            _derive_request(rows, batch, i)
+        elif name == attrs.SPAN_PREFILL:
+            _add_request_part(
+                rows,
+                batch.trace_id[i],
+                prefill_node=node_of(batch.resource_attributes[i]) or None,
+                prefill_s=_duration_s(batch, i),
+            )
+        elif name == attrs.SPAN_DECODE:
+            _add_request_part(
+                rows, batch.trace_id[i], decode_node=node_of(batch.resource_attributes[i]) or None
+            )
+        elif name == attrs.SPAN_KV_TRANSFER:
+            _derive_kv_transfer(rows, batch, i)
+        elif name == attrs.SPAN_TOKEN:
+            _derive_token(rows, batch, i)
+    return rows
+
+
+def _duration_s(batch: SpanBatch, i: int) -> float:
+    return (batch.end_ns[i] - batch.start_ns[i]) / 1e9
+
+
+def _derive_request(rows: DerivedRows, batch: SpanBatch, i: int) -> None:
+    a = batch.attributes[i]
+    e2e_s = _duration_s(batch, i)
+    ttft_s = _float(a.get(attrs.GEN_AI_SERVER_TTFT))
+    output_tokens = _uint(a.get(attrs.GEN_AI_USAGE_OUTPUT_TOKENS), _UINT32_MAX)
+    tpot_s = None
+    # TPOT is undefined for a single output token: there is no second token to time.
+    if ttft_s is not None and output_tokens is not None and output_tokens > 1:
+        tpot_s = (e2e_s - ttft_s) / (output_tokens - 1)
+    _add_request_part(
+        rows,
+        batch.trace_id[i],
+        ts=batch.start_ns[i],
+        request_id=_str(a.get(attrs.REQUEST_ID)),
+        model=_str(a.get(attrs.GEN_AI_REQUEST_MODEL)),
+        router_node=node_of(batch.resource_attributes[i]) or None,
+        prefill_node=_str(a.get(attrs.PREFILL_NODE)),
+        decode_node=_str(a.get(attrs.DECODE_NODE)),
+        input_tokens=_uint(a.get(attrs.GEN_AI_USAGE_INPUT_TOKENS), _UINT32_MAX),
+        output_tokens=output_tokens,
+        ttft_s=ttft_s,
+        e2e_s=e2e_s,
+        tpot_s=tpot_s,
+        status=_status(batch.status_code[i]),
+    )
+
+
+def _derive_kv_transfer(rows: DerivedRows, batch: SpanBatch, i: int) -> None:
+    a = batch.attributes[i]
+    duration_s = _duration_s(batch, i)
+    kv_bytes = _uint(a.get(attrs.KV_BYTES), _UINT64_MAX)
+    _add_request_part(rows, batch.trace_id[i], kv_transfer_s=duration_s, kv_bytes=kv_bytes)
+    kv = rows.kv_transfers
+    kv["ts"].append(batch.start_ns[i])
+    kv["trace_id"].append(batch.trace_id[i])
+    kv["src_node"].append(a.get(attrs.KV_SRC_NODE, ""))
+    kv["dst_node"].append(a.get(attrs.KV_DST_NODE, ""))
+    kv["duration_s"].append(duration_s)
+    kv["bytes"].append(kv_bytes or 0)
+    kv["blocks"].append(_uint(a.get(attrs.KV_BLOCKS), _UINT32_MAX) or 0)
+    kv["backend"].append(a.get(attrs.KV_BACKEND, ""))
+    kv["status"].append(_status(batch.status_code[i]))
+
+
+def _derive_token(rows: DerivedRows, batch: SpanBatch, i: int) -> None:
+    a = batch.attributes[i]
+    token_index = _uint(a.get(attrs.TOKEN_INDEX), _UINT32_MAX) or 0
+    tokens = _uint(a.get(attrs.TOKEN_COUNT), _UINT16_MAX)
+    batch_size = _uint(a.get(attrs.BATCH_SIZE), _UINT16_MAX)
+    t = rows.token_latencies
+    t["ts"].append(batch.end_ns[i])  # the emission time
+    t["trace_id"].append(batch.trace_id[i])
+    t["node"].append(node_of(batch.resource_attributes[i]))
+    t["token_index"].append(token_index)
+    # The first emission's span starts at decode start, so it is not an inter-token gap.
+    t["itl_s"].append(_duration_s(batch, i) if token_index > 0 else None)
+    t["tokens"].append(1 if tokens is None else tokens)
+    t["batch_size"].append(batch_size or 0)

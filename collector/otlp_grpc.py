@@ -1,0 +1,134 @@
+"""OTLP/gRPC trace receiver: ``TraceService/Export`` → :meth:`Pipeline.consume`.
+
+Requests are deserialised here rather than by grpcio so a malformed protobuf gets
+``INVALID_ARGUMENT`` with a message naming the problem (grpcio's own deserialiser
+would answer an opaque ``INTERNAL``). A store failure answers ``UNAVAILABLE``, which
+OTLP exporters retry.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTracePartialSuccess,
+    ExportTraceServiceResponse,
+)
+
+from .decode import DecodeError
+from .pipeline import ExportResult, Pipeline, PipelineUnavailable
+
+__all__ = ["OtlpGrpcConfig", "OtlpGrpcReceiver", "export_response"]
+
+_log = logging.getLogger(__name__)
+
+_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class OtlpGrpcConfig:
+    host: str = "127.0.0.1"
+    port: int = 4317  # 0 picks a free port
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_workers: int = 16
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"OTLP/gRPC port must be 0..65535, got {self.port!r}")
+        if self.max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes!r}")
+        if self.max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {self.max_workers!r}")
+
+
+def export_response(result: ExportResult) -> ExportTraceServiceResponse:
+    """The OTLP response for ``result``: partial_success only when spans were rejected."""
+    response = ExportTraceServiceResponse()
+    if result.rejected_spans:
+        response.partial_success.CopyFrom(
+            ExportTracePartialSuccess(
+                rejected_spans=result.rejected_spans, error_message=result.error_message
+            )
+        )
+    return response
+
+
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    def Export(self, request: Any, context: Any) -> ExportTraceServiceResponse:  # noqa: N802
+        """``request`` is the raw serialized ExportTraceServiceRequest."""
+        try:
+            result = self._pipeline.consume(request)
+        except DecodeError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except PipelineUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return export_response(result)
+
+
+class OtlpGrpcReceiver:
+    """A threaded gRPC server; each Export blocks one worker thread until committed."""
+
+    def __init__(self, config: OtlpGrpcConfig, pipeline: Pipeline) -> None:
+        config.validate()
+        self.config = config
+        self._pipeline = pipeline
+        self._server: grpc.Server | None = None
+        self.port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port if self.port is not None else self.config.port}"
+
+    def start(self) -> None:
+        """Bind and serve; idempotent. Raises OSError if the address cannot be bound."""
+        if self._server is not None:
+            return
+        server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=self.config.max_workers, thread_name_prefix="otlp-grpc"
+            ),
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        servicer = _TraceService(self._pipeline)
+        handler = grpc.method_handlers_generic_handler(
+            _SERVICE,
+            {
+                "Export": grpc.unary_unary_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=None,  # raw bytes: decode errors are ours to report
+                    response_serializer=ExportTraceServiceResponse.SerializeToString,
+                ),
+            },
+        )
+        server.add_generic_rpc_handlers((handler,))
+        host = self.config.host
+        target = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
+        try:
+            port = server.add_insecure_port(target)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind OTLP/gRPC receiver to {target}: {exc}") from exc
+        if port == 0:
+            raise OSError(f"cannot bind OTLP/gRPC receiver to {target}")
+        server.start()
+        self._server = server
+        self.port = port
+        _log.info("OTLP/gRPC receiver listening on %s", self.address)
+
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop taking new RPCs and wait for in-flight exports; idempotent."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop(grace_s).wait()

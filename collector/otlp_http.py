@@ -1,0 +1,119 @@
+"""OTLP/HTTP trace receiver: ``POST /v1/traces`` → :meth:`Pipeline.consume`.
+
+Accepts ``application/x-protobuf`` and ``application/json`` (optionally gzip-encoded)
+and answers in the request's encoding. Errors carry a JSON body ``{"code": <gRPC status
+code>, "message": ...}``: 400 for a malformed request (never retry), 413 for an oversized
+one, 415 for another content type, 503 with ``Retry-After`` when the spans could not be
+stored (retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import zlib
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from google.protobuf import json_format
+
+from .decode import DecodeError, parse_json, parse_protobuf
+from .otlp_grpc import MAX_MESSAGE_BYTES, export_response
+from .pipeline import ExportResult, Pipeline, PipelineUnavailable
+
+__all__ = ["OtlpHttpConfig", "create_otlp_http_app"]
+
+_PROTOBUF = "application/x-protobuf"
+_JSON = "application/json"
+# google.rpc.Code values, as OTLP's Status body uses them.
+_INVALID_ARGUMENT = 3
+_RESOURCE_EXHAUSTED = 8
+_UNAVAILABLE = 14
+
+
+@dataclass(frozen=True)
+class OtlpHttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 4318  # 0 picks a free port
+    max_body_bytes: int = MAX_MESSAGE_BYTES
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"OTLP/HTTP port must be 0..65535, got {self.port!r}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes!r}")
+
+
+def _error(status: int, code: int, message: str) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
+
+
+def create_otlp_http_app(pipeline: Pipeline, config: OtlpHttpConfig | None = None) -> FastAPI:
+    """The ASGI app; exports block a worker thread (not the event loop) until committed."""
+    config = config or OtlpHttpConfig()
+    config.validate()
+    app = FastAPI(
+        title="tokentrace OTLP/HTTP receiver", openapi_url=None, docs_url=None, redoc_url=None
+    )
+
+    @app.post("/v1/traces")
+    async def traces(request: Request) -> Response:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in (_PROTOBUF, _JSON):
+            return _error(
+                415,
+                _INVALID_ARGUMENT,
+                f"unsupported Content-Type {content_type or '(none)'!r}: "
+                f"use {_PROTOBUF} or {_JSON}",
+            )
+        body = await request.body()
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding == "gzip":
+            try:
+                body = _gunzip(body, config.max_body_bytes)
+            except ValueError as exc:
+                return _error(400, _INVALID_ARGUMENT, str(exc))
+        elif encoding not in ("", "identity"):
+            return _error(
+                415,
+                _INVALID_ARGUMENT,
+                f"unsupported Content-Encoding {encoding!r}: use gzip or none",
+            )
+        if len(body) > config.max_body_bytes:
+            return _error(
+                413,
+                _RESOURCE_EXHAUSTED,
+                f"request body of {len(body)} bytes exceeds {config.max_body_bytes}",
+            )
+        try:
+            result = await asyncio.to_thread(_consume, pipeline, body, content_type)
+        except DecodeError as exc:
+            return _error(400, _INVALID_ARGUMENT, str(exc))
+        except PipelineUnavailable as exc:
+            return _error(503, _UNAVAILABLE, str(exc))
+        response = export_response(result)
+        if content_type == _JSON:
+            return JSONResponse(json_format.MessageToDict(response))
+        return Response(response.SerializeToString(), media_type=_PROTOBUF)
+
+    return app
+
+
+def _consume(pipeline: Pipeline, body: bytes, content_type: str) -> ExportResult:
+    parsed = parse_json(body) if content_type == _JSON else parse_protobuf(body)
+    return pipeline.consume(parsed)
+
+
+def _gunzip(body: bytes, limit: int) -> bytes:
+    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = decompressor.decompress(body, limit + 1)
+    except (zlib.error, gzip.BadGzipFile) as exc:
+        raise ValueError(f"invalid gzip body: {exc}") from exc
+    if len(out) > limit:
+        raise ValueError(f"gzip body inflates beyond {limit} bytes")
+    if not decompressor.eof:
+        raise ValueError("invalid gzip body: truncated")
+    return out

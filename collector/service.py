@@ -1,0 +1,228 @@
+"""The collector process: store → pipeline → query API → OTLP receivers, wired together.
+
+Start order is sinks first, receivers last; shutdown runs the other way and drains the
+pipeline, so every export that was acknowledged is in ClickHouse before the store
+closes. The two HTTP apps (OTLP/HTTP and the API) run as uvicorn servers in one asyncio
+loop on a background thread; the gRPC receiver is a threaded grpc server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .api import ApiConfig, create_api_app
+from .otlp_grpc import OtlpGrpcConfig, OtlpGrpcReceiver
+from .otlp_http import OtlpHttpConfig, create_otlp_http_app
+from .pipeline import Pipeline, PipelineConfig
+from .store import Store, open_store
+
+__all__ = ["Collector", "CollectorConfig", "parse_hostport", "write_collector_file"]
+
+_log = logging.getLogger(__name__)
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) → (host, port); ValueError names the value."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port must be a number in {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0..65535 in {value!r}")
+    return host, port
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    """Everything a collector needs; ports may be 0 (pick a free one)."""
+
+    dsn: str
+    otlp_grpc: OtlpGrpcConfig = field(default_factory=OtlpGrpcConfig)
+    otlp_http: OtlpHttpConfig = field(default_factory=OtlpHttpConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def validate(self) -> None:
+        if not self.dsn or "://" not in self.dsn:
+            raise ValueError(
+                f"dsn must look like chdb:///path or http://host:8123, got {self.dsn!r}"
+            )
+        self.otlp_grpc.validate()
+        self.otlp_http.validate()
+        self.api.validate()
+        self.pipeline.validate()
+
+
+class _AsgiServers:
+    """uvicorn servers sharing one asyncio loop on a daemon thread."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="tokentrace-http", daemon=True
+        )
+        self._thread.start()
+        self._servers: dict[str, tuple[Any, asyncio.Task[None]]] = {}
+
+    def serve(self, name: str, app: Any, host: str, port: int) -> int:
+        """Bind ``host:port`` and serve ``app``; returns the bound port once listening."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot bind {name} to {_hostport(host, port)}: {exc}") from exc
+        bound_port = int(sock.getsockname()[1])
+        future: Future[None] = asyncio.run_coroutine_threadsafe(
+            self._start(name, app, sock), self._loop
+        )
+        future.result(timeout=30)
+        return bound_port
+
+    async def _start(self, name: str, app: Any, sock: socket.socket) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                task.result()  # raises what went wrong
+                raise OSError(f"{name} server exited during startup")
+            await asyncio.sleep(0.01)
+        self._servers[name] = (server, task)
+
+    def stop(self, name: str) -> None:
+        """Stop one server after its in-flight requests finish; idempotent."""
+        if name not in self._servers or not self._thread.is_alive():
+            return
+
+        async def _stop() -> None:
+            server, task = self._servers.pop(name)
+            server.should_exit = True
+            await task
+
+        asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=30)
+
+    def close(self) -> None:
+        for name in list(self._servers):
+            self.stop(name)
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+class Collector:
+    """One collector: owns its store (and a chDB path) from :meth:`start` to
+    :meth:`shutdown`. Both are idempotent; shutdown is safe without start and blocks until
+    every accepted span is stored."""
+
+    def __init__(self, config: CollectorConfig) -> None:
+        config.validate()
+        self.config = config
+        self._lock = threading.Lock()
+        self._started = False
+        self._stopped = False
+        self.store: Store | None = None
+        self.pipeline: Pipeline | None = None
+        self._http: _AsgiServers | None = None
+        self._grpc: OtlpGrpcReceiver | None = None
+        self.otlp_grpc_address = ""
+        self.otlp_http_address = ""
+        self.api_address = ""
+
+    def start(self) -> None:
+        """Open the store and start serving; raises StoreError / OSError on failure
+        (after undoing what had started)."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            try:
+                self._start()
+            except BaseException:
+                self._shutdown()
+                raise
+
+    def _start(self) -> None:
+        cfg = self.config
+        self.store = open_store(cfg.dsn)
+        self.pipeline = Pipeline(self.store, cfg.pipeline)
+        self.pipeline.start()
+        self._http = _AsgiServers()
+        api_port = self._http.serve(
+            "API", create_api_app(self.store, self.pipeline.counters), cfg.api.host, cfg.api.port
+        )
+        self.api_address = _hostport(cfg.api.host, api_port)
+        http_port = self._http.serve(
+            "OTLP/HTTP",
+            create_otlp_http_app(self.pipeline, cfg.otlp_http),
+            cfg.otlp_http.host,
+            cfg.otlp_http.port,
+        )
+        self.otlp_http_address = _hostport(cfg.otlp_http.host, http_port)
+        self._grpc = OtlpGrpcReceiver(cfg.otlp_grpc, self.pipeline)
+        self._grpc.start()
+        self.otlp_grpc_address = _hostport(cfg.otlp_grpc.host, self._grpc.port or 0)
+
+    def shutdown(self) -> None:
+        """Stop receivers, drain the pipeline, stop the API, close the store."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._grpc is not None:
+            self._grpc.shutdown()
+        if self._http is not None:
+            self._http.stop("OTLP/HTTP")
+        if self.pipeline is not None:
+            self.pipeline.shutdown()
+        if self._http is not None:
+            self._http.close()
+        if self.store is not None:
+            self.store.close()
+
+    def info(self) -> dict[str, Any]:
+        """What ``collector.json`` holds: pid and the bound endpoints."""
+        return {
+            "pid": os.getpid(),
+            "otlp_grpc": self.otlp_grpc_address,
+            "otlp_http": self.otlp_http_address,
+            "http": self.api_address,
+            "dsn": self.config.dsn,
+        }
+
+
+def write_collector_file(path: Path, info: dict[str, Any]) -> None:
+    """Write ``info`` as JSON to ``path`` atomically (readers never see a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,280 @@
+"""ClickHouse behind one narrow interface: ``insert(table, columns)`` and ``query(sql)``.
+
+The DSN picks the backend through clickhouse-connect: ``chdb:///path`` (embedded chDB,
+in-process) or ``http(s)://host:8123`` (a ClickHouse server). Both are the same code
+path. Every clickhouse-connect / chDB exception leaves this module as a
+:class:`StoreError` that says whether retrying can help.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from tokentrace.schemas import DATABASE, ddl_statements
+
+__all__ = ["NsDatetime", "QueryResult", "Store", "StoreError", "open_store"]
+
+# ClickHouse error codes worth retrying: timeouts, network, memory and load limits,
+# replicas/keeper temporarily unavailable.
+_TRANSIENT_CODES = frozenset({159, 160, 202, 209, 210, 241, 242, 252, 285, 319, 425, 999})
+_CODE_RE = re.compile(r"Code: (\d+)\.")
+
+
+class StoreError(Exception):
+    """A ClickHouse operation failed.
+
+    ``transient`` is True when retrying later may succeed (connection refused, timeout,
+    server overloaded); False for permanent errors (bad SQL, type mismatch, readonly).
+    ``code`` is ClickHouse's error code when it sent one.
+    """
+
+    def __init__(self, message: str, *, transient: bool, code: int | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.code = code
+
+
+class NsDatetime(datetime):
+    """A UTC datetime that keeps the nanoseconds a ``DateTime64(9)`` value carries.
+
+    Behaves as a ``datetime`` (microsecond precision); ``nanosecond`` holds the three
+    extra digits, ``ns`` the whole value as integer nanoseconds since the epoch, and
+    ``isoformat()`` prints all nine fractional digits.
+    """
+
+    nanosecond: int
+    ns: int
+
+    @classmethod
+    def from_ns(cls, ns: int) -> NsDatetime:
+        seconds, rem = divmod(ns, 1_000_000_000)
+        micros, nanos = divmod(rem, 1000)
+        base = _EPOCH + timedelta(seconds=seconds, microseconds=micros)
+        value = cls(
+            base.year,
+            base.month,
+            base.day,
+            base.hour,
+            base.minute,
+            base.second,
+            base.microsecond,
+            tzinfo=UTC,
+        )
+        value.nanosecond = nanos
+        value.ns = ns
+        return value
+
+    def isoformat(self, sep: str = "T", timespec: str = "auto") -> str:
+        if timespec != "auto":
+            return super().isoformat(sep, timespec)
+        head = datetime(
+            self.year, self.month, self.day, self.hour, self.minute, self.second
+        ).isoformat(sep)
+        return f"{head}.{self.microsecond:06d}{self.nanosecond:03d}Z"
+
+    def __str__(self) -> str:
+        return self.isoformat(" ")
+
+    def __reduce__(self) -> Any:
+        return (NsDatetime.from_ns, (self.ns,))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """Column names, ClickHouse type names and rows (tuples) of one query.
+
+    ``DateTime64`` values (also inside ``Nullable``/``Array``) are :class:`NsDatetime`
+    so sub-microsecond precision survives.
+    """
+
+    column_names: tuple[str, ...]
+    column_types: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+
+
+def _classify(exc: BaseException, what: str) -> StoreError:
+    from clickhouse_connect.driver import exceptions as ch
+
+    message = str(exc).strip() or type(exc).__name__
+    match = _CODE_RE.search(message)
+    code = int(match.group(1)) if match else None
+    if isinstance(exc, ch.OperationalError | ConnectionError | TimeoutError | OSError):
+        transient = True
+    elif code is not None:
+        transient = code in _TRANSIENT_CODES
+    else:
+        # No server error code: a client-side problem (bad data, bad arguments).
+        transient = False
+    return StoreError(f"{what}: {message}", transient=transient, code=code)
+
+
+def _converter(type_name: str) -> Callable[[Any], Any] | None:
+    """Turns the raw ticks of DateTime64 values of ``type_name`` into NsDatetime."""
+    inner = type_name
+    for wrapper in ("Nullable(", "LowCardinality("):
+        if inner.startswith(wrapper):
+            inner = inner[len(wrapper) : -1]
+    if inner.startswith("DateTime64("):
+        precision = int(inner[len("DateTime64(") :].split(",")[0].split(")")[0])
+        scale = 10 ** (9 - precision)
+        return lambda v: None if v is None else NsDatetime.from_ns(int(v) * scale)
+    if inner.startswith("Array("):
+        element = _converter(inner[len("Array(") : -1])
+        if element is None:
+            return None
+        return lambda v: None if v is None else [element(x) for x in v]
+    return None
+
+
+class Store:
+    """One ClickHouse connection; thread-safe (calls are serialised by a lock).
+
+    chDB allows one process to own a data path: whoever opens a ``chdb://`` store owns
+    it until :meth:`close`. Calls block until ClickHouse answers.
+    """
+
+    def __init__(self, client: Any, dsn: str, database: str) -> None:
+        self._client = client
+        # Reads with readonly=True go through a second session whose settings are
+        # readonly from the start: per-query readonly on a chDB session can stick after a
+        # refused write (the client cannot SET it back), leaving the writer read-only.
+        self._readonly_client: Any = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.dsn = dsn
+        self.database = database
+
+    def insert(self, table: str, columns: Mapping[str, Sequence[Any]]) -> None:
+        """Insert rows given column-wise into ``table`` (unqualified: this store's database).
+
+        DateTime64 values are integer nanoseconds since the epoch; Map columns take dicts,
+        Nested sub-columns (``Events.Name``) take one list per row.
+        """
+        names = list(columns)
+        data = [list(columns[name]) for name in names]
+        if not data or not data[0]:
+            return
+        with self._lock:
+            self._check_open()
+            try:
+                self._client.insert(
+                    table,
+                    data,
+                    column_names=names,
+                    database=self.database,
+                    column_oriented=True,
+                )
+            except Exception as exc:
+                raise _classify(exc, f"insert into {self.database}.{table} failed") from exc
+
+    def query(
+        self, sql: str, params: dict[str, Any] | None = None, readonly: bool = False
+    ) -> QueryResult:
+        """Run one statement; ``params`` bind ``{name:Type}`` placeholders.
+
+        ``readonly`` runs it in a session that refuses anything but reads (ClickHouse
+        ``readonly=2``: per-query settings allowed, ``readonly`` itself not).
+        """
+        with self._lock:
+            self._check_open()
+            try:
+                client = self._reader() if readonly else self._client
+                result = client.query(
+                    sql,
+                    parameters=params,
+                    query_formats={"DateTime64": "int"},
+                )
+                names = tuple(result.column_names)
+                types = tuple(t.name for t in result.column_types)
+                raw_rows = result.result_rows
+            except Exception as exc:
+                raise _classify(exc, "query failed") from exc
+        converters = [_converter(t) for t in types]
+        if any(converters):
+            rows = [
+                tuple(c(v) if c else v for c, v in zip(converters, row, strict=True))
+                for row in raw_rows
+            ]
+        else:
+            rows = [tuple(row) for row in raw_rows]
+        return QueryResult(names, types, rows)
+
+    def _reader(self) -> Any:
+        if self._readonly_client is None:
+            import clickhouse_connect
+
+            self._readonly_client = clickhouse_connect.get_client(
+                dsn=self.dsn, database=self.database, settings={"readonly": 2}
+            )
+        return self._readonly_client
+
+    def command(self, sql: str) -> None:
+        """Run one statement that returns nothing (DDL)."""
+        with self._lock:
+            self._check_open()
+            try:
+                self._client.command(sql)
+            except Exception as exc:
+                raise _classify(exc, "command failed") from exc
+
+    def close(self) -> None:
+        """Release the connection (and a chDB path); idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for client in (self._readonly_client, self._client):
+                try:
+                    if client is not None:
+                        client.close()
+                except Exception:  # noqa: BLE001 - closing must not raise
+                    pass
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"store {self.dsn} is closed", transient=False)
+
+
+def open_store(dsn: str, database: str = DATABASE) -> Store:
+    """Connect to ``dsn`` and create tokentrace's tables if they are missing.
+
+    ``chdb:///abs/path`` creates the directory on first use. Raises :class:`StoreError`
+    (transient if the server cannot be reached).
+    """
+    if not dsn or "://" not in dsn:
+        raise ValueError(
+            f"ClickHouse DSN must look like chdb:///path or http://host:8123, got {dsn!r}"
+        )
+    import clickhouse_connect
+
+    if dsn.startswith("chdb://"):
+        from pathlib import Path
+
+        Path(dsn[len("chdb://") :]).mkdir(parents=True, exist_ok=True)
+    try:
+        client = clickhouse_connect.get_client(dsn=dsn)
+    except Exception as exc:
+        raise _classify(exc, f"cannot connect to {dsn}") from exc
+    store = Store(client, dsn, database)
+    try:
+        for statement in ddl_statements(database):
+            store.command(statement)
+    except BaseException:
+        store.close()
+        raise
+    # Unqualified table names in queries mean tokentrace's tables.
+    client.database = database
+    # clickhouse-connect imports pandas lazily on the first insert (~0.5 s of CPU); pay
+    # for it here, before the collector says it is ready, not in the middle of a load.
+    from clickhouse_connect.driver import options
+
+    options._resolve_pandas()
+    return store

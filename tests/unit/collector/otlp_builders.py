@@ -1,0 +1,75 @@
+"""Hand-built OTLP protobuf requests for the collector's unit tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+TRACE_ID = bytes.fromhex("0af7651916cd43dd8448eb211c80319c")
+T0_NS = 1_700_000_000_123_456_789
+
+
+def any_value(value: Any) -> AnyValue:
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, bytes):
+        return AnyValue(bytes_value=value)
+    if isinstance(value, list):
+        return AnyValue(array_value=ArrayValue(values=[any_value(v) for v in value]))
+    return AnyValue(string_value=str(value))
+
+
+def key_values(attrs: dict[str, Any]) -> list[KeyValue]:
+    return [KeyValue(key=k, value=any_value(v)) for k, v in attrs.items()]
+
+
+def span(
+    name: str,
+    span_id: int,
+    start_ns: int,
+    end_ns: int,
+    attrs: dict[str, Any] | None = None,
+    *,
+    trace_id: bytes = TRACE_ID,
+    parent_id: int | None = None,
+    kind: int = Span.SPAN_KIND_INTERNAL,
+    error: bool = False,
+) -> Span:
+    return Span(
+        trace_id=trace_id,
+        span_id=span_id.to_bytes(8, "big"),
+        parent_span_id=parent_id.to_bytes(8, "big") if parent_id else b"",
+        name=name,
+        kind=kind,  # type: ignore[arg-type]
+        start_time_unix_nano=start_ns,
+        end_time_unix_nano=end_ns,
+        attributes=key_values(attrs or {}),
+        status=Status(code=Status.STATUS_CODE_ERROR if error else Status.STATUS_CODE_UNSET),
+    )
+
+
+def request(
+    resource: dict[str, Any], spans: list[Span], scope: str = "tokentrace.test"
+) -> ExportTraceServiceRequest:
+    from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+    from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
+    return ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(
+                resource=Resource(attributes=key_values(resource)),
+                scope_spans=[
+                    ScopeSpans(scope=InstrumentationScope(name=scope, version="1.0"), spans=spans)
+                ],
+            )
+        ]
+    )

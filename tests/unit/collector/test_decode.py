@@ -1,0 +1,157 @@
+"""decode: OTLP protobuf/JSON → SpanBatch, validation with partial success."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from otlp_builders import T0_NS, TRACE_ID, request, span
+
+from tokentrace.collector.decode import (
+    DecodeError,
+    decode_request,
+    parse_json,
+    parse_protobuf,
+)
+from tokentrace.schemas import attributes as A
+
+RESOURCE = {A.SERVICE_NAME: "decode-worker", A.NODE_ID: "d1", A.ROLE: "decode"}
+
+
+def test_columns_follow_the_otel_traces_layout() -> None:
+    req = request(
+        RESOURCE,
+        [
+            span(
+                A.SPAN_DECODE,
+                1,
+                T0_NS,
+                T0_NS + 5_000,
+                {"s": "x", "i": 7, "d": 0.25, "b": True, "arr": [1, "a", False]},
+                kind=Span.SPAN_KIND_SERVER,
+                parent_id=9,
+                error=True,
+            ),
+        ],
+    )
+    batch = decode_request(parse_protobuf(req.SerializeToString()))
+    cols = batch.otel_traces_columns()
+    assert len(batch) == 1 and batch.rejected_spans == 0
+    assert cols["Timestamp"] == [T0_NS]
+    assert cols["Duration"] == [5_000]
+    assert cols["TraceId"] == [TRACE_ID.hex()]
+    assert cols["SpanId"] == ["0000000000000001"]
+    assert cols["ParentSpanId"] == ["0000000000000009"]
+    assert cols["SpanKind"] == ["Server"]
+    assert cols["StatusCode"] == ["Error"]
+    assert cols["ServiceName"] == ["decode-worker"]
+    assert cols["ScopeName"] == ["tokentrace.test"] and cols["ScopeVersion"] == ["1.0"]
+    assert cols["ResourceAttributes"][0][A.NODE_ID] == "d1"
+    assert cols["SpanAttributes"] == [
+        {"s": "x", "i": "7", "d": "0.25", "b": "true", "arr": '[1,"a",false]'}
+    ]
+    assert cols["Events.Name"] == [[]] and cols["Links.TraceId"] == [[]]
+
+
+def test_root_span_has_empty_parent() -> None:
+    batch = decode_request(request(RESOURCE, [span("x", 1, T0_NS, T0_NS)]))
+    assert batch.parent_span_id == [""]
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        (dict(trace_id=b"\x01" * 15), "trace_id must be 16 bytes, got 15"),
+        (dict(trace_id=bytes(16)), "trace_id is all zeros"),
+        (dict(span_id=b"\x01" * 9), "span_id must be 8 bytes, got 9"),
+        (dict(span_id=bytes(8)), "span_id is all zeros"),
+        (dict(end_time_unix_nano=T0_NS - 1), "end_time_unix_nano"),
+    ],
+)
+def test_invalid_spans_are_rejected_and_the_rest_kept(bad: dict, field: str) -> None:
+    good = span("llm.token", 1, T0_NS, T0_NS + 10)
+    broken = span("llm.broken", 2, T0_NS, T0_NS + 10)
+    for key, value in bad.items():
+        setattr(broken, key, value)
+    batch = decode_request(request(RESOURCE, [good, broken]))
+    assert batch.name == ["llm.token"]
+    assert batch.rejected_spans == 1
+    message = batch.error_message
+    assert field in message
+    assert "llm.broken" in message and "spans[1]" in message
+
+
+def test_truncated_protobuf_is_a_decode_error() -> None:
+    data = request(RESOURCE, [span("x", 1, T0_NS, T0_NS + 1, {"k": "v" * 50})]).SerializeToString()
+    with pytest.raises(DecodeError, match="invalid OTLP protobuf"):
+        parse_protobuf(data[: len(data) // 2])
+
+
+def _json_doc(trace_id: str, span_id: str, **extra: object) -> dict:
+    return {
+        "resourceSpans": [
+            {
+                "resource": {
+                    "attributes": [{"key": "service.name", "value": {"stringValue": "svc"}}]
+                },
+                "scopeSpans": [
+                    {
+                        "scope": {"name": "s"},
+                        "spans": [
+                            {
+                                "traceId": trace_id,
+                                "spanId": span_id,
+                                "parentSpanId": "",
+                                "name": "llm.token",
+                                "kind": "SPAN_KIND_INTERNAL",
+                                "startTimeUnixNano": str(T0_NS),
+                                "endTimeUnixNano": T0_NS + 7,
+                                "attributes": [{"key": A.TOKEN_INDEX, "value": {"intValue": "4"}}],
+                                "status": {"code": 2},
+                                "links": [{"traceId": "11" * 16, "spanId": "22" * 8}],
+                                "unknownField": 1,
+                                **extra,
+                            }
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
+
+
+def test_json_ids_are_hex_and_enums_may_be_names_or_ints() -> None:
+    doc = _json_doc("5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174")
+    batch = decode_request(parse_json(json.dumps(doc).encode()))
+    assert batch.rejected_spans == 0
+    assert batch.trace_id == ["5b8efff798038103d269b633813fc60c"]
+    assert batch.span_id == ["eee19b7ec3c1b174"]
+    assert batch.kind == ["Internal"] and batch.status_code == ["Error"]
+    assert batch.start_ns == [T0_NS] and batch.end_ns == [T0_NS + 7]
+    assert batch.attributes == [{A.TOKEN_INDEX: "4"}]
+    assert batch.link_trace_ids == [["11" * 16]] and batch.link_span_ids == [["22" * 8]]
+
+
+def test_json_wrong_length_id_is_rejected_with_partial_success() -> None:
+    doc = _json_doc("5b8efff798038103d269b633813fc6", "eee19b7ec3c1b174")
+    batch = decode_request(parse_json(json.dumps(doc)))
+    assert len(batch) == 0 and batch.rejected_spans == 1
+    assert "trace_id must be 16 bytes, got 15" in batch.error_message
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"{not json", "invalid JSON"),
+        (b"[]", "top level"),
+        (json.dumps(_json_doc("zz" * 16, "ee" * 8)).encode(), r"spans\[0\]\.traceId is not a hex"),
+        (
+            b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"startTimeUnixNano": "soon"}]}]}]}',
+            "startTimeUnixNano",
+        ),
+    ],
+)
+def test_bad_json_is_a_decode_error_naming_the_problem(data: bytes, match: str) -> None:
+    with pytest.raises(DecodeError, match=match):
+        parse_json(data)

@@ -1,0 +1,182 @@
+"""derive: span batch → request_parts / token_latencies / kv_transfers rows."""
+
+from __future__ import annotations
+
+import pytest
+from otlp_builders import T0_NS, TRACE_ID, request, span
+
+from tokentrace.collector.decode import decode_request
+from tokentrace.collector.derive import DerivedRows, derive_rows, node_of
+from tokentrace.schemas import attributes as A
+
+MS = 1_000_000
+TID = TRACE_ID.hex()
+
+
+def _rows(resource: dict, spans: list) -> DerivedRows:
+    return derive_rows(decode_request(request(resource, spans)))
+
+
+def test_router_request_row() -> None:
+    rows = _rows(
+        {A.SERVICE_NAME: "router", A.NODE_ID: "r1"},
+        [
+            span(
+                A.SPAN_REQUEST,
+                1,
+                T0_NS,
+                T0_NS + 500 * MS,
+                {
+                    A.REQUEST_ID: "req-1",
+                    A.GEN_AI_REQUEST_MODEL: "tiny",
+                    A.GEN_AI_USAGE_INPUT_TOKENS: 12,
+                    A.GEN_AI_USAGE_OUTPUT_TOKENS: 5,
+                    A.GEN_AI_SERVER_TTFT: 0.1,
+                    A.PREFILL_NODE: "p1",
+                    A.DECODE_NODE: "d1",
+                },
+            ),
+        ],
+    )
+    part = {k: v[0] for k, v in rows.request_parts.items()}
+    assert part["trace_id"] == TID and part["ts"] == T0_NS
+    assert part["request_id"] == "req-1" and part["model"] == "tiny"
+    assert part["router_node"] == "r1"
+    assert (part["prefill_node"], part["decode_node"]) == ("p1", "d1")
+    assert (part["input_tokens"], part["output_tokens"]) == (12, 5)
+    assert part["ttft_s"] == 0.1 and part["e2e_s"] == pytest.approx(0.5)
+    assert part["tpot_s"] == pytest.approx((0.5 - 0.1) / 4)
+    assert part["status"] == "ok"
+    assert part["prefill_s"] is None and part["kv_transfer_s"] is None
+    assert rows.tables().keys() == {"request_parts"}
+
+
+def test_single_output_token_has_no_tpot_and_error_status() -> None:
+    rows = _rows(
+        {A.SERVICE_NAME: "router"},
+        [
+            span(
+                A.SPAN_REQUEST,
+                1,
+                T0_NS,
+                T0_NS + 50 * MS,
+                {
+                    A.REQUEST_ID: "req-2",
+                    A.GEN_AI_USAGE_OUTPUT_TOKENS: 1,
+                    A.GEN_AI_SERVER_TTFT: 0.04,
+                },
+                error=True,
+            ),
+        ],
+    )
+    assert rows.request_parts["tpot_s"] == [None]
+    assert rows.request_parts["status"] == ["error"]
+    assert rows.request_parts["router_node"] == ["router"]  # falls back to service.name
+
+
+def test_prefill_decode_parts() -> None:
+    prefill = _rows(
+        {A.SERVICE_NAME: "w", A.HOST_NAME: "host-p"},
+        [span(A.SPAN_PREFILL, 2, T0_NS, T0_NS + 30 * MS)],
+    )
+    assert prefill.request_parts["prefill_node"] == ["host-p"]
+    assert prefill.request_parts["prefill_s"] == [pytest.approx(0.03)]
+    assert prefill.request_parts["ts"] == [None] and prefill.request_parts["request_id"] == [None]
+    decode = _rows({A.NODE_ID: "d1"}, [span(A.SPAN_DECODE, 3, T0_NS, T0_NS + 1)])
+    assert decode.request_parts["decode_node"] == ["d1"]
+    assert decode.request_parts["prefill_s"] == [None]
+
+
+def test_kv_transfer_rows() -> None:
+    rows = _rows(
+        {A.NODE_ID: "d1"},
+        [
+            span(
+                A.SPAN_KV_TRANSFER,
+                4,
+                T0_NS,
+                T0_NS + 2 * MS,
+                {
+                    A.KV_BYTES: 1 << 20,
+                    A.KV_BLOCKS: 16,
+                    A.KV_BACKEND: "nixl/UCX",
+                    A.KV_SRC_NODE: "p1",
+                    A.KV_DST_NODE: "d1",
+                },
+            ),
+        ],
+    )
+    assert rows.request_parts["kv_transfer_s"] == [pytest.approx(0.002)]
+    assert rows.request_parts["kv_bytes"] == [1 << 20]
+    kv = {k: v[0] for k, v in rows.kv_transfers.items()}
+    assert kv == {
+        "ts": T0_NS,
+        "trace_id": TID,
+        "src_node": "p1",
+        "dst_node": "d1",
+        "duration_s": pytest.approx(0.002),
+        "bytes": 1 << 20,
+        "blocks": 16,
+        "backend": "nixl/UCX",
+        "status": "ok",
+    }
+
+
+def test_token_rows_first_has_no_itl_and_multi_token_emissions_count() -> None:
+    resource = {A.SERVICE_NAME: "decode", A.NODE_ID: "d1"}
+    rows = _rows(
+        resource,
+        [
+            span(A.SPAN_TOKEN, 10, T0_NS, T0_NS + 20 * MS, {A.TOKEN_INDEX: 0, A.BATCH_SIZE: 4}),
+            span(
+                A.SPAN_TOKEN,
+                11,
+                T0_NS + 20 * MS,
+                T0_NS + 25 * MS,
+                {A.TOKEN_INDEX: 1, A.TOKEN_COUNT: 3, A.BATCH_SIZE: 4},
+            ),
+            span(A.SPAN_TOKEN, 12, T0_NS + 25 * MS, T0_NS + 31 * MS, {A.TOKEN_INDEX: 4}),
+        ],
+    )
+    t = rows.token_latencies
+    assert t["ts"] == [T0_NS + 20 * MS, T0_NS + 25 * MS, T0_NS + 31 * MS]  # emission = end
+    assert t["token_index"] == [0, 1, 4]
+    assert t["itl_s"][0] is None
+    assert t["itl_s"][1:] == [pytest.approx(0.005), pytest.approx(0.006)]
+    assert t["tokens"] == [1, 3, 1]
+    assert t["batch_size"] == [4, 4, 0]
+    assert t["node"] == ["d1"] * 3 and t["trace_id"] == [TID] * 3
+    assert rows.tables().keys() == {"token_latencies"}
+
+
+def test_unparsable_or_out_of_range_attributes_become_null_or_default() -> None:
+    rows = _rows(
+        {},
+        [
+            span(
+                A.SPAN_REQUEST,
+                1,
+                T0_NS,
+                T0_NS + MS,
+                {
+                    A.REQUEST_ID: "r",
+                    A.GEN_AI_USAGE_OUTPUT_TOKENS: "many",
+                    A.GEN_AI_USAGE_INPUT_TOKENS: -3,
+                    A.GEN_AI_SERVER_TTFT: "soon",
+                },
+            ),
+            span(A.SPAN_TOKEN, 2, T0_NS, T0_NS + MS, {A.TOKEN_INDEX: 2, A.TOKEN_COUNT: 1 << 20}),
+        ],
+    )
+    assert rows.request_parts["output_tokens"] == [None]
+    assert rows.request_parts["input_tokens"] == [None]
+    assert rows.request_parts["ttft_s"] == [None] and rows.request_parts["tpot_s"] == [None]
+    assert rows.request_parts["router_node"] == [None]
+    assert rows.token_latencies["tokens"] == [1]
+
+
+def test_node_fallback_order() -> None:
+    assert node_of({A.NODE_ID: "n", A.HOST_NAME: "h", A.SERVICE_NAME: "s"}) == "n"
+    assert node_of({A.HOST_NAME: "h", A.SERVICE_NAME: "s"}) == "h"
+    assert node_of({A.SERVICE_NAME: "s"}) == "s"
+    assert node_of({}) == ""

@@ -1,0 +1,172 @@
+"""store + pipeline against an embedded chDB store on a temporary path.
+
+chDB binds one data path per process, so the whole module shares one store.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from otlp_builders import T0_NS, TRACE_ID, request, span
+
+from tokentrace.collector import (
+    DecodeError,
+    NsDatetime,
+    Pipeline,
+    PipelineConfig,
+    PipelineUnavailable,
+    Store,
+    StoreError,
+    open_store,
+)
+from tokentrace.schemas import attributes as A
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    path: Path = tmp_path_factory.mktemp("chdb")
+    s = open_store(f"chdb://{path}")
+    yield s
+    s.close()
+
+
+def test_ddl_is_idempotent(store: Store) -> None:
+    from tokentrace.schemas import ddl_statements
+
+    for statement in ddl_statements():
+        store.command(statement)
+
+
+def test_insert_round_trip_keeps_nanoseconds(store: Store) -> None:
+    ts = [T0_NS, T0_NS + 1]
+    store.insert(
+        "token_latencies",
+        {
+            "ts": ts,
+            "trace_id": ["rt", "rt"],
+            "node": ["n", "n"],
+            "token_index": [0, 1],
+            "itl_s": [None, 1e-9],
+            "tokens": [1, 3],
+            "batch_size": [0, 2],
+        },
+    )
+    result = store.query(
+        "SELECT ts, toUnixTimestamp64Nano(ts) AS ns, itl_s, tokens FROM token_latencies "
+        "WHERE trace_id = {t:String} ORDER BY ts",
+        {"t": "rt"},
+    )
+    assert result.column_names == ("ts", "ns", "itl_s", "tokens")
+    assert result.column_types[0] == "DateTime64(9)"
+    assert [row[1] for row in result.rows] == ts
+    first = result.rows[0][0]
+    assert isinstance(first, NsDatetime) and first.ns == T0_NS
+    assert first.isoformat() == "2023-11-14T22:13:20.123456789Z"
+    assert [row[2] for row in result.rows] == [None, 1e-9]
+
+
+def test_nullable_and_array_datetime64_convert(store: Store) -> None:
+    result = store.query(
+        "SELECT toNullable(fromUnixTimestamp64Nano(toInt64({n:Int64}))) AS a, "
+        "[fromUnixTimestamp64Nano(toInt64({n:Int64}))] AS b, "
+        "CAST(NULL, 'Nullable(DateTime64(9))') AS c",
+        {"n": T0_NS + 7},
+    )
+    a, b, c = result.rows[0]
+    assert a.ns == T0_NS + 7 and b[0].ns == T0_NS + 7 and c is None
+
+
+def test_bad_sql_is_a_permanent_store_error(store: Store) -> None:
+    with pytest.raises(StoreError) as info:
+        store.query("SELEC 1")
+    assert info.value.transient is False and info.value.code == 62
+    assert "Syntax error" in str(info.value)
+
+
+def test_readonly_refuses_writes(store: Store) -> None:
+    with pytest.raises(StoreError, match="readonly"):
+        store.query("INSERT INTO node_clocks (node) VALUES ('x')", readonly=True)
+    assert store.query("SELECT 1", readonly=True).rows == [(1,)]
+    # The refused write must not leave the writing session read-only.
+    store.insert(
+        "node_clocks",
+        {
+            "ts": [T0_NS],
+            "node": ["x"],
+            "offset_s": [0.0],
+            "error_s": [0.0],
+            "reference_node": ["x"],
+        },
+    )
+
+
+def test_pipeline_stores_spans_and_derived_rows(store: Store) -> None:
+    pipeline = Pipeline(store, PipelineConfig(flush_interval_ms=20))
+    pipeline.shutdown()  # safe without start
+    pipeline = Pipeline(store, PipelineConfig(flush_interval_ms=20))
+    pipeline.start()
+    pipeline.start()
+    trace_ids = [bytes([i + 1]) * 16 for i in range(8)]
+    results = []
+
+    def export(tid: bytes) -> None:
+        req = request(
+            {A.SERVICE_NAME: "router", A.NODE_ID: "r1"},
+            [
+                span(
+                    A.SPAN_REQUEST,
+                    1,
+                    T0_NS,
+                    T0_NS + 10**8,
+                    {
+                        A.REQUEST_ID: tid.hex()[:8],
+                        A.GEN_AI_USAGE_OUTPUT_TOKENS: 3,
+                        A.GEN_AI_SERVER_TTFT: 0.02,
+                    },
+                    trace_id=tid,
+                ),
+                span(A.SPAN_TOKEN, 2, T0_NS, T0_NS + 5, {A.TOKEN_INDEX: 1}, trace_id=tid),
+            ],
+        )
+        results.append(pipeline.consume(req.SerializeToString()))
+
+    threads = [threading.Thread(target=export, args=(tid,)) for tid in trace_ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.stored_spans for r in results] == [2] * 8
+
+    with pytest.raises(DecodeError):
+        pipeline.consume(b"\x0a\xff\xff")
+    bad = request({}, [span("x", 1, T0_NS, T0_NS - 1, trace_id=TRACE_ID)])
+    result = pipeline.consume(bad)
+    assert (result.stored_spans, result.rejected_spans) == (0, 1)
+    assert "end_time_unix_nano" in result.error_message
+
+    pipeline.shutdown()
+    pipeline.shutdown()
+    assert pipeline.counters() == {"spans_received": 17, "spans_stored": 16, "spans_rejected": 1}
+    with pytest.raises(PipelineUnavailable):
+        pipeline.consume(request({}, [span("x", 1, T0_NS, T0_NS)]))
+
+    hexes = [t.hex() for t in trace_ids]
+    rows = store.query(
+        "SELECT trace_id, request_id, output_tokens, tpot_s FROM requests "
+        "WHERE has({ids:Array(String)}, trace_id) ORDER BY trace_id",
+        {"ids": hexes},
+    ).rows
+    assert [r[0] for r in rows] == hexes
+    assert all(r[2] == 3 and r[3] == pytest.approx((0.1 - 0.02) / 2) for r in rows)
+    count = store.query(
+        "SELECT count() FROM otel_traces WHERE has({ids:Array(String)}, TraceId)", {"ids": hexes}
+    ).rows[0][0]
+    assert count == 16
+
+
+def test_bad_dsn_names_it() -> None:
+    with pytest.raises(ValueError, match="nowhere"):
+        open_store("nowhere")
