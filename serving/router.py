@@ -1,0 +1,755 @@
+"""The router: an OpenAI-compatible front end that runs each request as prefill then decode.
+
+Orchestration follows vLLM's disaggregated proxy for the NixlConnector: the client's
+request goes to a prefill worker with ``max_tokens: 1`` and
+``kv_transfer_params.do_remote_decode``; the ``kv_transfer_params`` it answers with
+(opaque here) go with the original request to a decode worker, whose response (SSE or
+JSON) is relayed to the client. Each request is one ``llm.request`` SERVER span, the
+parent of the workers' spans through the ``traceparent`` header.
+
+Concurrency: one event loop; worker bookkeeping is touched only from it. One shared
+``httpx.AsyncClient`` carries all worker traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from starlette.background import BackgroundTask
+
+from tokentrace.instrument import (
+    ArrivalStampMiddleware,
+    Tracing,
+    arrival_s,
+    extract,
+    inject,
+    setup_tracing,
+)
+from tokentrace.schemas import attributes as A
+from tokentrace.serving import openai_protocol as P
+
+__all__ = [
+    "PREFILL_KV_TRANSFER_PARAMS",
+    "REQUEST_ID_HEADER",
+    "RouterConfig",
+    "create_app",
+    "decode_request_body",
+    "new_request_id",
+    "prefill_request_body",
+    "run",
+]
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-Id"
+
+# What the prefill worker is told: compute the KV, keep it for a remote decode to pull.
+PREFILL_KV_TRANSFER_PARAMS: dict[str, Any] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+# Sampling limits a prefill worker cannot honour with max_tokens = 1 (as vLLM's proxy).
+_PREFILL_DROPPED_FIELDS = ("stream_options", "min_tokens", "min_completion_tokens")
+
+_COMPLETIONS = "/v1/completions"
+_CHAT = "/v1/chat/completions"
+
+
+# -- configuration -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Router settings. URLs are worker base URLs (``http://host:port``); sequences are
+    stored as tuples with trailing slashes removed.
+
+    ``request_timeout_s`` bounds each worker call's connect/write/pool wait and every
+    single read of a response (so a stream may run longer, as long as tokens keep
+    coming). A worker that refuses connections is skipped for at least
+    ``unhealthy_cooldown_s`` and until its ``/health`` answers again, probed every
+    ``health_probe_interval_s``.
+    """
+
+    prefill_urls: Sequence[str]
+    decode_urls: Sequence[str]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    node_id: str | None = None
+    otlp_endpoint: str | None = None
+    request_timeout_s: float = 600.0
+    connect_timeout_s: float = 5.0
+    unhealthy_cooldown_s: float = 3.0
+    health_probe_interval_s: float = 1.0
+    models_cache_ttl_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_urls", "decode_urls"):
+            urls = getattr(self, name)
+            if isinstance(urls, str):
+                urls = [urls]
+            object.__setattr__(self, name, tuple(str(u).rstrip("/") for u in urls))
+
+    def validate(self) -> RouterConfig:
+        """Raise ``ValueError`` naming the first bad setting; return self."""
+        for name in ("prefill_urls", "decode_urls"):
+            urls = getattr(self, name)
+            if not urls:
+                raise ValueError(f"{name} must name at least one worker URL")
+            for url in urls:
+                if not url.startswith(("http://", "https://")):
+                    raise ValueError(f"{name}: worker URL must start with http(s)://, got {url!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port!r}")
+        if not self.host:
+            raise ValueError("host must not be empty")
+        for name in (
+            "request_timeout_s",
+            "connect_timeout_s",
+            "unhealthy_cooldown_s",
+            "health_probe_interval_s",
+            "models_cache_ttl_s",
+        ):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        return self
+
+
+# -- pure request rewriting ----------------------------------------------------------
+
+
+def new_request_id() -> str:
+    """A fresh request id, ``cmpl-<uuid4 hex>``."""
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def prefill_request_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The prefill worker's request: the client's body with one output token, no
+    streaming, and ``kv_transfer_params`` asking it to hold the KV for a remote decode."""
+    out = {k: v for k, v in body.items() if k not in _PREFILL_DROPPED_FIELDS}
+    out["max_tokens"] = 1
+    if "max_completion_tokens" in out:
+        out["max_completion_tokens"] = 1
+    out["stream"] = False
+    out["kv_transfer_params"] = dict(PREFILL_KV_TRANSFER_PARAMS)
+    return out
+
+
+def decode_request_body(
+    body: Mapping[str, Any], kv_transfer_params: Any, stream: bool
+) -> dict[str, Any]:
+    """The decode worker's request: the client's body plus the prefill worker's
+    ``kv_transfer_params`` (passed on unchanged). A stream always asks for the usage
+    chunk, so the router learns the output token count."""
+    out = dict(body)
+    out["kv_transfer_params"] = kv_transfer_params
+    if stream:
+        options = out.get("stream_options")
+        options = dict(options) if isinstance(options, Mapping) else {}
+        options["include_usage"] = True
+        out["stream_options"] = options
+    return out
+
+
+# -- workers -------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    url: str
+    role: str
+    outstanding: int = 0
+    healthy: bool = True
+    down_until: float = 0.0  # time.monotonic(); no probe revives it before this
+    node_id: str | None = None  # learned from its /health, else the URL stands in
+    probed: bool = False  # its /health has answered 200 at least once
+
+    @property
+    def label(self) -> str:
+        return self.node_id or self.url
+
+    def mark_down(self, cooldown_s: float, reason: str) -> None:
+        if self.healthy:
+            log.warning("%s worker %s marked unhealthy: %s", self.role, self.url, reason)
+        self.healthy = False
+        self.down_until = time.monotonic() + cooldown_s
+
+    def mark_up(self) -> None:
+        if not self.healthy:
+            log.info("%s worker %s is healthy again", self.role, self.url)
+        self.healthy = True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"url": self.url, "healthy": self.healthy, "outstanding": self.outstanding}
+
+
+@dataclass
+class _Pool:
+    role: str
+    workers: list[_Worker]
+    _next: int = field(default=0)
+
+    def pick(self, exclude: set[str]) -> _Worker | None:
+        """Least outstanding among healthy workers not in ``exclude``, ties in round-robin
+        order; when none is healthy, the same among the unhealthy ones (a connection
+        attempt is the quickest probe). None when every worker is excluded."""
+        candidates = [w for w in self.workers if w.url not in exclude and w.healthy]
+        if not candidates:
+            candidates = [w for w in self.workers if w.url not in exclude]
+        if not candidates:
+            return None
+        least = min(w.outstanding for w in candidates)
+        eligible = {id(w) for w in candidates if w.outstanding == least}
+        n = len(self.workers)
+        for step in range(n):
+            i = (self._next + step) % n
+            worker = self.workers[i]
+            if id(worker) in eligible:
+                self._next = (i + 1) % n
+                return worker
+        return None  # unreachable: some candidate has the least count
+
+
+class _RouteError(Exception):
+    """Answer the client with ``status`` and ``content`` (bytes from a worker, or a dict)."""
+
+    def __init__(
+        self, status: int, content: bytes | dict[str, Any], media_type: str = "application/json"
+    ) -> None:
+        super().__init__(status)
+        self.status = status
+        self.content = content
+        self.media_type = media_type
+
+    @classmethod
+    def make(cls, status: int, message: str, param: str | None = None) -> _RouteError:
+        return cls(status, P.error_body(message, P.error_type(status), status, param))
+
+    @property
+    def message(self) -> str:
+        if isinstance(self.content, dict):
+            return str(self.content.get("error", {}).get("message", self.status))
+        return self.content[:200].decode("utf-8", "replace")
+
+    def response(self, headers: Mapping[str, str]) -> Response:
+        if isinstance(self.content, dict):
+            return JSONResponse(self.content, status_code=self.status, headers=dict(headers))
+        return Response(
+            self.content,
+            status_code=self.status,
+            media_type=self.media_type,
+            headers=dict(headers),
+        )
+
+
+_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+@dataclass
+class _RequestState:
+    """Per-request bookkeeping: monotonic times, filled on the way, read when the span ends."""
+
+    request_id: str
+    span: Span
+    arrival_s: float
+    stream: bool
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    first_content_s: float | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    status: int = 200
+    error: str | None = None
+
+    def finish(self) -> None:
+        """Set the end-of-request attributes and end the span. Call exactly once."""
+        span = self.span
+        now = time.monotonic()
+        if self.input_tokens is not None:
+            span.set_attribute(A.GEN_AI_USAGE_INPUT_TOKENS, self.input_tokens)
+        if self.output_tokens is not None:
+            span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, self.output_tokens)
+        if self.error is None:
+            first = self.first_content_s if self.stream else now
+            if first is not None:
+                span.set_attribute(A.GEN_AI_SERVER_TTFT, first - self.arrival_s)
+        if self.finish_reasons:
+            span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, self.finish_reasons)
+        span.set_attribute(A.HTTP_STATUS, self.status)
+        if self.error is not None:
+            span.set_status(Status(StatusCode.ERROR, self.error))
+        span.end()
+
+
+class _Router:
+    def __init__(self, config: RouterConfig, tracing: Tracing) -> None:
+        self.config = config
+        self.tracing = tracing
+        self.prefill = _Pool("prefill", [_Worker(u, "prefill") for u in config.prefill_urls])
+        self.decode = _Pool("decode", [_Worker(u, "decode") for u in config.decode_urls])
+        self._client: httpx.AsyncClient | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self._models: dict[str, Any] | None = None
+        self._models_at = 0.0
+        self._drains: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        timeout = httpx.Timeout(
+            self.config.request_timeout_s, connect=self.config.connect_timeout_s, pool=None
+        )
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+        self._client = httpx.AsyncClient(timeout=timeout, limits=limits)
+        await asyncio.gather(*(self._probe(w) for w in self._all_workers()))
+        self._probe_task = asyncio.create_task(self._probe_loop(), name="router-health-probe")
+
+    async def shutdown(self) -> None:
+        task, self._probe_task = self._probe_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+        self.tracing.shutdown()
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("router not started (run it under the app's lifespan)")
+        return self._client
+
+    def _all_workers(self) -> list[_Worker]:
+        return self.prefill.workers + self.decode.workers
+
+    async def _probe(self, worker: _Worker) -> None:
+        try:
+            resp = await self.client.get(
+                f"{worker.url}/health", timeout=self.config.connect_timeout_s
+            )
+        except httpx.HTTPError as exc:
+            worker.mark_down(self.config.unhealthy_cooldown_s, f"/health: {exc!r}")
+            return
+        if resp.status_code != 200:
+            worker.mark_down(self.config.unhealthy_cooldown_s, f"/health: {resp.status_code}")
+            return
+        worker.probed = True
+        with contextlib.suppress(ValueError):
+            body = resp.json()
+            if isinstance(body, dict) and isinstance(body.get("node_id"), str):
+                worker.node_id = body["node_id"]
+        if time.monotonic() >= worker.down_until:
+            worker.mark_up()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_probe_interval_s)
+            due = [w for w in self._all_workers() if not w.healthy or not w.probed]
+            if due:
+                await asyncio.gather(*(self._probe(w) for w in due), return_exceptions=True)
+
+    # -- /health, /v1/models --
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "node_id": self.tracing.node_id,
+            "prefill": [w.snapshot() for w in self.prefill.workers],
+            "decode": [w.snapshot() for w in self.decode.workers],
+        }
+
+    async def models(self, refresh: bool = False) -> dict[str, Any]:
+        """The workers' ``/v1/models`` answer, cached for ``models_cache_ttl_s``."""
+        fresh = time.monotonic() - self._models_at < self.config.models_cache_ttl_s
+        if self._models is not None and fresh and not refresh:
+            return self._models
+        workers = sorted(self.decode.workers + self.prefill.workers, key=lambda w: not w.healthy)
+        errors: list[str] = []
+        for worker in workers:
+            try:
+                resp = await self.client.get(f"{worker.url}/v1/models")
+                resp.raise_for_status()
+                body = resp.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                if isinstance(exc, _CONNECT_ERRORS):
+                    worker.mark_down(self.config.unhealthy_cooldown_s, repr(exc))
+                errors.append(f"{worker.url}: {exc!r}")
+                continue
+            if isinstance(body, dict) and isinstance(body.get("data"), list):
+                self._models, self._models_at = body, time.monotonic()
+                return body
+            errors.append(f"{worker.url}: /v1/models answered without a 'data' list")
+        if self._models is not None:  # stale beats nothing while workers restart
+            return self._models
+        raise _RouteError.make(502, "no worker answered /v1/models: " + "; ".join(errors))
+
+    async def _check_model(self, model: str | None) -> None:
+        if model is None:
+            return
+        try:
+            ids = _model_ids(await self.models())
+            if model not in ids:
+                ids = _model_ids(await self.models(refresh=True))
+        except _RouteError:
+            return  # no worker reachable: prefill will report that with the worker's URL
+        if model not in ids:
+            raise _RouteError.make(
+                404, f"The model `{model}` does not exist (served: {', '.join(ids)}).", "model"
+            )
+
+    # -- worker calls --
+
+    async def _send(
+        self,
+        pool: _Pool,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        stream: bool,
+    ) -> tuple[_Worker, httpx.Response]:
+        """Send to the best worker of ``pool``, moving on to the next one when a worker
+        cannot be connected to. The returned worker's ``outstanding`` is incremented; the
+        caller decrements it. Raises ``_RouteError`` (502) when no worker can be reached.
+        """
+        tried: set[str] = set()
+        failures: list[str] = []
+        content = json.dumps(body).encode()
+        send_headers = {**headers, "content-type": "application/json"}
+        while (worker := pool.pick(tried)) is not None:
+            tried.add(worker.url)
+            request = self.client.build_request(
+                "POST", worker.url + path, content=content, headers=send_headers
+            )
+            worker.outstanding += 1
+            try:
+                resp = await self.client.send(request, stream=stream)
+            except _CONNECT_ERRORS as exc:
+                worker.outstanding -= 1
+                worker.mark_down(self.config.unhealthy_cooldown_s, repr(exc))
+                failures.append(f"{worker.url} ({type(exc).__name__})")
+                continue
+            except httpx.TimeoutException as exc:
+                worker.outstanding -= 1
+                raise _RouteError.make(
+                    504, f"{pool.role} worker {worker.url} timed out: {exc!r}"
+                ) from exc
+            except httpx.HTTPError as exc:
+                worker.outstanding -= 1
+                worker.mark_down(self.config.unhealthy_cooldown_s, repr(exc))
+                raise _RouteError.make(
+                    502, f"{pool.role} worker {worker.url} failed: {exc!r}"
+                ) from exc
+            worker.mark_up()
+            return worker, resp
+        raise _RouteError.make(
+            502, f"no {pool.role} worker could be connected to: {', '.join(failures)}"
+        )
+
+    @staticmethod
+    async def _relay_if_error(resp: httpx.Response) -> None:
+        if resp.status_code < 400:
+            return
+        content = await resp.aread()
+        await resp.aclose()
+        media_type = resp.headers.get("content-type", "application/json")
+        raise _RouteError(resp.status_code, content, media_type)
+
+    async def _prefill(
+        self, path: str, body: Mapping[str, Any], headers: dict[str, str], state: _RequestState
+    ) -> Any:
+        worker, resp = await self._send(
+            self.prefill, path, prefill_request_body(body), headers, stream=False
+        )
+        try:
+            state.span.set_attribute(A.PREFILL_NODE, worker.label)
+            await self._relay_if_error(resp)
+            try:
+                answer = resp.json()
+            except ValueError as exc:
+                raise _RouteError.make(
+                    502, f"prefill worker {worker.url} answered with invalid JSON"
+                ) from exc
+        finally:
+            worker.outstanding -= 1
+        if not isinstance(answer, dict):
+            raise _RouteError.make(502, f"prefill worker {worker.url} answered a non-object")
+        prompt_tokens = (answer.get("usage") or {}).get("prompt_tokens")
+        if isinstance(prompt_tokens, int):
+            state.input_tokens = prompt_tokens
+        return answer.get("kv_transfer_params")
+
+    # -- the request path --
+
+    async def handle(self, request: Request, chat: bool) -> Response:
+        arrival = arrival_s(request.scope)
+        request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        path = _CHAT if chat else _COMPLETIONS
+        # The span starts at arrival (stamped before routing), placed on the wall clock.
+        start_ns = time.time_ns() - int((time.monotonic() - arrival) * 1e9)
+        span = self.tracing.tracer.start_span(
+            A.SPAN_REQUEST,
+            context=extract(dict(request.headers)),
+            kind=SpanKind.SERVER,
+            start_time=start_ns,
+        )
+        span.set_attribute(A.GEN_AI_OPERATION_NAME, "chat" if chat else "text_completion")
+        span.set_attribute(A.REQUEST_ID, request_id)
+        state = _RequestState(request_id, span, arrival, stream=False)
+        reply_headers = {REQUEST_ID_HEADER: request_id}
+        try:
+            body = await self._parse(request)
+            parsed = P.validate_request(body, chat)
+            state.stream = parsed.stream
+            span.set_attribute(A.STREAM, parsed.stream)
+            span.set_attribute(A.GEN_AI_REQUEST_MAX_TOKENS, parsed.max_tokens)
+            if parsed.model is not None:
+                span.set_attribute(A.GEN_AI_REQUEST_MODEL, parsed.model)
+            await self._check_model(parsed.model)
+
+            worker_headers = {REQUEST_ID_HEADER: request_id}
+            inject(worker_headers, trace.set_span_in_context(span))
+            kv_params = await self._prefill(path, body, worker_headers, state)
+            decode_body = decode_request_body(body, kv_params, parsed.stream)
+            worker, resp = await self._send(
+                self.decode, path, decode_body, worker_headers, stream=parsed.stream
+            )
+            span.set_attribute(A.DECODE_NODE, worker.label)
+            if parsed.stream:
+                try:
+                    await self._relay_if_error(resp)
+                except BaseException:
+                    worker.outstanding -= 1
+                    raise
+                events = self._relay_stream(worker, resp, state, parsed.include_usage)
+                return StreamingResponse(
+                    events, media_type="text/event-stream", headers=reply_headers
+                )
+            try:
+                await self._relay_if_error(resp)
+                answer = _json_object(resp, worker)
+            finally:
+                worker.outstanding -= 1
+            tokens = (answer.get("usage") or {}).get("completion_tokens")
+            if isinstance(tokens, int):
+                state.output_tokens = tokens
+            if state.input_tokens is None:
+                prompt_tokens = (answer.get("usage") or {}).get("prompt_tokens")
+                if isinstance(prompt_tokens, int):
+                    state.input_tokens = prompt_tokens
+            state.finish_reasons = P.chunk_finish_reasons(answer)
+            # The span ends once the body is sent: background tasks run after the response.
+            return JSONResponse(
+                answer, headers=reply_headers, background=BackgroundTask(state.finish)
+            )
+        except P.ProtocolError as exc:
+            return self._fail(state, _RouteError(exc.status, exc.body()), reply_headers)
+        except _RouteError as exc:
+            return self._fail(state, exc, reply_headers)
+        except Exception as exc:
+            log.exception("request %s failed", request_id)
+            error = _RouteError.make(500, f"router error: {exc!r}")
+            return self._fail(state, error, reply_headers)
+
+    @staticmethod
+    def _fail(state: _RequestState, error: _RouteError, headers: Mapping[str, str]) -> Response:
+        state.status = error.status
+        state.error = error.message
+        response = error.response(headers)
+        response.background = BackgroundTask(state.finish)
+        return response
+
+    @staticmethod
+    async def _parse(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _RouteError.make(400, f"the request body is not valid JSON: {exc}") from exc
+
+    async def _relay_stream(
+        self, worker: _Worker, resp: httpx.Response, state: _RequestState, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        """Relay the decode worker's SSE events one by one as they arrive. Owns ``resp``,
+        the worker's ``outstanding`` slot and the span: all are released when it ends."""
+        saw_done = False
+        try:
+            try:
+                async for line in resp.aiter_lines():
+                    try:
+                        event = P.parse_sse_data(line)
+                    except ValueError:
+                        log.warning("request %s: skipping bad SSE line %r", state.request_id, line)
+                        continue
+                    if event is None:
+                        continue
+                    if event == P.DONE:
+                        saw_done = True
+                        yield P.SSE_DONE
+                        # End the client's response now: on a keep-alive connection its
+                        # next request waits until this response is complete.
+                        break
+                    out = self._observe_chunk(event, state, include_usage)
+                    if out is None:
+                        continue
+                    yield out
+                    if state.first_content_s is None and P.chunk_text(event):
+                        state.first_content_s = time.monotonic()
+            except httpx.HTTPError as exc:
+                message = f"decode worker {worker.url} stream broke: {exc!r}"
+                worker.mark_down(self.config.unhealthy_cooldown_s, repr(exc))
+                state.error, state.status = message, 502
+                yield P.sse_event(P.error_body(message, P.error_type(502), 502))
+                yield P.SSE_DONE
+                return
+            if not saw_done and state.error is None:
+                message = f"decode worker {worker.url} ended the stream without [DONE]"
+                state.error, state.status = message, 502
+                yield P.sse_event(P.error_body(message, P.error_type(502), 502))
+                yield P.SSE_DONE
+        except (asyncio.CancelledError, GeneratorExit):
+            if state.error is None:
+                state.error, state.status = "client disconnected", 499
+            raise
+        finally:
+            worker.outstanding -= 1
+            state.finish()
+            if saw_done:
+                # Read the stream's end in the background so the connection goes back
+                # to the pool without holding up the client's response.
+                task = asyncio.create_task(_drain(resp))
+                self._drains.add(task)
+                task.add_done_callback(self._drains.discard)
+            else:
+                # Shielded: under cancellation (client gone) every unshielded await
+                # re-raises. Closing the stream tells the decode worker to stop.
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await resp.aclose()
+
+    @staticmethod
+    def _observe_chunk(
+        event: dict[str, Any], state: _RequestState, include_usage: bool
+    ) -> bytes | None:
+        """Record what a chunk says about the request; the bytes to send on, or None to
+        drop it (the usage chunk the client did not ask for)."""
+        if "error" in event:
+            error = event.get("error")
+            message = error.get("message") if isinstance(error, dict) else None
+            state.error = str(message or error)
+            state.status = 502
+            return P.sse_event(event)
+        state.finish_reasons.extend(P.chunk_finish_reasons(event))
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            if isinstance(usage.get("completion_tokens"), int):
+                state.output_tokens = usage["completion_tokens"]
+            if state.input_tokens is None and isinstance(usage.get("prompt_tokens"), int):
+                state.input_tokens = usage["prompt_tokens"]
+        if include_usage:
+            return P.sse_event(event)
+        if not event.get("choices"):
+            return None if "usage" in event else P.sse_event(event)
+        if "usage" in event:
+            event = {k: v for k, v in event.items() if k != "usage"}
+        return P.sse_event(event)
+
+
+async def _drain(resp: httpx.Response, timeout_s: float = 10.0) -> None:
+    """Read what is left of a finished stream (normally only its terminator), then close."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for _ in resp.aiter_raw():
+                pass
+    except (httpx.HTTPError, TimeoutError):
+        pass
+    finally:
+        await resp.aclose()
+
+
+def _model_ids(models: Mapping[str, Any]) -> list[str]:
+    return [m["id"] for m in models.get("data", []) if isinstance(m, dict) and "id" in m]
+
+
+def _json_object(resp: httpx.Response, worker: _Worker) -> dict[str, Any]:
+    try:
+        answer = resp.json()
+    except ValueError as exc:
+        raise _RouteError.make(
+            502, f"{worker.role} worker {worker.url} answered with invalid JSON"
+        ) from exc
+    if not isinstance(answer, dict):
+        raise _RouteError.make(502, f"{worker.role} worker {worker.url} answered a non-object")
+    return answer
+
+
+# -- the app -------------------------------------------------------------------------
+
+
+def create_app(config: RouterConfig, tracing: Tracing | None = None) -> FastAPI:
+    """The router's ASGI app. Worker connections and the health prober live in the app's
+    lifespan. ``tracing`` defaults to ``setup_tracing("router", config.node_id,
+    config.otlp_endpoint)``; the app shuts it down when the lifespan ends."""
+    config.validate()
+    router = _Router(
+        config, tracing or setup_tracing("router", config.node_id, config.otlp_endpoint)
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await router.start()
+        try:
+            yield
+        finally:
+            await router.shutdown()
+
+    app = FastAPI(title="tokentrace router", lifespan=lifespan)
+    app.add_middleware(ArrivalStampMiddleware)
+    app.state.router = router
+
+    @app.post(_COMPLETIONS)
+    async def completions(request: Request) -> Response:
+        return await router.handle(request, chat=False)
+
+    @app.post(_CHAT)
+    async def chat_completions(request: Request) -> Response:
+        return await router.handle(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        try:
+            return JSONResponse(await router.models())
+        except _RouteError as exc:
+            return exc.response({})
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return router.health()
+
+    return app
+
+
+def run(config: RouterConfig) -> None:
+    """Serve the router with uvicorn until interrupted. Blocks."""
+    import uvicorn
+
+    app = create_app(config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", access_log=False)
