@@ -1,0 +1,158 @@
+"""Subcommands owned by serving: ``demo``, ``worker``, ``router``, ``load``.
+
+Registration imports nothing heavy; each command imports its module when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tokentrace.schemas.layout import DATA_DIR_ENV
+
+DATA_DIR_HELP = (
+    f"data directory (models, the embedded ClickHouse store); default ${DATA_DIR_ENV} "
+    "or ~/.local/share/tokentrace"
+)
+OTLP_HELP = (
+    "OTLP/gRPC endpoint to export spans to, e.g. http://127.0.0.1:4317; default "
+    "$TOKENTRACE_OTLP_ENDPOINT or $OTEL_EXPORTER_OTLP_ENDPOINT; tracing is off without one"
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="run a whole instrumented P/D stack locally, drive load, print per-node latency",
+        description=(
+            "Start a collector (embedded ClickHouse), a router, prefill and decode workers as "
+            "separate processes, drive streaming requests through the router, then print "
+            "per-node TTFT, prefill, KV transfer and ITL tables read back from ClickHouse."
+        ),
+    )
+    demo.add_argument("--requests", type=int, default=32, help="requests to send (default 32)")
+    demo.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    demo.add_argument("--prefill-workers", type=int, default=1, help="prefill workers (default 1)")
+    demo.add_argument("--decode-workers", type=int, default=2, help="decode workers (default 2)")
+    demo.add_argument("--input-len", type=int, default=256, help="prompt tokens (default 256)")
+    demo.add_argument("--output-len", type=int, default=32, help="output tokens (default 32)")
+    demo.add_argument("--data-dir", type=Path, default=None, help=DATA_DIR_HELP)
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="after the report, keep the stack serving (prints its URLs) until interrupted",
+    )
+    demo.set_defaults(func=_demo)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run a prefill or decode worker (OpenAI-compatible, vLLM's P/D protocol)",
+        description=(
+            "A worker serving vLLM's OpenAI-compatible API over the reference engine. A prefill "
+            "worker computes prompts' KV caches and keeps them for decode workers to read "
+            "through NIXL; a decode worker reads them and decodes with continuous batching."
+        ),
+    )
+    worker.add_argument("--role", required=True, choices=["prefill", "decode"])
+    worker.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    worker.add_argument("--port", type=int, default=None, help="port (prefill 8100, decode 8200)")
+    worker.add_argument("--node-id", default=None, help="node identity (default: host name)")
+    worker.add_argument("--otlp-endpoint", default=None, help=OTLP_HELP)
+    worker.add_argument("--data-dir", type=Path, default=None, help=DATA_DIR_HELP)
+    worker.add_argument("--model", default="tt-tiny", help="model name (generated locally)")
+    worker.add_argument(
+        "--num-blocks", type=int, default=1024, help="KV cache blocks (default 1024)"
+    )
+    worker.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    worker.set_defaults(func=_worker)
+
+    router = sub.add_parser(
+        "router",
+        help="run the router: OpenAI-compatible API orchestrating prefill and decode workers",
+        description=(
+            "An OpenAI-compatible router that sends each request to a prefill worker "
+            "(max_tokens 1, kv_transfer_params.do_remote_decode) and then to a decode worker "
+            "with the kv_transfer_params prefill returned, like vLLM's disaggregated proxy. "
+            "Workers are picked by least outstanding requests."
+        ),
+    )
+    router.add_argument(
+        "--prefill",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="prefill worker URL (repeatable)",
+    )
+    router.add_argument(
+        "--decode",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="decode worker URL (repeatable)",
+    )
+    router.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    router.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    router.add_argument("--node-id", default=None, help="node identity (default: host name)")
+    router.add_argument("--otlp-endpoint", default=None, help=OTLP_HELP)
+    router.set_defaults(func=_router)
+
+    load = sub.add_parser(
+        "load",
+        help="OpenAI-compatible streaming load generator (client-side TTFT, ITL, TPOT)",
+        description=(
+            "Send streaming completions and measure TTFT, ITL, TPOT and E2E on the client "
+            "side, the way vLLM's serving benchmark defines them."
+        ),
+    )
+    from tokentrace.serving import load as load_module
+
+    load_module.add_arguments(load)
+    load.set_defaults(func=load_module.run_from_args)
+
+
+def _data_dir(value: Path | None) -> Path:
+    from tokentrace.schemas.layout import default_data_dir
+
+    return (value or default_data_dir()).expanduser()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tokentrace.serving import demo
+
+    return demo.run_from_args(args, _data_dir(args.data_dir))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from tokentrace.serving import worker
+
+    port = args.port if args.port is not None else (8100 if args.role == "prefill" else 8200)
+    worker.run(
+        worker.WorkerConfig(
+            role=args.role,
+            host=args.host,
+            port=port,
+            node_id=args.node_id,
+            otlp_endpoint=args.otlp_endpoint,
+            data_dir=_data_dir(args.data_dir),
+            model=args.model,
+            num_blocks=args.num_blocks,
+            threads=args.threads,
+        )
+    )
+    return 0
+
+
+def _router(args: argparse.Namespace) -> int:
+    from tokentrace.serving import router
+
+    router.run(
+        router.RouterConfig(
+            prefill_urls=tuple(args.prefill),
+            decode_urls=tuple(args.decode),
+            host=args.host,
+            port=args.port,
+            node_id=args.node_id,
+            otlp_endpoint=args.otlp_endpoint,
+        )
+    )
+    return 0

@@ -1,0 +1,134 @@
+"""Starting and stopping the stack's components as separate processes.
+
+``demo`` and the integration tests start every component through the ``tokentrace``
+command itself, so what they run is exactly what a multi-node deployment runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ComponentError(RuntimeError):
+    """A component failed to start or exited early; the message names it and its log."""
+
+
+class Component:
+    """One ``tokentrace <command>`` subprocess with its output in ``log_path``."""
+
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        nice: int = 0,
+    ) -> None:
+        self.name = name
+        self.nice = nice
+        self.args = args
+        self.log_path = log_path
+        self._env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Component:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        if self._env:
+            env.update(self._env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tokentrace", *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches only the parent
+            preexec_fn=self._lower_priority if self.nice else None,
+        )
+        log.close()
+        return self
+
+    def _lower_priority(self) -> None:
+        os.nice(self.nice)  # runs in the child, before exec
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_http(self, url: str, timeout_s: float = 90.0) -> None:
+        """Block until ``url`` answers 200, or raise ComponentError (with the log tail)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise ComponentError(
+                    f"{self.name} exited with code {self.proc.returncode if self.proc else '?'}; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(url, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise ComponentError(
+            f"{self.name} did not answer {url} within {timeout_s:.0f}s; "
+            f"log {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s``. Idempotent; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Component:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

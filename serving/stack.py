@@ -1,0 +1,183 @@
+"""A whole instrumented P/D stack on one machine: collector, router, prefill and decode
+workers, each its own ``tokentrace`` process with its own node id and loopback ports.
+
+Used by ``tokentrace demo`` and by the integration tests. Talks to the collector over
+its HTTP query API only (serving never imports the collector).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tokentrace.serving.procs import Component, free_port
+
+HOST = "127.0.0.1"
+
+
+class QueryError(RuntimeError):
+    """The collector rejected a query; the message is ClickHouse's."""
+
+
+@dataclass
+class LocalStack:
+    data_dir: Path
+    prefill_workers: int = 1
+    decode_workers: int = 2
+    num_blocks: int = 1024
+    # The CPU engines stand in for GPUs. On one small machine they would otherwise delay
+    # the router's and the client's wake-ups by whole scheduler slices, which a real
+    # deployment (router on its own CPU, engines on GPUs) does not see.
+    worker_nice: int = 10
+    components: list[Component] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.prefill_workers < 1 or self.decode_workers < 1:
+            raise ValueError(
+                f"need at least one prefill and one decode worker, got "
+                f"{self.prefill_workers} and {self.decode_workers}"
+            )
+        self.logs = self.data_dir / "logs"
+        self.otlp_grpc = f"{HOST}:{free_port()}"
+        self.otlp_http = f"{HOST}:{free_port()}"
+        self.collector_http = f"http://{HOST}:{free_port()}"
+        self.router_url = f"http://{HOST}:{free_port()}"
+        self.prefill = {
+            f"prefill-{i}": f"http://{HOST}:{free_port()}" for i in range(self.prefill_workers)
+        }
+        self.decode = {
+            f"decode-{i}": f"http://{HOST}:{free_port()}" for i in range(self.decode_workers)
+        }
+        self.collector: Component | None = None
+        self.router: Component | None = None
+        self.workers: dict[str, Component] = {}
+
+    @property
+    def otlp_endpoint(self) -> str:
+        return f"http://{self.otlp_grpc}"
+
+    def _component(self, name: str, args: list[str], nice: int = 0) -> Component:
+        comp = Component(name, args, self.logs / f"{name}.log", nice=nice)
+        self.components.append(comp)
+        return comp
+
+    def start_collector(self) -> None:
+        self.collector = self._component(
+            "collector",
+            [
+                "collector",
+                "--data-dir",
+                str(self.data_dir),
+                "--otlp-grpc",
+                self.otlp_grpc,
+                "--otlp-http",
+                self.otlp_http,
+                "--http",
+                self.collector_http.removeprefix("http://"),
+            ],
+            nice=5,
+        ).start()
+
+    def start_worker(self, node: str) -> Component:
+        url = self.prefill.get(node) or self.decode[node]
+        role = "prefill" if node in self.prefill else "decode"
+        comp = self._component(
+            node,
+            [
+                "worker",
+                "--role",
+                role,
+                "--host",
+                HOST,
+                "--port",
+                url.rsplit(":", 1)[1],
+                "--node-id",
+                node,
+                "--otlp-endpoint",
+                self.otlp_endpoint,
+                "--data-dir",
+                str(self.data_dir),
+                "--num-blocks",
+                str(self.num_blocks),
+            ],
+        ).start()
+        self.workers[node] = comp
+        return comp
+
+    def start_router(self) -> None:
+        args = [
+            "router",
+            "--host",
+            HOST,
+            "--port",
+            self.router_url.rsplit(":", 1)[1],
+            "--node-id",
+            "router-0",
+            "--otlp-endpoint",
+            self.otlp_endpoint,
+        ]
+        for url in self.prefill.values():
+            args += ["--prefill", url]
+        for url in self.decode.values():
+            args += ["--decode", url]
+        self.router = self._component("router", args).start()
+
+    def start(self, on_ready: Callable[[str], None] | None = None) -> None:
+        """Start every component and wait until each answers its health check.
+        Everything already started is stopped if one fails."""
+        try:
+            self.start_collector()
+            for node in [*self.prefill, *self.decode]:
+                self.start_worker(node)
+            assert self.collector is not None
+            self.collector.wait_http(f"{self.collector_http}/health")
+            if on_ready:
+                on_ready("collector")
+            for node, comp in self.workers.items():
+                url = self.prefill.get(node) or self.decode[node]
+                comp.wait_http(f"{url}/health")
+                if on_ready:
+                    on_ready(node)
+            self.start_router()
+            assert self.router is not None
+            self.router.wait_http(f"{self.router_url}/health")
+            if on_ready:
+                on_ready("router")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the router and workers first, the collector last, so it drains every
+        span they flush on the way out. Idempotent."""
+        for comp in reversed(self.components):
+            if comp is not self.collector:
+                comp.stop()
+        if self.collector is not None:
+            self.collector.stop(timeout_s=60)
+
+    # -- reading back through the collector -----------------------------------------
+    def query(self, sql: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+        """Rows as dicts, read from ClickHouse through the collector's query API."""
+        resp = httpx.post(f"{self.collector_http}/query", json={"sql": sql}, timeout=timeout_s)
+        if resp.status_code != 200:
+            raise QueryError(f"{resp.status_code}: {resp.text}")
+        body = resp.json()
+        cols = body["columns"]
+        return [dict(zip(cols, row, strict=True)) for row in body["rows"]]
+
+    def wait_for_rows(self, sql: str, expected: int, timeout_s: float = 30.0) -> int:
+        """Poll a ``SELECT count() ...`` until it reaches ``expected``; returns the last count."""
+        deadline = time.monotonic() + timeout_s
+        count = 0
+        while True:
+            rows = self.query(sql)
+            count = int(next(iter(rows[0].values()))) if rows else 0
+            if count >= expected or time.monotonic() > deadline:
+                return count
+            time.sleep(0.25)

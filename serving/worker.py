@@ -1,0 +1,604 @@
+"""A prefill or decode worker: vLLM's OpenAI-compatible API over the reference engine.
+
+It speaks vLLM's disaggregation protocol, so the router drives it exactly as it drives
+a vLLM server with the NixlConnector:
+
+- a request with ``kv_transfer_params.do_remote_decode`` is prefilled here; the
+  prompt's KV blocks stay pinned until the decode side has read them (it sends a NIXL
+  notification) or ``kv_timeout_s`` passes, and the response carries the
+  ``kv_transfer_params`` the decode side needs (``remote_block_ids``,
+  ``remote_engine_id``, ``remote_host``/``remote_port`` for the handshake, and a
+  ``traceparent``);
+- a request with ``kv_transfer_params.do_remote_prefill`` reads those blocks through
+  NIXL into local blocks and decodes with continuous batching;
+- a request with neither is prefilled and decoded here.
+
+Spans: ``llm.prefill`` (SERVER) where the prompt is computed, ``llm.kv_transfer``
+(CLIENT) on the reader, ``llm.decode`` (SERVER) and one ``llm.token`` per emission
+where tokens are generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from tokentrace.instrument import TokenRecorder, Tracing, extract, inject, setup_tracing
+from tokentrace.schemas import attributes as A
+from tokentrace.schemas.layout import default_data_dir, models_dir
+from tokentrace.serving import openai_protocol as oai
+from tokentrace.serving.engine import (
+    BlockPool,
+    ByteTokenizer,
+    DecodeRequest,
+    Engine,
+    OutOfBlocksError,
+    load_or_create,
+)
+from tokentrace.serving.kv import KVRegion, KVTransferError, NixlKVEndpoint
+
+log = logging.getLogger(__name__)
+
+WORKER_ROLES = ("prefill", "decode")
+KV_BACKEND = "nixl/UCX"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str
+    host: str = "127.0.0.1"
+    port: int = 8100
+    node_id: str | None = None
+    otlp_endpoint: str | None = None
+    data_dir: Path = field(default_factory=default_data_dir)
+    model: str = "tt-tiny"
+    num_blocks: int = 1024
+    kv_timeout_s: float = 120.0
+    threads: int = 1
+
+    def validate(self) -> None:
+        if self.role not in WORKER_ROLES:
+            raise ValueError(f"role must be one of {WORKER_ROLES}, got {self.role!r}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port!r}")
+        if self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks!r}")
+        if self.kv_timeout_s <= 0:
+            raise ValueError(f"kv_timeout_s must be positive, got {self.kv_timeout_s!r}")
+        if self.threads <= 0:
+            raise ValueError(f"threads must be positive, got {self.threads!r}")
+
+
+class _Finish:
+    __slots__ = ("reason", "error")
+
+    def __init__(self, reason: str, error: BaseException | None) -> None:
+        self.reason = reason
+        self.error = error
+
+
+@dataclass
+class _Pinned:
+    block_ids: list[int]
+    deadline: float
+
+
+class Worker:
+    """The engine, KV pool, NIXL endpoint and tracer of one worker process.
+
+    Threading: HTTP handlers run on the asyncio loop; engine compute on the engine's
+    thread (decode loop) or a pool thread (prefill); NIXL notifications on the
+    endpoint's loop thread. ``_pinned`` is shared between them under ``_lock``.
+    """
+
+    def __init__(self, config: WorkerConfig) -> None:
+        config.validate()
+        self.config = config
+        self.tracing: Tracing = setup_tracing(
+            role=config.role, node_id=config.node_id, endpoint=config.otlp_endpoint
+        )
+        self.node_id = self.tracing.node_id
+        import torch
+
+        torch.set_num_threads(config.threads)
+        self.model = load_or_create(models_dir(config.data_dir), config.model)
+        self.model_config = self.model.config
+        self.tokenizer = ByteTokenizer()
+        self.pool = BlockPool(self.model_config, config.num_blocks)
+        self.engine = Engine(self.model, self.pool)
+        self.kv = NixlKVEndpoint(f"{self.node_id}-{uuid.uuid4().hex[:8]}", self.pool.tensor)
+        self._lock = threading.Lock()
+        self._pinned: dict[str, _Pinned] = {}
+        self._regions: dict[str, KVRegion] = {}
+        self._http: httpx.AsyncClient | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self.created = int(time.time())
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        self.engine.start()
+        self.kv.start_notification_loop(self._on_notif, self._has_pinned)
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0))
+        self._reaper = asyncio.create_task(self._reap_expired())
+
+    async def shutdown(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        self.engine.shutdown()
+        self.kv.close()
+        self.tracing.shutdown()
+
+    # -- pinned prefill blocks (target side of transfers) ----------------------------
+    def _has_pinned(self) -> bool:
+        return bool(self._pinned)
+
+    def _on_notif(self, msg: bytes) -> None:
+        text = msg.decode("utf-8", "replace")
+        if not text.startswith("done:"):
+            log.warning("ignoring unexpected NIXL notification %r", text[:80])
+            return
+        self._release(text[5:])
+
+    def _release(self, transfer_id: str) -> None:
+        with self._lock:
+            pinned = self._pinned.pop(transfer_id, None)
+        if pinned is not None:
+            self.pool.free(pinned.block_ids)
+
+    async def _reap_expired(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            with self._lock:
+                expired = [k for k, p in self._pinned.items() if p.deadline < now]
+            for key in expired:
+                log.warning("KV blocks of transfer %s were not read in time; freeing", key)
+                self._release(key)
+
+    # -- requests -------------------------------------------------------------------
+    def models_body(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.config.model,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "tokentrace",
+                    "root": self.config.model,
+                    "max_model_len": self.model_config.max_seq_len,
+                }
+            ],
+        }
+
+    def _check(self, parsed: oai.ParsedRequest) -> list[int]:
+        if parsed.model is not None and parsed.model != self.config.model:
+            raise oai.ProtocolError(404, f"The model `{parsed.model}` does not exist.", "model")
+        prompt_ids = self.tokenizer.encode(parsed.prompt_text)
+        if not prompt_ids:
+            raise oai.ProtocolError(400, "The prompt is empty.", "prompt")
+        limit = self.model_config.max_seq_len
+        if len(prompt_ids) + parsed.max_tokens > limit:
+            raise oai.ProtocolError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {len(prompt_ids) + parsed.max_tokens} tokens "
+                f"({len(prompt_ids)} in the prompt, {parsed.max_tokens} for the completion).",
+                "prompt",
+            )
+        return prompt_ids
+
+    async def handle(self, request: Request, chat: bool) -> Response:
+        try:
+            body = await request.json()
+        except Exception as exc:
+            return _error(oai.ProtocolError(400, f"Request body is not valid JSON: {exc}"))
+        try:
+            parsed = oai.validate_request(body, chat=chat)
+            prompt_ids = self._check(parsed)
+        except oai.ProtocolError as exc:
+            return _error(exc)
+        request_id = request.headers.get("x-request-id") or f"cmpl-{uuid.uuid4().hex}"
+        header_ctx = extract(dict(request.headers))
+        kv = parsed.kv_transfer_params or {}
+        if kv.get("do_remote_decode"):
+            return await self._prefill_for_remote(parsed, prompt_ids, request_id, header_ctx, chat)
+        if kv.get("do_remote_prefill"):
+            parent = header_ctx if _has_span(header_ctx) else extract(kv)
+            return await self._decode(parsed, prompt_ids, request_id, parent, chat, kv)
+        return await self._decode(parsed, prompt_ids, request_id, header_ctx, chat, None)
+
+    def _request_attrs(self, parsed: oai.ParsedRequest, request_id: str, n: int) -> dict[str, Any]:
+        return {
+            A.GEN_AI_REQUEST_MODEL: self.config.model,
+            A.REQUEST_ID: request_id,
+            A.GEN_AI_USAGE_INPUT_TOKENS: n,
+            A.GEN_AI_REQUEST_MAX_TOKENS: parsed.max_tokens,
+        }
+
+    async def _run_prefill(
+        self, prompt_ids: list[int], parent: Context, attrs: dict[str, Any]
+    ) -> tuple[list[int], int, trace.Span]:
+        """Compute the prompt's KV under an ``llm.prefill`` span (ended by the caller)."""
+        span = self.tracing.tracer.start_span(
+            A.SPAN_PREFILL, context=parent, kind=trace.SpanKind.SERVER, attributes=attrs
+        )
+        arrival = time.monotonic()
+        started: list[float] = []
+
+        def run() -> Any:
+            started.append(time.monotonic())
+            return self.engine.prefill(prompt_ids)
+
+        try:
+            result = await asyncio.to_thread(run)
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(trace.StatusCode.ERROR, str(exc))
+            span.end()
+            raise
+        done = time.monotonic()
+        span.set_attribute(A.QUEUE_TIME_S, started[0] - arrival)
+        span.set_attribute(A.COMPUTE_TIME_S, done - started[0])
+        return list(result.block_ids), int(result.next_token), span
+
+    async def _prefill_for_remote(
+        self,
+        parsed: oai.ParsedRequest,
+        prompt_ids: list[int],
+        request_id: str,
+        parent: Context,
+        chat: bool,
+    ) -> Response:
+        attrs = self._request_attrs(parsed, request_id, len(prompt_ids))
+        try:
+            block_ids, next_token, span = await self._run_prefill(prompt_ids, parent, attrs)
+        except OutOfBlocksError as exc:
+            return _error(oai.ProtocolError(503, f"KV cache full: {exc}"))
+        transfer_id = uuid.uuid4().hex
+        with self._lock:
+            self._pinned[transfer_id] = _Pinned(
+                block_ids, time.monotonic() + self.config.kv_timeout_s
+            )
+        kv_params: dict[str, Any] = {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_block_ids": block_ids,
+            "remote_engine_id": self.kv.region().agent_name,
+            "remote_host": self.config.host,
+            "remote_port": self.config.port,
+            "remote_request_id": transfer_id,
+            "remote_node_id": self.node_id,
+            "tp_size": 1,
+        }
+        inject(kv_params, trace.set_span_in_context(span))
+        span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, 1)
+        span.end()
+        make = oai.chat_response if chat else oai.completion_response
+        body = make(
+            request_id,
+            self.config.model,
+            self.tokenizer.decode([next_token]),
+            "length",
+            len(prompt_ids),
+            1,
+            kv_transfer_params=kv_params,
+        )
+        return JSONResponse(body, headers={"X-Request-Id": request_id})
+
+    async def _region(self, kv: dict[str, Any]) -> KVRegion:
+        engine_id = str(kv.get("remote_engine_id"))
+        region = self._regions.get(engine_id)
+        if region is not None:
+            return region
+        url = f"http://{kv.get('remote_host')}:{kv.get('remote_port')}/v1/kv/region"
+        assert self._http is not None
+        try:
+            resp = await self._http.get(url)
+            resp.raise_for_status()
+            region = KVRegion.from_dict(resp.json())
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            raise KVTransferError(f"KV handshake with {url} failed: {exc}") from exc
+        self._regions[region.agent_name] = region
+        return region
+
+    async def _pull_kv(
+        self, kv: dict[str, Any], prompt_ids: list[int], decode_ctx: Context
+    ) -> list[int]:
+        """Read the prompt's blocks from the prefill node into new local blocks,
+        under an ``llm.kv_transfer`` span. Returns the local block ids."""
+        need = self.pool.blocks_for(len(prompt_ids))
+        remote_ids = kv.get("remote_block_ids")
+        if not isinstance(remote_ids, list) or len(remote_ids) != need:
+            got = len(remote_ids) if isinstance(remote_ids, list) else remote_ids
+            raise oai.ProtocolError(
+                400,
+                f"kv_transfer_params.remote_block_ids must list {need} blocks for a "
+                f"{len(prompt_ids)}-token prompt, got {got!r}",
+                "kv_transfer_params",
+            )
+        src_node = str(kv.get("remote_node_id") or kv.get("remote_engine_id"))
+        attrs: dict[str, Any] = {
+            A.KV_BACKEND: KV_BACKEND,
+            A.KV_SRC_NODE: src_node,
+            A.KV_DST_NODE: self.node_id,
+            A.KV_BLOCKS: need,
+        }
+        links = []
+        prefill_span = trace.get_current_span(extract(kv)).get_span_context()
+        if prefill_span.is_valid:
+            links.append(trace.Link(prefill_span))
+        local_ids = self.pool.allocate(need)
+        notif = f"done:{kv.get('remote_request_id')}".encode()
+        post_ns = time.time_ns()
+        try:
+            region = await self._region(kv)
+            result = await asyncio.to_thread(
+                self.kv.read_blocks, region, [int(b) for b in remote_ids], local_ids, notif
+            )
+        except BaseException as exc:
+            self.pool.free(local_ids)
+            span = self.tracing.tracer.start_span(
+                A.SPAN_KV_TRANSFER,
+                context=decode_ctx,
+                kind=trace.SpanKind.CLIENT,
+                start_time=post_ns,
+                attributes=attrs,
+                links=links,
+            )
+            span.set_attribute(A.KV_BYTES, 0)
+            span.record_exception(exc)
+            span.set_status(trace.StatusCode.ERROR, str(exc))
+            span.end()
+            raise
+        attrs[A.KV_BYTES] = result.bytes
+        attrs[A.KV_BLOCKS] = result.blocks
+        attrs[A.KV_BACKEND] = result.backend
+        span = self.tracing.tracer.start_span(
+            A.SPAN_KV_TRANSFER,
+            context=decode_ctx,
+            kind=trace.SpanKind.CLIENT,
+            start_time=result.start_ns,
+            attributes=attrs,
+            links=links,
+        )
+        span.end(end_time=result.end_ns)
+        return local_ids
+
+    async def _decode(
+        self,
+        parsed: oai.ParsedRequest,
+        prompt_ids: list[int],
+        request_id: str,
+        parent: Context,
+        chat: bool,
+        kv: dict[str, Any] | None,
+    ) -> Response:
+        arrival_ns = time.monotonic_ns()
+        attrs = self._request_attrs(parsed, request_id, len(prompt_ids))
+        span = self.tracing.tracer.start_span(
+            A.SPAN_DECODE, context=parent, kind=trace.SpanKind.SERVER, attributes=attrs
+        )
+        ctx = trace.set_span_in_context(span)
+        try:
+            if kv is not None:
+                block_ids = await self._pull_kv(kv, prompt_ids, ctx)
+            else:
+                block_ids, _, prefill_span = await self._run_prefill(prompt_ids, ctx, attrs)
+                prefill_span.end()
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(trace.StatusCode.ERROR, str(exc))
+            span.end()
+            if isinstance(exc, oai.ProtocolError):
+                return _error(exc)
+            if isinstance(exc, OutOfBlocksError):
+                return _error(oai.ProtocolError(503, f"KV cache full: {exc}"))
+            if isinstance(exc, KVTransferError):
+                return _error(
+                    oai.ProtocolError(502, f"KV transfer failed: {exc}", "kv_transfer_params")
+                )
+            raise
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[list[int] | _Finish] = asyncio.Queue()
+        recorder = TokenRecorder(parsed.max_tokens) if self.tracing.enabled else None
+        engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+
+        def on_tokens(token_ids: list[int], step: int, batch_size: int) -> None:
+            if recorder is not None:
+                recorder.record(len(token_ids), step, batch_size)
+            loop.call_soon_threadsafe(queue.put_nowait, token_ids)
+
+        def on_finish(reason: str, error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, _Finish(reason, error))
+
+        if recorder is not None:
+            recorder.start()
+        try:
+            self.engine.submit(
+                DecodeRequest(
+                    request_id=engine_id,
+                    prompt_ids=prompt_ids,
+                    block_ids=block_ids,
+                    max_tokens=parsed.max_tokens,
+                    ignore_eos=parsed.ignore_eos,
+                    temperature=parsed.temperature,
+                    seed=parsed.seed,
+                    on_tokens=on_tokens,
+                    on_finish=on_finish,
+                )
+            )
+        except ValueError as exc:  # the engine refused it: the blocks are still ours
+            self.pool.free(block_ids)
+            span.set_status(trace.StatusCode.ERROR, str(exc))
+            span.end()
+            return _error(oai.ProtocolError(400, str(exc)))
+        out = _Output()
+
+        def finish_spans() -> None:
+            if recorder is not None:
+                recorder.emit_spans(self.tracing.tracer, ctx)
+                first = recorder.first_emission_s()
+                if first is not None:
+                    span.set_attribute(
+                        A.GEN_AI_SERVER_TTFT, (recorder.start_mono_ns - arrival_ns) / 1e9 + first
+                    )
+            span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, out.tokens)
+            span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, [out.reason or "abort"])
+            if out.error is not None:
+                span.set_status(trace.StatusCode.ERROR, out.error)
+            span.end()
+
+        async def tokens() -> AsyncIterator[str]:
+            """Text per emission until the engine finishes the request."""
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Finish):
+                    out.reason = item.reason
+                    if item.error is not None:
+                        out.error = f"engine error: {item.error}"
+                    return
+                out.tokens += len(item)
+                yield self.tokenizer.decode(item)
+
+        if not parsed.stream:
+            try:
+                text = "".join([t async for t in tokens()])
+            finally:
+                if out.reason is None:
+                    self.engine.abort(engine_id)
+                self.tracing.defer(finish_spans)
+            if out.error is not None:
+                return _error(oai.ProtocolError(500, out.error))
+            make = oai.chat_response if chat else oai.completion_response
+            body = make(
+                request_id, self.config.model, text, out.reason, len(prompt_ids), out.tokens
+            )
+            return JSONResponse(body, headers={"X-Request-Id": request_id})
+
+        model = self.config.model
+
+        def chunk(text: str, finish_reason: str | None = None) -> bytes:
+            if chat:
+                return oai.sse_event(oai.chat_chunk(request_id, model, text, None, finish_reason))
+            return oai.sse_event(oai.completion_chunk(request_id, model, text, finish_reason))
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                if chat:
+                    yield oai.sse_event(oai.chat_chunk(request_id, model, role="assistant"))
+                async for text in tokens():
+                    yield chunk(text)
+                if out.error is not None:
+                    yield oai.sse_event(oai.ProtocolError(500, out.error).body())
+                else:
+                    yield chunk("", out.reason)
+                    if parsed.include_usage:
+                        yield oai.sse_event(
+                            oai.usage_chunk(request_id, model, len(prompt_ids), out.tokens, chat)
+                        )
+                yield b"data: [DONE]\n\n"
+            finally:
+                if out.reason is None:  # the client went away: stop generating, free blocks
+                    self.engine.abort(engine_id)
+                # Spans are built after the response's last bytes, off the event loop.
+                self.tracing.defer(finish_spans)
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"X-Request-Id": request_id}
+        )
+
+
+@dataclass
+class _Output:
+    tokens: int = 0
+    reason: str | None = None
+    error: str | None = None
+
+
+def _has_span(ctx: Context) -> bool:
+    return trace.get_current_span(ctx).get_span_context().is_valid
+
+
+def _error(exc: oai.ProtocolError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def create_app(config: WorkerConfig) -> FastAPI:
+    """The worker's ASGI app; the engine starts with the app's lifespan."""
+    worker = Worker(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await worker.start()
+        try:
+            yield
+        finally:
+            await worker.shutdown()
+
+    app = FastAPI(title=f"tokentrace {config.role} worker", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "role": config.role,
+            "node_id": worker.node_id,
+            "model": config.model,
+            "free_blocks": worker.pool.num_free,
+            "pinned_transfers": len(worker._pinned),
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return worker.models_body()
+
+    @app.get("/v1/kv/region")
+    async def kv_region() -> dict[str, Any]:
+        return worker.kv.region().to_dict()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await worker.handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await worker.handle(request, chat=True)
+
+    return app
+
+
+def run(config: WorkerConfig) -> None:
+    """Serve until interrupted (blocking)."""
+    import uvicorn
+
+    app = create_app(config)
+    worker: Worker = app.state.worker
+    print(
+        f"tokentrace worker ready role={config.role} node={worker.node_id} "
+        f"url=http://{config.host}:{config.port} model={config.model}",
+        flush=True,
+    )
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
