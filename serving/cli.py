@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     demo.add_argument("--requests", type=int, default=32, help="requests to send (default 32)")
-    demo.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    demo.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     demo.add_argument("--prefill-workers", type=int, default=1, help="prefill workers (default 1)")
     demo.add_argument("--decode-workers", type=int, default=2, help="decode workers (default 2)")
     demo.add_argument("--input-len", type=int, default=256, help="prompt tokens (default 256)")
