@@ -60,7 +60,10 @@ class Component:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            start_new_session=True,  # a Ctrl-C in the terminal reaches only the parent
+            # Own process group (a Ctrl-C in the terminal reaches only the parent) but the
+            # same session: with autogroup scheduling a new session would be its own
+            # scheduling group, and the niceness below would mean nothing across groups.
+            process_group=0,
             preexec_fn=self._lower_priority if self.nice else None,
         )
         log.close()
