@@ -9,7 +9,6 @@ import json
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,6 @@ REQUESTS = 24
 CONCURRENCY = 2
 INPUT_LEN = 200
 OUTPUT_LEN = 16
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    s = LocalStack(tmp_path_factory.mktemp("e2e"), prefill_workers=1, decode_workers=2)
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

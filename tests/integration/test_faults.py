@@ -9,23 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tokentrace.serving.load import run_load
 from tokentrace.serving.stack import LocalStack
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    s = LocalStack(tmp_path_factory.mktemp("faults"), prefill_workers=1, decode_workers=2)
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,24 @@
+"""Shared fixtures for integration tests: one real stack per test module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tokentrace.serving.stack import LocalStack
+
+
+@pytest.fixture(scope="module")
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    """Collector + router + 1 prefill + 2 decode workers as real processes on loopback
+    ports chosen at run time, in a data directory of the module's own."""
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    s = LocalStack(tmp_path_factory.mktemp(name), prefill_workers=1, decode_workers=2)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
