@@ -350,39 +350,35 @@ class Worker:
             links.append(trace.Link(prefill_span))
         local_ids = self.pool.allocate(need)
         notif = f"done:{kv.get('remote_request_id')}".encode()
-        post_ns = time.time_ns()
+        start_ns = time.time_ns()
+        error: BaseException | None = None
         try:
             region = await self._region(kv)
             result = await asyncio.to_thread(
                 self.kv.read_blocks, region, [int(b) for b in remote_ids], local_ids, notif
             )
+            start_ns, end_ns = result.start_ns, result.end_ns
+            attrs.update(
+                {A.KV_BYTES: result.bytes, A.KV_BLOCKS: result.blocks, A.KV_BACKEND: result.backend}
+            )
         except BaseException as exc:
             self.pool.free(local_ids)
-            span = self.tracing.tracer.start_span(
-                A.SPAN_KV_TRANSFER,
-                context=decode_ctx,
-                kind=trace.SpanKind.CLIENT,
-                start_time=post_ns,
-                attributes=attrs,
-                links=links,
-            )
-            span.set_attribute(A.KV_BYTES, 0)
-            span.record_exception(exc)
-            span.set_status(trace.StatusCode.ERROR, str(exc))
-            span.end()
-            raise
-        attrs[A.KV_BYTES] = result.bytes
-        attrs[A.KV_BLOCKS] = result.blocks
-        attrs[A.KV_BACKEND] = result.backend
+            error, end_ns = exc, time.time_ns()
+            attrs[A.KV_BYTES] = 0
         span = self.tracing.tracer.start_span(
             A.SPAN_KV_TRANSFER,
             context=decode_ctx,
             kind=trace.SpanKind.CLIENT,
-            start_time=result.start_ns,
+            start_time=start_ns,
             attributes=attrs,
             links=links,
         )
-        span.end(end_time=result.end_ns)
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(trace.StatusCode.ERROR, str(error))
+        span.end(end_time=end_ns)
+        if error is not None:
+            raise error
         return local_ids
 
     async def _decode(
