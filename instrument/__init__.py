@@ -1,7 +1,7 @@
 """What runs inside serving processes: tracer set-up, span conventions, the token
 recorder and W3C context propagation. Never imports the collector or serving."""
 
-from tokentrace.instrument.asgi import ArrivalStampMiddleware, arrival_s
+from tokentrace.instrument.asgi import ArrivalStampMiddleware, arrival_s, wall_ns
 from tokentrace.instrument.propagation import TRACEPARENT, extract, inject
 from tokentrace.instrument.recorder import TokenRecorder
 from tokentrace.instrument.tracing import (
@@ -22,4 +22,5 @@ __all__ = [
     "resolve_endpoint",
     "resolve_node_id",
     "setup_tracing",
+    "wall_ns",
 ]

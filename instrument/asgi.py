@@ -29,3 +29,9 @@ def arrival_s(scope: dict[str, Any]) -> float:
     state = scope.get("state") or {}
     value = state.get(ARRIVAL_KEY)
     return float(value) if value is not None else time.monotonic()
+
+
+def wall_ns(monotonic_s: float) -> int:
+    """A ``time.monotonic()`` reading placed on the wall clock (ns since the epoch), for
+    span start times taken before the span could be created."""
+    return time.time_ns() - int((time.monotonic() - monotonic_s) * 1e9)

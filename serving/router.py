@@ -38,6 +38,7 @@ from tokentrace.instrument import (
     extract,
     inject,
     setup_tracing,
+    wall_ns,
 )
 from tokentrace.schemas import attributes as A
 from tokentrace.serving import openai_protocol as P
@@ -504,13 +505,12 @@ class _Router:
         arrival = arrival_s(request.scope)
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
         path = _CHAT if chat else _COMPLETIONS
-        # The span starts at arrival (stamped before routing), placed on the wall clock.
-        start_ns = time.time_ns() - int((time.monotonic() - arrival) * 1e9)
+        # The span starts at arrival, stamped before routing and body parsing.
         span = self.tracing.tracer.start_span(
             A.SPAN_REQUEST,
             context=extract(dict(request.headers)),
             kind=SpanKind.SERVER,
-            start_time=start_ns,
+            start_time=wall_ns(arrival),
         )
         span.set_attribute(A.GEN_AI_OPERATION_NAME, "chat" if chat else "text_completion")
         span.set_attribute(A.REQUEST_ID, request_id)

@@ -37,7 +37,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from tokentrace.instrument import TokenRecorder, Tracing, extract, inject, setup_tracing
+from tokentrace.instrument import (
+    ArrivalStampMiddleware,
+    TokenRecorder,
+    Tracing,
+    arrival_s,
+    extract,
+    inject,
+    setup_tracing,
+    wall_ns,
+)
 from tokentrace.schemas import attributes as A
 from tokentrace.schemas.layout import default_data_dir, models_dir
 from tokentrace.serving import openai_protocol as oai
@@ -220,13 +229,16 @@ class Worker:
             return _error(exc)
         request_id = request.headers.get("x-request-id") or f"cmpl-{uuid.uuid4().hex}"
         header_ctx = extract(dict(request.headers))
+        arrival = arrival_s(request.scope)
         kv = parsed.kv_transfer_params or {}
         if kv.get("do_remote_decode"):
-            return await self._prefill_for_remote(parsed, prompt_ids, request_id, header_ctx, chat)
+            return await self._prefill_for_remote(
+                parsed, prompt_ids, request_id, header_ctx, chat, arrival
+            )
         if kv.get("do_remote_prefill"):
             parent = header_ctx if _has_span(header_ctx) else extract(kv)
-            return await self._decode(parsed, prompt_ids, request_id, parent, chat, kv)
-        return await self._decode(parsed, prompt_ids, request_id, header_ctx, chat, None)
+            return await self._decode(parsed, prompt_ids, request_id, parent, chat, kv, arrival)
+        return await self._decode(parsed, prompt_ids, request_id, header_ctx, chat, None, arrival)
 
     def _request_attrs(self, parsed: oai.ParsedRequest, request_id: str, n: int) -> dict[str, Any]:
         return {
@@ -237,13 +249,17 @@ class Worker:
         }
 
     async def _run_prefill(
-        self, prompt_ids: list[int], parent: Context, attrs: dict[str, Any]
+        self, prompt_ids: list[int], parent: Context, attrs: dict[str, Any], arrival: float
     ) -> tuple[list[int], int, trace.Span]:
-        """Compute the prompt's KV under an ``llm.prefill`` span (ended by the caller)."""
+        """Compute the prompt's KV under an ``llm.prefill`` span that starts at
+        ``arrival`` (monotonic seconds) and is ended by the caller."""
         span = self.tracing.tracer.start_span(
-            A.SPAN_PREFILL, context=parent, kind=trace.SpanKind.SERVER, attributes=attrs
+            A.SPAN_PREFILL,
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes=attrs,
+            start_time=wall_ns(arrival),
         )
-        arrival = time.monotonic()
         started: list[float] = []
 
         def run() -> Any:
@@ -269,10 +285,13 @@ class Worker:
         request_id: str,
         parent: Context,
         chat: bool,
+        arrival: float,
     ) -> Response:
         attrs = self._request_attrs(parsed, request_id, len(prompt_ids))
         try:
-            block_ids, next_token, span = await self._run_prefill(prompt_ids, parent, attrs)
+            block_ids, next_token, span = await self._run_prefill(
+                prompt_ids, parent, attrs, arrival
+            )
         except OutOfBlocksError as exc:
             return _error(oai.ProtocolError(503, f"KV cache full: {exc}"))
         transfer_id = uuid.uuid4().hex
@@ -389,18 +408,24 @@ class Worker:
         parent: Context,
         chat: bool,
         kv: dict[str, Any] | None,
+        arrival: float,
     ) -> Response:
-        arrival_ns = time.monotonic_ns()
         attrs = self._request_attrs(parsed, request_id, len(prompt_ids))
         span = self.tracing.tracer.start_span(
-            A.SPAN_DECODE, context=parent, kind=trace.SpanKind.SERVER, attributes=attrs
+            A.SPAN_DECODE,
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes=attrs,
+            start_time=wall_ns(arrival),
         )
         ctx = trace.set_span_in_context(span)
         try:
             if kv is not None:
                 block_ids = await self._pull_kv(kv, prompt_ids, ctx)
             else:
-                block_ids, _, prefill_span = await self._run_prefill(prompt_ids, ctx, attrs)
+                block_ids, _, prefill_span = await self._run_prefill(
+                    prompt_ids, ctx, attrs, time.monotonic()
+                )
                 prefill_span.end()
         except BaseException as exc:
             span.record_exception(exc)
@@ -458,7 +483,7 @@ class Worker:
                 first = recorder.first_emission_s()
                 if first is not None:
                     span.set_attribute(
-                        A.GEN_AI_SERVER_TTFT, (recorder.start_mono_ns - arrival_ns) / 1e9 + first
+                        A.GEN_AI_SERVER_TTFT, recorder.start_mono_ns / 1e9 - arrival + first
                     )
             span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, out.tokens)
             span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, [out.reason or "abort"])
@@ -554,6 +579,7 @@ def create_app(config: WorkerConfig) -> FastAPI:
             await worker.shutdown()
 
     app = FastAPI(title=f"tokentrace {config.role} worker", lifespan=lifespan)
+    app.add_middleware(ArrivalStampMiddleware)
     app.state.worker = worker
 
     @app.get("/health")
