@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -180,6 +182,7 @@ def run_from_args(args: argparse.Namespace, data_dir: Path) -> int:
 
 def _print_next_steps(console: Console, stack: LocalStack, data_dir: Path, live: bool) -> None:
     dd = "" if data_dir == _default() else f" --data-dir {data_dir}"
+    command = _command_name()
     console.print()
     console.print("[bold]Query further[/bold] (works with or without a running collector):")
     for sql in (
@@ -189,9 +192,21 @@ def _print_next_steps(console: Console, stack: LocalStack, data_dir: Path, live:
         "ORDER BY ttft_s DESC LIMIT 5",
         "SELECT SpanName, count() FROM tokentrace.otel_traces GROUP BY SpanName",
     ):
-        console.print(f'  tokentrace query{dd} "{sql}"', soft_wrap=True, highlight=False)
+        console.print(f'  {command} query{dd} "{sql}"', soft_wrap=True, highlight=False)
     if live:
         console.print(f'  or POST {{"sql": ...}} to {stack.collector_http}/query')
+
+
+def _command_name() -> str:
+    """How the user can run tokentrace again: ``tokentrace`` if that is on PATH and is
+    this one, else the path this process was started as (e.g. ``.venv/bin/tokentrace``)."""
+    argv0 = sys.argv[0]
+    found = shutil.which("tokentrace")
+    if found and Path(found).resolve() == Path(argv0).resolve():
+        return "tokentrace"
+    if Path(argv0).name == "tokentrace":
+        return argv0
+    return f"{sys.executable} -m tokentrace"
 
 
 def _default() -> Path:
