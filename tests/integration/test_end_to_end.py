@@ -40,6 +40,11 @@ def load(stack: LocalStack) -> LoadResult:
     stack.wait_for_rows("SELECT count() FROM tokentrace.requests", REQUESTS)
     stack.wait_for_rows("SELECT sum(tokens) FROM tokentrace.token_latencies", expected_tokens)
     stack.wait_for_rows("SELECT count() FROM tokentrace.kv_transfers", REQUESTS)
+    # Each process exports on its own schedule: wait for every process's spans.
+    for name in ("llm.request", "llm.prefill", "llm.decode"):
+        stack.wait_for_rows(
+            f"SELECT count() FROM tokentrace.otel_traces WHERE SpanName = '{name}'", REQUESTS
+        )
     return result
 
 
@@ -118,8 +123,12 @@ def test_kv_transfer_bytes_match_prompt_and_model_shape(
     )
     blocks = -(-INPUT_LEN // cfg.block_size)
     expected = blocks * cfg.block_size * cfg.kv_bytes_per_token
-    rows = stack.query("SELECT * FROM tokentrace.kv_transfers")
-    assert len(rows) == REQUESTS
+    reqs = _requests_by_id(stack)
+    traces = {reqs[r.request_id]["trace_id"] for r in load.records}
+    rows = [
+        r for r in stack.query("SELECT * FROM tokentrace.kv_transfers") if r["trace_id"] in traces
+    ]
+    assert len(rows) == REQUESTS  # one transfer per request
     for row in rows:
         assert row["bytes"] == expected
         assert row["blocks"] == blocks
@@ -127,7 +136,6 @@ def test_kv_transfer_bytes_match_prompt_and_model_shape(
         assert row["dst_node"] in {"decode-0", "decode-1"}
         assert row["status"] == "ok"
         assert 0 < row["duration_s"] < 5
-    reqs = _requests_by_id(stack)
     assert all(reqs[r.request_id]["kv_bytes"] == expected for r in load.records)
 
 
@@ -209,3 +217,43 @@ def test_data_dir_layout(stack: LocalStack) -> None:
     assert (stack.data_dir / "clickhouse").is_dir()
     assert (models_dir(stack.data_dir) / "tt-tiny" / "config.json").is_file()
     assert isinstance(stack.data_dir, Path)
+
+
+def test_load_command_measures_and_writes_json(stack: LocalStack, tmp_path: Path) -> None:
+    out_path = tmp_path / "load.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokentrace",
+            "load",
+            "--url",
+            stack.router_url,
+            "--requests",
+            "3",
+            "--concurrency",
+            "1",
+            "--input-len",
+            "16",
+            "--output-len",
+            "4",
+            "--json",
+            str(out_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "TTFT" in proc.stdout and "ITL" in proc.stdout
+    report = json.loads(out_path.read_text())
+    records = report["records"]
+    assert len(records) == 3 and all(r["success"] for r in records)
+    assert all(r["output_tokens"] == 4 and len(r["itl_s"]) == 3 for r in records)
+    ids = {r["request_id"] for r in records}
+    stack.wait_for_rows(
+        "SELECT count() FROM tokentrace.requests WHERE request_id IN ("
+        + ",".join(f"'{i}'" for i in ids)
+        + ")",
+        3,
+    )
