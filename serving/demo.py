@@ -158,9 +158,13 @@ def run_from_args(args: argparse.Namespace, data_dir: Path) -> int:
         ok = [r for r in result.records if r.success]
         failed = len(result.records) - len(ok)
         with console.status("waiting for every span to land in ClickHouse…"):
+            # Every process exports on its own schedule: wait until each request's row
+            # has the router's, the prefill node's and the decode node's parts.
             stack.wait_for_rows(
-                f"SELECT count() FROM tokentrace.requests WHERE ts >= {_since_sql(since)}",
-                len(result.records),
+                f"SELECT count() FROM tokentrace.requests WHERE ts >= {_since_sql(since)} "
+                "AND prefill_s IS NOT NULL AND kv_transfer_s IS NOT NULL "
+                "AND decode_node IS NOT NULL",
+                len(ok),
             )
             stack.wait_for_rows(
                 f"SELECT sum(tokens) FROM tokentrace.token_latencies "
