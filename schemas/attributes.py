@@ -11,9 +11,9 @@ from __future__ import annotations
 SERVICE_NAME = "service.name"
 HOST_NAME = "host.name"
 NODE_ID = "tokentrace.node.id"
-ROLE = "tokentrace.role"  # router | prefill | decode
+ROLE = "tokentrace.role"  # router | prefill | decode | both (prefills and decodes)
 
-ROLES = ("router", "prefill", "decode")
+ROLES = ("router", "prefill", "decode", "both")
 
 # -- span names --------------------------------------------------------------------
 SPAN_REQUEST = "llm.request"  # SERVER, router
@@ -35,6 +35,8 @@ REQUEST_ID = "tokentrace.request.id"  # the X-Request-Id the router returned
 STREAM = "tokentrace.request.stream"  # bool
 PREFILL_NODE = "tokentrace.prefill.node"  # set by the router: the worker it chose
 DECODE_NODE = "tokentrace.decode.node"  # set by the router: the worker it chose
+PREFILL_URL = "tokentrace.prefill.url"  # set by the router: the worker it chose
+DECODE_URL = "tokentrace.decode.url"  # set by the router: the worker it chose
 QUEUE_TIME_S = "tokentrace.queue_time_s"  # arrival -> engine starts the request
 COMPUTE_TIME_S = "tokentrace.compute_time_s"  # engine compute for the request
 HTTP_STATUS = "http.response.status_code"

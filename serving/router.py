@@ -482,7 +482,7 @@ class _Router:
             self.prefill, path, prefill_request_body(body), headers, stream=False
         )
         try:
-            state.span.set_attribute(A.PREFILL_NODE, worker.label)
+            _set_worker(state.span, A.PREFILL_NODE, A.PREFILL_URL, worker)
             await self._relay_if_error(resp)
             try:
                 answer = resp.json()
@@ -533,7 +533,7 @@ class _Router:
             worker, resp = await self._send(
                 self.decode, path, decode_body, worker_headers, stream=parsed.stream
             )
-            span.set_attribute(A.DECODE_NODE, worker.label)
+            _set_worker(span, A.DECODE_NODE, A.DECODE_URL, worker)
             if parsed.stream:
                 try:
                     await self._relay_if_error(resp)
@@ -683,6 +683,14 @@ async def _drain(resp: httpx.Response, timeout_s: float = 10.0) -> None:
         pass
     finally:
         await resp.aclose()
+
+
+def _set_worker(span: trace.Span, node_attr: str, url_attr: str, worker: _Worker) -> None:
+    """The chosen worker's URL, and its node id when its /health named one (a stock vLLM
+    server's does not: its own spans carry its node id)."""
+    span.set_attribute(url_attr, worker.url)
+    if worker.node_id:
+        span.set_attribute(node_attr, worker.node_id)
 
 
 def _model_ids(models: Mapping[str, Any]) -> list[str]:
