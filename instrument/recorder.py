@@ -68,6 +68,18 @@ class TokenRecorder:
         self._batch[i] = batch_size
         self._n = i + 1
 
+    def record_at(self, t_mono_ns: int, tokens: int, step: int, batch_size: int) -> None:
+        """Like :meth:`record`, with the emission time (``time.monotonic_ns()`` clock,
+        which is the same in every process of the machine) given by the caller."""
+        i = self._n
+        if i == self._capacity:
+            self._grow()
+        self._times[i] = t_mono_ns
+        self._counts[i] = tokens
+        self._steps[i] = step
+        self._batch[i] = batch_size
+        self._n = i + 1
+
     def _grow(self) -> None:
         # Off the common path: only when a request emits more often than its capacity.
         n = self._capacity

@@ -16,6 +16,7 @@ from tokentrace import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     from tokentrace.collector import cli as collector_cli
+    from tokentrace.instrument import cli as instrument_cli
     from tokentrace.serving import cli as serving_cli
 
     parser = argparse.ArgumentParser(
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serving_cli.register(sub)
     collector_cli.register(sub)
+    instrument_cli.register(sub)
     return parser
 
 

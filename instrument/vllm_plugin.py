@@ -1,0 +1,336 @@
+"""tokentrace's vLLM plugin, loaded through the ``vllm.general_plugins`` entry point.
+
+vLLM calls :func:`register` once in each of its processes (API server, engine core,
+workers). What it does there:
+
+- **NIXL without its progress thread** (on CPU, or when
+  ``TOKENTRACE_NIXL_PROGRESS_THREAD=0``): vLLM's NixlConnector creates its NIXL agent
+  with NIXL's default progress thread, which polls UCX with a zero timeout and spins a
+  whole core per server even when idle; on a small CPU host the starved decode side's
+  KV read then completes after the prefill side's KV lease expired. Without the thread,
+  vLLM's own per-step polling drives the transfers. This does not depend on tracing.
+- **Spans**, only when ``TOKENTRACE_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``
+  is set: in the API server, ``llm.prefill`` for a request prefilled for a remote
+  decode (its ``traceparent`` is added to the ``kv_transfer_params`` the response
+  returns), otherwise ``llm.decode`` with one ``llm.token`` per output emission. The
+  parent is the request's ``traceparent`` header, else the ``traceparent`` inside its
+  ``kv_transfer_params``. Emission times are the engine core's output timestamps
+  (monotonic, the same clock across processes), recorded into the per-request token
+  recorder; spans are built on the span thread after the request finishes.
+
+Without an endpoint the plugin starts no thread and wraps nothing for tracing. It
+follows vLLM internals only where no public hook exists, checks that each target
+exists, and logs one warning (never raises) on a vLLM version it was not built for.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from tokentrace.instrument.propagation import extract, inject
+from tokentrace.instrument.recorder import TokenRecorder
+from tokentrace.instrument.tracing import Tracing, resolve_endpoint, setup_tracing
+from tokentrace.schemas import attributes as A
+
+# A child of vLLM's logger, so these lines appear in vLLM's log with its format.
+log = logging.getLogger("vllm.tokentrace")
+
+SUPPORTED_VLLM = ("0.32.",)
+NIXL_PROGRESS_THREAD_ENV = "TOKENTRACE_NIXL_PROGRESS_THREAD"
+ROLE_ENV = "TOKENTRACE_ROLE"
+_PATCHED = "_tokentrace_patched"
+
+_registered = False
+# The HTTP request being handled in this task: (parent context, X-Request-Id).
+_http_request: contextvars.ContextVar[tuple[Context, str | None] | None] = contextvars.ContextVar(
+    "tokentrace_http_request", default=None
+)
+
+
+def register() -> None:
+    """vLLM's entry point. Never raises: a plugin must not take vLLM down."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    try:
+        if _nixl_progress_thread_off():
+            _patch_nixl_agent()
+        if resolve_endpoint(None) is None:
+            return
+        _check_version()
+        _install_tracing()
+    except Exception:
+        log.warning("tokentrace: the vLLM plugin failed; vLLM runs untraced", exc_info=True)
+
+
+# -- NIXL ---------------------------------------------------------------------------
+
+
+def _nixl_progress_thread_off() -> bool:
+    setting = os.environ.get(NIXL_PROGRESS_THREAD_ENV)
+    if setting is not None:
+        return setting.strip().lower() in ("0", "false", "no", "off")
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:
+        return False
+
+
+def _patch_nixl_agent() -> None:
+    try:
+        from nixl._api import nixl_agent, nixl_agent_config
+    except ImportError:
+        return
+    original = nixl_agent.__init__
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self: Any, agent_name: str, nixl_conf: Any = None, *args: Any, **kw: Any) -> None:
+        if nixl_conf is None:
+            nixl_conf = nixl_agent_config(enable_prog_thread=False)
+        else:
+            nixl_conf.enable_pthread = False
+        original(self, agent_name, nixl_conf, *args, **kw)
+
+    setattr(__init__, _PATCHED, True)
+    nixl_agent.__init__ = __init__
+    log.info(
+        "tokentrace: NIXL agents start without NIXL's progress thread (it spins a core "
+        "per agent on CPU); vLLM's own polling drives transfers. %s=1 keeps the thread.",
+        NIXL_PROGRESS_THREAD_ENV,
+    )
+
+
+# -- tracing ------------------------------------------------------------------------
+
+
+def _check_version() -> None:
+    try:
+        import vllm
+
+        version = str(vllm.__version__)
+    except Exception:
+        return
+    if not version.startswith(SUPPORTED_VLLM):
+        log.warning(
+            "tokentrace: vLLM %s is not a version this plugin was built for (%s); "
+            "spans that depend on vLLM internals may be missing",
+            version,
+            ", ".join(v + "x" for v in SUPPORTED_VLLM),
+        )
+
+
+def _patch(owner: Any, name: str, make: Any) -> bool:
+    """Replace ``owner.name`` with ``make(original)``; False (and a log line) when the
+    target does not exist in this vLLM."""
+    original = getattr(owner, name, None)
+    if original is None:
+        log.warning("tokentrace: %s.%s not found; skipping that hook", owner.__name__, name)
+        return False
+    if getattr(original, _PATCHED, False):
+        return True
+    wrapper = make(original)
+    setattr(wrapper, _PATCHED, True)
+    setattr(owner, name, wrapper)
+    return True
+
+
+def _install_tracing() -> None:
+    try:
+        from vllm.entrypoints.serve.engine.serving import BaseServing
+        from vllm.v1.engine.output_processor import OutputProcessor
+    except ImportError as exc:
+        log.warning("tokentrace: vLLM internals this plugin hooks are missing (%s); no spans", exc)
+        return
+    state = _TraceState()
+
+    def base_request_id(original: Any) -> Any:
+        # Called in the HTTP handler's task for every completion and chat request, with
+        # the raw request: remember its trace context for add_request below.
+        def wrapper(raw_request: Any, default: str | None = None) -> Any:
+            if raw_request is not None:
+                headers = raw_request.headers
+                _http_request.set((extract(dict(headers)), headers.get("x-request-id")))
+            return original(raw_request, default)
+
+        return staticmethod(wrapper)
+
+    def add_request(original: Any) -> Any:
+        @functools.wraps(original)
+        def wrapper(self: Any, request: Any, *args: Any, **kw: Any) -> Any:
+            result = original(self, request, *args, **kw)
+            try:
+                state.start(request)
+            except Exception:
+                log.debug("tokentrace: could not trace request", exc_info=True)
+            return result
+
+        return wrapper
+
+    def process_outputs(original: Any) -> Any:
+        @functools.wraps(original)
+        def wrapper(self: Any, engine_core_outputs: Any, *args: Any, **kw: Any) -> Any:
+            if state.requests:
+                timestamp = args[0] if args else kw.get("engine_core_timestamp")
+                state.outputs(engine_core_outputs, timestamp)
+            return original(self, engine_core_outputs, *args, **kw)
+
+        return wrapper
+
+    def abort_requests(original: Any) -> Any:
+        @functools.wraps(original)
+        def wrapper(self: Any, request_ids: Any, *args: Any, **kw: Any) -> Any:
+            aborted = original(self, request_ids, *args, **kw)
+            for request_id in aborted or ():
+                state.finish(request_id, "abort", None)
+            return aborted
+
+        return wrapper
+
+    # _base_request_id is a staticmethod: wrap the function, rebind as staticmethod.
+    raw = BaseServing.__dict__.get("_base_request_id")
+    if isinstance(raw, staticmethod) and not getattr(raw.__func__, _PATCHED, False):
+        wrapped = base_request_id(raw.__func__)
+        setattr(wrapped.__func__, _PATCHED, True)
+        setattr(BaseServing, "_base_request_id", wrapped)  # noqa: B010
+    else:
+        log.warning("tokentrace: BaseServing._base_request_id not found; headers unseen")
+    _patch(OutputProcessor, "add_request", add_request)
+    _patch(OutputProcessor, "process_outputs", process_outputs)
+    _patch(OutputProcessor, "abort_requests", abort_requests)
+    log.info("tokentrace: tracing vLLM requests to %s", resolve_endpoint(None))
+
+
+@dataclass
+class _Request:
+    span: trace.Span
+    prefill: bool
+    recorder: TokenRecorder
+    arrival_mono_s: float
+    request_id: str
+    input_tokens: int
+    ctx: Context = field(default_factory=Context)
+
+
+class _TraceState:
+    """Requests being traced in this API server process.
+
+    Threading: vLLM calls the output processor from its asyncio loop thread; spans are
+    finished on the span thread (``Tracing.defer``).
+    """
+
+    def __init__(self) -> None:
+        self._tracing: Tracing | None = None
+        self._lock = threading.Lock()
+        self.requests: dict[str, _Request] = {}
+        self._step = 0
+
+    @property
+    def tracing(self) -> Tracing:
+        # Created on first use, so processes that never serve a request (engine core,
+        # workers) start no exporter thread.
+        if self._tracing is None:
+            with self._lock:
+                if self._tracing is None:
+                    self._tracing = setup_tracing(
+                        role=os.environ.get(ROLE_ENV, "decode"),
+                        service_name="vllm",
+                    )
+        return self._tracing
+
+    def start(self, request: Any) -> None:
+        params = getattr(request, "sampling_params", None)
+        if params is None:  # pooling requests: nothing to time
+            return
+        extra = getattr(params, "extra_args", None) or {}
+        kv = extra.get("kv_transfer_params") or {}
+        http = _http_request.get()
+        parent, header_id = http if http is not None else (Context(), None)
+        if not trace.get_current_span(parent).get_span_context().is_valid:
+            parent = extract(kv)
+        prefill = bool(kv.get("do_remote_decode"))
+        arrival_wall_s = float(getattr(request, "arrival_time", 0.0) or time.time())
+        arrival_mono_s = time.monotonic() - max(0.0, time.time() - arrival_wall_s)
+        input_tokens = len(getattr(request, "prompt_token_ids", None) or [])
+        request_id = header_id or str(getattr(request, "external_req_id", None) or "")
+        attrs: dict[str, Any] = {
+            A.REQUEST_ID: request_id,
+            A.GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
+        }
+        max_tokens = getattr(params, "max_tokens", None)
+        if isinstance(max_tokens, int):
+            attrs[A.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+        span = self.tracing.tracer.start_span(
+            A.SPAN_PREFILL if prefill else A.SPAN_DECODE,
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes=attrs,
+            start_time=int(arrival_wall_s * 1e9),
+        )
+        self.requests[request.request_id] = _Request(
+            span=span,
+            prefill=prefill,
+            recorder=TokenRecorder(max(1, max_tokens or 16)),
+            arrival_mono_s=arrival_mono_s,
+            request_id=request_id,
+            input_tokens=input_tokens,
+            ctx=trace.set_span_in_context(span),
+        )
+
+    def outputs(self, outputs: Any, timestamp_s: float | None) -> None:
+        """Hot path: one call per engine step with every request's new tokens."""
+        self._step += 1
+        step, batch = self._step, len(outputs)
+        t_ns = int(timestamp_s * 1e9) if timestamp_s else time.monotonic_ns()
+        requests = self.requests
+        for out in outputs:
+            req = requests.get(out.request_id)
+            if req is None:
+                continue
+            n = len(out.new_token_ids)
+            if n:
+                req.recorder.record_at(t_ns, n, step, batch)
+            reason = out.finish_reason
+            if reason is not None:
+                if req.prefill and out.kv_transfer_params is not None:
+                    # The decode side joins this trace through kv_transfer_params.
+                    inject(out.kv_transfer_params, req.ctx)
+                self.finish(out.request_id, str(reason), t_ns)
+
+    def finish(self, request_id: str, reason: str, t_ns: int | None) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        self.tracing.defer(lambda: _end_spans(self.tracing, req, reason))
+
+
+def _end_spans(tracing: Tracing, req: _Request, reason: str) -> None:
+    rec = req.recorder
+    span = req.span
+    span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, [reason.lower()])
+    if req.prefill:
+        span.end(end_time=rec.emission_wall_ns(0) if rec.emissions else None)
+        return
+    rec.start_mono_ns = int(req.arrival_mono_s * 1e9)
+    rec.emit_spans(tracing.tracer, req.ctx)
+    span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, rec.tokens)
+    first = rec.first_emission_s()
+    if first is not None:
+        span.set_attribute(A.GEN_AI_SERVER_TTFT, first)
+    if reason == "abort":
+        span.set_status(trace.StatusCode.ERROR, "aborted")
+    span.end(end_time=rec.emission_wall_ns(rec.emissions - 1) if rec.emissions else None)
