@@ -39,9 +39,15 @@ class Component:
         log_path: Path,
         env: dict[str, str] | None = None,
         nice: int = 0,
+        cwd: Path | None = None,
+        argv: list[str] | None = None,
     ) -> None:
+        """``args`` are a ``tokentrace`` subcommand's; ``argv`` (instead) runs any
+        program, e.g. a stock vLLM server."""
         self.name = name
+        self.argv = argv
         self.nice = nice
+        self.cwd = cwd
         self.args = args
         self.log_path = log_path
         self._env = env
@@ -55,11 +61,12 @@ class Component:
         if self._env:
             env.update(self._env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tokentrace", *self.args],
+            self.argv or [sys.executable, "-m", "tokentrace", *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=self.cwd,
             # Own process group (a Ctrl-C in the terminal reaches only the parent) but the
             # same session: with autogroup scheduling a new session would be its own
             # scheduling group, and the niceness below would mean nothing across groups.

@@ -34,9 +34,14 @@ class LocalStack:
     # the router's and the client's wake-ups by whole scheduler slices, which a real
     # deployment (router on its own CPU, engines on GPUs) does not see.
     worker_nice: int = 10
+    # "reference": tokentrace's own workers; "vllm": stock vLLM servers (NixlConnector)
+    # run through `tokentrace instrument`, on a model generated under the data dir.
+    engine: str = "reference"
     components: list[Component] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.engine not in ("reference", "vllm"):
+            raise ValueError(f"engine must be 'reference' or 'vllm', got {self.engine!r}")
         if self.prefill_workers < 1 or self.decode_workers < 1:
             raise ValueError(
                 f"need at least one prefill and one decode worker, got "
@@ -61,8 +66,15 @@ class LocalStack:
     def otlp_endpoint(self) -> str:
         return f"http://{self.otlp_grpc}"
 
-    def _component(self, name: str, args: list[str], nice: int = 0) -> Component:
-        comp = Component(name, args, self.logs / f"{name}.log", nice=nice)
+    def _component(
+        self,
+        name: str,
+        args: list[str],
+        nice: int = 0,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Component:
+        comp = Component(name, args, self.logs / f"{name}.log", env=env, nice=nice, cwd=cwd)
         self.components.append(comp)
         return comp
 
@@ -86,6 +98,9 @@ class LocalStack:
     def start_worker(self, node: str) -> Component:
         url = self.prefill.get(node) or self.decode[node]
         role = "prefill" if node in self.prefill else "decode"
+        port = url.rsplit(":", 1)[1]
+        if self.engine == "vllm":
+            return self._start_vllm(node, role, int(port))
         comp = self._component(
             node,
             [
@@ -95,7 +110,7 @@ class LocalStack:
                 "--host",
                 HOST,
                 "--port",
-                url.rsplit(":", 1)[1],
+                port,
                 "--node-id",
                 node,
                 "--otlp-endpoint",
@@ -105,6 +120,33 @@ class LocalStack:
                 "--num-blocks",
                 str(self.num_blocks),
             ],
+            nice=self.worker_nice,
+        ).start()
+        self.workers[node] = comp
+        return comp
+
+    def _start_vllm(self, node: str, role: str, port: int) -> Component:
+        from tokentrace.schemas.layout import models_dir
+        from tokentrace.serving.vllm_servers import create_hf_model, vllm_command, vllm_env
+
+        model = create_hf_model(models_dir(self.data_dir))
+        comp = self._component(
+            node,
+            [
+                "instrument",
+                "--otlp-endpoint",
+                self.otlp_endpoint,
+                "--node-id",
+                node,
+                "--role",
+                role,
+                "--",
+                *vllm_command(model, HOST, port, kv_role="kv_both"),
+            ],
+            nice=self.worker_nice,
+            env=vllm_env(free_port()),
+            # Not the project's root: `python -m` puts the cwd first on sys.path.
+            cwd=self.data_dir,
         ).start()
         self.workers[node] = comp
         return comp
@@ -138,9 +180,10 @@ class LocalStack:
             self.collector.wait_http(f"{self.collector_http}/health")
             if on_ready:
                 on_ready("collector")
+            timeout_s = 300.0 if self.engine == "vllm" else 90.0
             for node, comp in self.workers.items():
                 url = self.prefill.get(node) or self.decode[node]
-                comp.wait_http(f"{url}/health")
+                comp.wait_http(f"{url}/health", timeout_s=timeout_s)
                 if on_ready:
                     on_ready(node)
             self.start_router()
