@@ -48,6 +48,9 @@ log = logging.getLogger("vllm.tokentrace")
 SUPPORTED_VLLM = ("0.32.",)
 NIXL_PROGRESS_THREAD_ENV = "TOKENTRACE_NIXL_PROGRESS_THREAD"
 ROLE_ENV = "TOKENTRACE_ROLE"
+# Keys tokentrace adds to kv_transfer_params (vLLM passes unknown keys through).
+KV_SOURCE_KEY = "tokentrace_node_id"  # the prefill node, set by the prefill server
+KV_PARENT_KEY = "tokentrace_parent"  # the decode span, set by the decode API server
 _PATCHED = "_tokentrace_patched"
 
 _registered = False
@@ -162,9 +165,12 @@ def _install_tracing() -> None:
         # Called in the HTTP handler's task for every completion and chat request, with
         # the raw request: remember its trace context for add_request below.
         def wrapper(raw_request: Any, default: str | None = None) -> Any:
-            if raw_request is not None:
-                headers = raw_request.headers
-                _http_request.set((extract(dict(headers)), headers.get("x-request-id")))
+            try:
+                if raw_request is not None:
+                    headers = raw_request.headers
+                    _http_request.set((extract(dict(headers)), headers.get("x-request-id")))
+            except Exception:
+                log.debug("tokentrace: reading request headers failed", exc_info=True)
             return original(raw_request, default)
 
         return staticmethod(wrapper)
@@ -185,8 +191,10 @@ def _install_tracing() -> None:
         @functools.wraps(original)
         def wrapper(self: Any, engine_core_outputs: Any, *args: Any, **kw: Any) -> Any:
             if state.requests:
-                timestamp = args[0] if args else kw.get("engine_core_timestamp")
-                state.outputs(engine_core_outputs, timestamp)
+                try:
+                    state.outputs(engine_core_outputs, _arg(args, kw, 0, "engine_core_timestamp"))
+                except Exception:
+                    log.debug("tokentrace: recording outputs failed", exc_info=True)
             return original(self, engine_core_outputs, *args, **kw)
 
         return wrapper
@@ -195,8 +203,11 @@ def _install_tracing() -> None:
         @functools.wraps(original)
         def wrapper(self: Any, request_ids: Any, *args: Any, **kw: Any) -> Any:
             aborted = original(self, request_ids, *args, **kw)
-            for request_id in aborted or ():
-                state.finish(request_id, "abort", None)
+            try:
+                for request_id in aborted or ():
+                    state.finish(request_id, "abort", None)
+            except Exception:
+                log.debug("tokentrace: recording an abort failed", exc_info=True)
             return aborted
 
         return wrapper
@@ -212,6 +223,7 @@ def _install_tracing() -> None:
     _patch(OutputProcessor, "add_request", add_request)
     _patch(OutputProcessor, "process_outputs", process_outputs)
     _patch(OutputProcessor, "abort_requests", abort_requests)
+    _install_kv_tracing(state)
     log.info("tokentrace: tracing vLLM requests to %s", resolve_endpoint(None))
 
 
@@ -281,6 +293,13 @@ class _TraceState:
             attributes=attrs,
             start_time=int(arrival_wall_s * 1e9),
         )
+        if kv.get("do_remote_prefill") and isinstance(kv, dict):
+            # Travels with the request to the engine core and, on the connector's
+            # metadata, to the worker that reads the KV: the llm.kv_transfer parent.
+            carrier: dict[str, str] = {}
+            inject(carrier, trace.set_span_in_context(span))
+            if "traceparent" in carrier:
+                kv[KV_PARENT_KEY] = carrier["traceparent"]
         self.requests[request.request_id] = _Request(
             span=span,
             prefill=prefill,
@@ -307,8 +326,10 @@ class _TraceState:
             reason = out.finish_reason
             if reason is not None:
                 if req.prefill and out.kv_transfer_params is not None:
-                    # The decode side joins this trace through kv_transfer_params.
+                    # The decode side joins this trace through kv_transfer_params, and
+                    # learns which node its KV comes from.
                     inject(out.kv_transfer_params, req.ctx)
+                    out.kv_transfer_params[KV_SOURCE_KEY] = self.tracing.node_id
                 self.finish(out.request_id, str(reason), t_ns)
 
     def finish(self, request_id: str, reason: str, t_ns: int | None) -> None:
@@ -334,3 +355,166 @@ def _end_spans(tracing: Tracing, req: _Request, reason: str) -> None:
     if reason == "abort":
         span.set_status(trace.StatusCode.ERROR, "aborted")
     span.end(end_time=rec.emission_wall_ns(rec.emissions - 1) if rec.emissions else None)
+
+
+# -- KV transfers (NixlConnector, pull mode) ------------------------------------------
+
+
+@dataclass
+class _Read:
+    """One request's KV read on the decode worker: posted at ``post_ns`` (wall clock);
+    bytes, descriptors and NIXL's own timing summed over its transfer handles."""
+
+    parent: str | None
+    src_node: str
+    post_ns: int
+    blocks: int
+    bytes: int = 0
+    descs: int = 0
+    start_us: float | None = None
+    end_us: float | None = None
+
+    def add(self, res: Any) -> None:
+        """One finished handle's NIXL telemetry (times in µs on NIXL's clock)."""
+        self.bytes += int(res.totalBytes)
+        self.descs += int(res.descCount)
+        end = res.startTime + res.postDuration + res.xferDuration
+        self.start_us = (
+            res.startTime if self.start_us is None else min(self.start_us, res.startTime)
+        )
+        self.end_us = end if self.end_us is None else max(self.end_us, end)
+
+
+def _arg(args: tuple[Any, ...], kw: dict[str, Any], index: int, name: str) -> Any:
+    """A wrapped method's argument, however vLLM passed it."""
+    return kw[name] if name in kw else (args[index] if len(args) > index else None)
+
+
+def _count(block_ids: Any) -> int:
+    """Blocks in vLLM's block ids: a flat list, or one list per KV-cache group."""
+    if block_ids and isinstance(block_ids[0], (list, tuple)):
+        return sum(len(group) for group in block_ids)
+    return len(block_ids or ())
+
+
+def _install_kv_tracing(state: _TraceState) -> None:
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker import (
+            NixlBaseConnectorWorker,
+        )
+        from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
+            NixlConnectorMetadata,
+        )
+        from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import (
+            NixlPullConnectorWorker,
+        )
+    except ImportError as exc:
+        log.warning("tokentrace: no NixlConnector hooks in this vLLM (%s); no KV spans", exc)
+        return
+    reads: dict[str, _Read] = {}
+
+    def add_new_req_to_recv(original: Any) -> Any:
+        # Engine core: copy tokentrace's keys onto the metadata the worker receives.
+        @functools.wraps(original)
+        def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
+            result = original(self, *args, **kw)
+            try:
+                request_id = _arg(args, kw, 0, "request_id")
+                kv = _arg(args, kw, 2, "kv_transfer_params")
+                meta = self.reqs_to_recv.get(request_id)
+                if meta is not None and isinstance(kv, dict):
+                    meta.tokentrace = (
+                        kv.get(KV_PARENT_KEY) or kv.get("traceparent"),
+                        str(kv.get(KV_SOURCE_KEY) or kv.get("remote_engine_id")),
+                    )
+            except Exception:
+                log.debug("tokentrace: KV metadata hook failed", exc_info=True)
+            return result
+
+        return wrapper
+
+    def read_blocks_for_req(original: Any) -> Any:
+        # Worker: the read is posted now if the remote agent is known (else vLLM
+        # handshakes first and calls this again).
+        @functools.wraps(original)
+        def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
+            try:
+                req_id = _arg(args, kw, 0, "req_id")
+                meta = _arg(args, kw, 1, "meta")
+                info = getattr(meta, "tokentrace", None)
+                remote = getattr(meta, "remote", None)
+                if (
+                    info is not None
+                    and remote is not None
+                    and req_id not in reads
+                    and remote.engine_id in getattr(self, "_remote_agents", {})
+                ):
+                    reads[req_id] = _Read(
+                        info[0], info[1], time.time_ns(), _count(remote.block_ids)
+                    )
+            except Exception:
+                log.debug("tokentrace: KV read hook failed", exc_info=True)
+            return original(self, *args, **kw)
+
+        return wrapper
+
+    def pop_done_transfers(original: Any) -> Any:
+        @functools.wraps(original)
+        def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
+            if not reads:
+                return original(self, *args, **kw)
+            transfers = _arg(args, kw, 0, "transfers") or {}
+            handles = {h: r for r, hs in transfers.items() if r in reads for h in hs}
+            agent = self.nixl_wrapper
+            telemetry = agent.get_xfer_telemetry
+
+            def observe(handle: Any) -> Any:
+                res = telemetry(handle)
+                try:
+                    read = reads.get(handles.get(handle, ""))
+                    if read is not None and res is not None:
+                        read.add(res)
+                except Exception:
+                    log.debug("tokentrace: reading NIXL telemetry failed", exc_info=True)
+                return res
+
+            agent.get_xfer_telemetry = observe
+            try:
+                done, failed = original(self, *args, **kw)
+            finally:
+                del agent.get_xfer_telemetry  # back to the class's method
+            for req_id in (set(done) | set(failed)) & reads.keys():
+                read = reads.pop(req_id)
+                ok = req_id not in failed
+                state.tracing.defer(lambda r=read, ok=ok: _kv_span(state.tracing, r, ok))
+            return done, failed
+
+        return wrapper
+
+    _patch(NixlConnectorMetadata, "add_new_req_to_recv", add_new_req_to_recv)
+    _patch(NixlPullConnectorWorker, "_read_blocks_for_req", read_blocks_for_req)
+    _patch(NixlBaseConnectorWorker, "_pop_done_transfers", pop_done_transfers)
+
+
+def _kv_span(tracing: Tracing, read: _Read, ok: bool) -> None:
+    """``llm.kv_transfer`` from the read's post for NIXL's measured duration."""
+    duration_ns = 0
+    if read.start_us is not None and read.end_us is not None:
+        duration_ns = int((read.end_us - read.start_us) * 1000)
+    span = tracing.tracer.start_span(
+        A.SPAN_KV_TRANSFER,
+        context=extract({"traceparent": read.parent} if read.parent else None),
+        kind=trace.SpanKind.CLIENT,
+        start_time=read.post_ns,
+        attributes={
+            A.KV_BYTES: read.bytes,
+            A.KV_BLOCKS: read.blocks,
+            A.KV_BACKEND: "nixl/UCX",
+            A.KV_SRC_NODE: read.src_node,
+            A.KV_DST_NODE: tracing.node_id,
+            A.KV_DESCRIPTORS: read.descs,
+        },
+    )
+    if not ok:
+        span.set_status(trace.StatusCode.ERROR, "NIXL transfer failed")
+    span.end(end_time=read.post_ns + duration_ns)

@@ -53,5 +53,6 @@ KV_BLOCKS = "tokentrace.kv.blocks"
 KV_BACKEND = "tokentrace.kv.backend"  # e.g. "nixl/UCX"
 KV_SRC_NODE = "tokentrace.kv.src_node"
 KV_DST_NODE = "tokentrace.kv.dst_node"
+KV_DESCRIPTORS = "tokentrace.kv.descriptors"  # NIXL descriptors after merging
 
 __all__ = [name for name in dir() if name.isupper()]

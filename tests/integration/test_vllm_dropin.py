@@ -108,6 +108,31 @@ def test_token_rows_hold_exactly_the_tokens_vllm_returned(
         assert row["firsts"] == 1
 
 
+# The generated model: 2 layers, 4 KV heads of 32 float32 values; vLLM's CPU backend
+# keeps 128 tokens per block, K and V of a layer in one region.
+KV_BYTES_PER_BLOCK = 2 * 2 * 128 * 4 * 32 * 4
+
+
+def test_kv_transfer_rows_hold_what_nixl_moved(stack: LocalStack, load: LoadResult) -> None:
+    reqs = {r["request_id"]: r for r in stack.query("SELECT * FROM tokentrace.requests")}
+    traces = {reqs[r.request_id]["trace_id"] for r in load.records}
+    stack.wait_for_rows("SELECT count() FROM tokentrace.kv_transfers", REQUESTS)
+    rows = [
+        r for r in stack.query("SELECT * FROM tokentrace.kv_transfers") if r["trace_id"] in traces
+    ]
+    assert len(rows) == REQUESTS  # one NIXL read per request
+    for row in rows:
+        assert (row["src_node"], row["dst_node"]) == ("prefill-0", "decode-0")
+        assert row["blocks"] >= 1
+        assert row["bytes"] == row["blocks"] * KV_BYTES_PER_BLOCK
+        assert 0 < row["duration_s"] < 1.0
+        assert row["status"] == "ok"
+    spans = _spans_by_trace(stack)
+    for trace_id in traces:  # the read is a child of the decode span
+        names = [s["SpanName"] for s in spans[trace_id]]
+        assert names.count("llm.kv_transfer") == 1
+
+
 def test_ttft_agrees_with_the_client_and_stays_low(stack: LocalStack, load: LoadResult) -> None:
     reqs = {r["request_id"]: r for r in stack.query("SELECT * FROM tokentrace.requests")}
     diffs = [abs(reqs[r.request_id]["ttft_s"] - r.ttft_s) for r in load.records]
