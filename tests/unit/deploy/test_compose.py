@@ -1,0 +1,69 @@
+"""docker-compose.yml cannot run here (no Docker engine), so check what can be checked:
+every tokentrace command in it parses with tokentrace's own CLI, and the services point
+at each other consistently."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from tokentrace.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _tokentrace_services(compose: dict[str, Any]) -> dict[str, list[str]]:
+    out = {}
+    for name, svc in compose["services"].items():
+        build = svc.get("build") or {}
+        if build.get("dockerfile") == "deploy/Dockerfile":
+            out[name] = shlex.split(svc["command"])
+    return out
+
+
+def test_tokentrace_commands_parse(compose: dict[str, Any]) -> None:
+    services = _tokentrace_services(compose)
+    assert set(services) == {"collector", "router"}
+    parser = build_parser()
+    for argv in services.values():
+        parser.parse_args(argv)  # SystemExit on an unknown flag or a bad value
+    assert 'ENTRYPOINT ["tokentrace"]' in (ROOT / "deploy/Dockerfile").read_text()
+
+
+def test_services_point_at_each_other(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    parser = build_parser()
+    collector = parser.parse_args(_tokentrace_services(compose)["collector"])
+    router = parser.parse_args(_tokentrace_services(compose)["router"])
+    otlp_port = int(collector.otlp_grpc.rsplit(":", 1)[1])
+    assert urlparse(collector.clickhouse).hostname in services
+    expected_otlp = f"http://collector:{otlp_port}"
+    assert router.otlp_endpoint == expected_otlp
+    for url in [*router.prefill, *router.decode]:
+        assert urlparse(url).hostname in services
+    gpus = []
+    for name in ("vllm-prefill", "vllm-decode"):
+        svc = services[name]
+        env = svc["environment"]
+        assert env["TOKENTRACE_OTLP_ENDPOINT"] == expected_otlp
+        assert env["TOKENTRACE_ROLE"] in name
+        assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == name
+        argv = shlex.split(svc["command"])
+        kv = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+        assert kv["kv_connector"] == "NixlConnector"
+        device = svc["deploy"]["resources"]["reservations"]["devices"][0]
+        assert "gpu" in device["capabilities"]
+        gpus += device["device_ids"]
+    assert len(set(gpus)) == 2  # prefill and decode on different GPUs
+    assert "vllm.general_plugins" in (ROOT / "pyproject.toml").read_text()
