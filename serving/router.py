@@ -594,7 +594,8 @@ class _Router:
         saw_done = False
         try:
             try:
-                async for line in resp.aiter_lines():
+                lines = resp.aiter_lines()
+                async for line in lines:
                     try:
                         event = P.parse_sse_data(line)
                     except ValueError:
@@ -636,7 +637,7 @@ class _Router:
             if saw_done:
                 # Read the stream's end in the background so the connection goes back
                 # to the pool without holding up the client's response.
-                task = asyncio.create_task(_drain(resp))
+                task = asyncio.create_task(_drain(resp, lines))
                 self._drains.add(task)
                 task.add_done_callback(self._drains.discard)
             else:
@@ -673,14 +674,17 @@ class _Router:
         return P.sse_event(event)
 
 
-async def _drain(resp: httpx.Response, timeout_s: float = 10.0) -> None:
-    """Read what is left of a finished stream (normally only its terminator), then close."""
+async def _drain(resp: httpx.Response, lines: AsyncIterator[str], timeout_s: float = 10.0) -> None:
+    """Read what is left of a finished stream (normally only its terminator) from the
+    iterator that was reading it, then close: the connection goes back to the pool."""
     try:
         async with asyncio.timeout(timeout_s):
-            async for _ in resp.aiter_raw():
+            async for _ in lines:
                 pass
     except (httpx.HTTPError, TimeoutError):
         pass
+    except Exception:  # never let a background drain raise unobserved
+        log.debug("draining a finished stream failed", exc_info=True)
     finally:
         await resp.aclose()
 

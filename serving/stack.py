@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from tokentrace.serving.procs import Component, free_port
+from tokentrace.serving.procs import Component, free_ports
 
 HOST = "127.0.0.1"
 
@@ -48,16 +48,21 @@ class LocalStack:
                 f"{self.prefill_workers} and {self.decode_workers}"
             )
         self.logs = self.data_dir / "logs"
-        self.otlp_grpc = f"{HOST}:{free_port()}"
-        self.otlp_http = f"{HOST}:{free_port()}"
-        self.collector_http = f"http://{HOST}:{free_port()}"
-        self.router_url = f"http://{HOST}:{free_port()}"
+        workers = self.prefill_workers + self.decode_workers
+        # All at once: ports picked one by one can repeat. Each worker gets a second
+        # port for vLLM's NIXL side channel.
+        ports = iter(free_ports(4 + 2 * workers))
+        self.otlp_grpc = f"{HOST}:{next(ports)}"
+        self.otlp_http = f"{HOST}:{next(ports)}"
+        self.collector_http = f"http://{HOST}:{next(ports)}"
+        self.router_url = f"http://{HOST}:{next(ports)}"
         self.prefill = {
-            f"prefill-{i}": f"http://{HOST}:{free_port()}" for i in range(self.prefill_workers)
+            f"prefill-{i}": f"http://{HOST}:{next(ports)}" for i in range(self.prefill_workers)
         }
         self.decode = {
-            f"decode-{i}": f"http://{HOST}:{free_port()}" for i in range(self.decode_workers)
+            f"decode-{i}": f"http://{HOST}:{next(ports)}" for i in range(self.decode_workers)
         }
+        self._side_channel_ports = {node: next(ports) for node in [*self.prefill, *self.decode]}
         self.collector: Component | None = None
         self.router: Component | None = None
         self.workers: dict[str, Component] = {}
@@ -126,29 +131,53 @@ class LocalStack:
         return comp
 
     def _start_vllm(self, node: str, role: str, port: int) -> Component:
+        """A stock vLLM server. The prefill side is started through ``tokentrace
+        instrument``, the decode side with plain environment variables: the two ways a
+        user enables the plugin."""
         from tokentrace.schemas.layout import models_dir
         from tokentrace.serving.vllm_servers import create_hf_model, vllm_command, vllm_env
 
         model = create_hf_model(models_dir(self.data_dir))
-        comp = self._component(
-            node,
-            [
-                "instrument",
-                "--otlp-endpoint",
-                self.otlp_endpoint,
-                "--node-id",
+        command = vllm_command(model, HOST, port, kv_role="kv_both")
+        env = vllm_env(self._side_channel_ports[node])
+        # Not the project's root as cwd: `python -m` puts the cwd first on sys.path.
+        if role == "prefill":
+            comp = self._component(
                 node,
-                "--role",
-                role,
-                "--",
-                *vllm_command(model, HOST, port, kv_role="kv_both"),
-            ],
-            nice=self.worker_nice,
-            env=vllm_env(free_port()),
-            # Not the project's root: `python -m` puts the cwd first on sys.path.
-            cwd=self.data_dir,
-        ).start()
-        self.workers[node] = comp
+                [
+                    "instrument",
+                    "--otlp-endpoint",
+                    self.otlp_endpoint,
+                    "--node-id",
+                    node,
+                    "--role",
+                    role,
+                    "--",
+                    *command,
+                ],
+                nice=self.worker_nice,
+                env=env,
+                cwd=self.data_dir,
+            )
+        else:
+            env.update(
+                {
+                    "TOKENTRACE_OTLP_ENDPOINT": self.otlp_endpoint,
+                    "TOKENTRACE_NODE_ID": node,
+                    "TOKENTRACE_ROLE": role,
+                }
+            )
+            comp = Component(
+                node,
+                [],
+                self.logs / f"{node}.log",
+                env=env,
+                nice=self.worker_nice,
+                cwd=self.data_dir,
+                argv=command,
+            )
+            self.components.append(comp)
+        self.workers[node] = comp.start()
         return comp
 
     def start_router(self) -> None:

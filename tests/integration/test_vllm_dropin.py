@@ -1,5 +1,6 @@
 """Stock vLLM servers (CPU build, NixlConnector) traced by the tokentrace plugin, which
-they load only because it is installed and `tokentrace instrument` set the environment.
+they load only because it is installed: the prefill server is started through
+`tokentrace instrument`, the decode server with nothing but environment variables.
 
 One stack for the module: collector + router + a vLLM prefill server + a vLLM decode
 server, each its own process on loopback ports chosen at run time.
