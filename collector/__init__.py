@@ -1,4 +1,4 @@
-"""The tokentrace collector: OTLP receivers → decode → derive → ClickHouse.
+"""The tokentrace collector: OTLP receivers → decode → derive → ClickHouse / OTLP forwarders.
 
 Importing this package is cheap: the public names load their modules on first use, so
 ``tokentrace --help`` does not pull in grpc, FastAPI or ClickHouse clients.
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .decode import DecodeError, SpanBatch, decode_request, parse_json, parse_protobuf
     from .derive import DerivedRows, derive_rows
+    from .forward import ForwardConfig, OtlpForwarder
     from .pipeline import ExportResult, Pipeline, PipelineConfig, PipelineUnavailable
     from .service import Collector, CollectorConfig
     from .store import NsDatetime, QueryResult, Store, StoreError, open_store
@@ -22,7 +23,9 @@ __all__ = [
     "DecodeError",
     "DerivedRows",
     "ExportResult",
+    "ForwardConfig",
     "NsDatetime",
+    "OtlpForwarder",
     "Pipeline",
     "PipelineConfig",
     "PipelineUnavailable",
@@ -45,6 +48,8 @@ _WHERE = {
     "parse_protobuf": "decode",
     "DerivedRows": "derive",
     "derive_rows": "derive",
+    "ForwardConfig": "forward",
+    "OtlpForwarder": "forward",
     "ExportResult": "pipeline",
     "Pipeline": "pipeline",
     "PipelineConfig": "pipeline",

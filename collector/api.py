@@ -70,8 +70,9 @@ def result_to_json(result: QueryResult) -> dict[str, Any]:
     }
 
 
-def create_api_app(store: Store, counters: Callable[[], dict[str, int]]) -> FastAPI:
-    """The ASGI app; queries run on worker threads (the store serialises them)."""
+def create_api_app(store: Store, counters: Callable[[], dict[str, Any]]) -> FastAPI:
+    """The ASGI app; queries run on worker threads (the store serialises them).
+    ``/health`` answers ``{"status": "ok", **counters()}``."""
     app = FastAPI(title="tokentrace collector", openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/health")

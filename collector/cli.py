@@ -30,7 +30,9 @@ def register(subparsers: Any) -> None:
             "the derived request, token-latency and KV-transfer rows in ClickHouse, and "
             "serve a read-only query API. Port 0 picks a free port. Once listening it "
             "writes DATA_DIR/collector.json and prints one 'tokentrace collector ready' "
-            "line; SIGINT/SIGTERM stop it after everything accepted is stored."
+            "line; SIGINT/SIGTERM stop it after everything accepted is stored. With "
+            "--forward-otlp it also sends every stored span to other OTLP endpoints "
+            "(e.g. Jaeger), without ever delaying or failing storage."
         ),
     )
     _add_store_args(p)
@@ -51,6 +53,33 @@ def register(subparsers: Any) -> None:
         default="127.0.0.1:4320",
         metavar="HOST:PORT",
         help="collector API listen address: GET /health, POST /query (default: %(default)s)",
+    )
+    p.add_argument(
+        "--forward-otlp",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also forward every stored span to this OTLP endpoint; repeatable. "
+        "grpc://HOST:PORT for OTLP/gRPC (insecure), http(s)://HOST:PORT for OTLP/HTTP "
+        "protobuf to /v1/traces (or the URL's own path). Each target has its own bounded "
+        "queue and sender: a slow or dead target is retried with exponential backoff, "
+        "never delays storage, and overflow is dropped and counted under 'forwarded' in "
+        "GET /health",
+    )
+    p.add_argument(
+        "--forward-queue-batches",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="per forward target: batches queued while the target is slow or down "
+        "before new ones are dropped (default: %(default)s)",
+    )
+    p.add_argument(
+        "--forward-max-backoff",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="per forward target: longest wait between retries (default: %(default)s)",
     )
     p.set_defaults(func=_run_collector)
 
@@ -100,6 +129,7 @@ def _run_collector(args: argparse.Namespace) -> int:
     from tokentrace.schemas.layout import collector_file, default_dsn
 
     from .api import ApiConfig
+    from .forward import ForwardConfig
     from .otlp_grpc import OtlpGrpcConfig
     from .otlp_http import OtlpHttpConfig
     from .service import Collector, CollectorConfig, parse_hostport, write_collector_file
@@ -120,6 +150,15 @@ def _run_collector(args: argparse.Namespace) -> int:
             otlp_grpc=OtlpGrpcConfig(host=grpc_host, port=grpc_port),
             otlp_http=OtlpHttpConfig(host=http_host, port=http_port),
             api=ApiConfig(host=api_host, port=api_port),
+            forward=tuple(
+                ForwardConfig(
+                    url,
+                    queue_batches=args.forward_queue_batches,
+                    max_backoff_s=args.forward_max_backoff,
+                    initial_backoff_s=min(0.5, args.forward_max_backoff),
+                )
+                for url in args.forward_otlp
+            ),
         )
         collector = Collector(config)
     except ValueError as exc:
@@ -154,7 +193,8 @@ def _run_collector(args: argparse.Namespace) -> int:
         write_collector_file(info_path, info)
         print(
             f"tokentrace collector ready otlp-grpc={info['otlp_grpc']} "
-            f"otlp-http={info['otlp_http']} http={info['http']} store={info['dsn']}",
+            f"otlp-http={info['otlp_http']} http={info['http']} store={info['dsn']}"
+            + "".join(f" forward={url}" for url in info["forward"]),
             flush=True,
         )
         while not stop.wait(0.5):

@@ -28,6 +28,7 @@ __all__ = [
     "DecodeError",
     "OTEL_TRACES_COLUMNS",
     "SpanBatch",
+    "accepted_request",
     "decode_request",
     "parse_json",
     "parse_protobuf",
@@ -376,6 +377,25 @@ def decode_request(request: ExportTraceServiceRequest) -> SpanBatch:
                     continue
                 _append_span(batch, span, resource_attrs, service_name, scope_name, scope_version)
     return batch
+
+
+def accepted_request(request: ExportTraceServiceRequest) -> ExportTraceServiceRequest:
+    """A copy of ``request`` without the spans :func:`decode_request` rejects (scopes and
+    resources left empty are removed too); ``request`` itself is not modified."""
+    out = ExportTraceServiceRequest()
+    out.CopyFrom(request)
+    for r in range(len(out.resource_spans) - 1, -1, -1):
+        resource_spans = out.resource_spans[r]
+        for s in range(len(resource_spans.scope_spans) - 1, -1, -1):
+            spans = resource_spans.scope_spans[s].spans
+            for i in range(len(spans) - 1, -1, -1):
+                if _span_problem(spans[i]):
+                    del spans[i]
+            if not spans:
+                del resource_spans.scope_spans[s]
+        if not resource_spans.scope_spans:
+            del out.resource_spans[r]
+    return out
 
 
 def _append_span(

@@ -1,9 +1,11 @@
-"""decode → derive → group-committed ClickHouse writes; what receivers call.
+"""decode → derive → group-committed ClickHouse writes → forwarders; what receivers call.
 
 An export is acknowledged only after its rows are committed: :meth:`Pipeline.consume`
 decodes and derives on the caller's thread, hands the rows to one writer thread and
 blocks until that thread has inserted them. The writer batches concurrent exports
-(group commit) so many small exports cost few inserts.
+(group commit) so many small exports cost few inserts. Once stored, the accepted part of
+the export is handed to each forward stage's non-blocking ``consume`` (an enqueue), so
+forwarding never delays the ack and never sees spans that were not stored.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,11 +23,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
 
-from .decode import SpanBatch, decode_request, parse_protobuf
+from .decode import SpanBatch, accepted_request, decode_request, parse_protobuf
 from .derive import DerivedRows, derive_rows
 from .store import Store, StoreError
 
-__all__ = ["ExportResult", "Pipeline", "PipelineConfig", "PipelineUnavailable"]
+__all__ = ["ExportResult", "ForwardStage", "Pipeline", "PipelineConfig", "PipelineUnavailable"]
 
 _log = logging.getLogger(__name__)
 
@@ -78,14 +81,26 @@ _STOP = object()
 _ENQUEUE_TIMEOUT_S = 5.0
 
 
+#: A next stage after storage: takes the stored request, must not block or raise.
+ForwardStage = Callable[[ExportTraceServiceRequest], None]
+
+
 class Pipeline:
     """Thread-safe. ``consume`` may be called from any number of threads; it blocks for
-    up to one flush interval plus the insert time. The store is borrowed, not owned."""
+    up to one flush interval plus the insert time. The store is borrowed, not owned, and
+    so are the ``forward`` stages (each an ``OtlpForwarder.consume``), which receive every
+    stored export minus its rejected spans, on the exporter's thread, after the commit."""
 
-    def __init__(self, store: Store, config: PipelineConfig | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: PipelineConfig | None = None,
+        forward: Sequence[ForwardStage] = (),
+    ) -> None:
         self.config = config or PipelineConfig()
         self.config.validate()
         self._store = store
+        self._forward = tuple(forward)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.config.queue_exports)
         self._thread: threading.Thread | None = None
         self._state_lock = threading.Lock()
@@ -153,6 +168,10 @@ class Pipeline:
         pending = _Pending(batch, derive_rows(batch))
         self._enqueue(pending)
         pending.future.result()
+        if self._forward:
+            accepted = request if batch.rejected_spans == 0 else accepted_request(request)
+            for forward in self._forward:
+                forward(accepted)
         return ExportResult(len(batch), batch.rejected_spans, batch.error_message)
 
     def _enqueue(self, pending: _Pending) -> None:

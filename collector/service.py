@@ -1,9 +1,10 @@
-"""The collector process: store → pipeline → query API → OTLP receivers, wired together.
+"""The collector process: store, forwarders → pipeline → query API → OTLP receivers.
 
 Start order is sinks first, receivers last; shutdown runs the other way and drains the
 pipeline, so every export that was acknowledged is in ClickHouse before the store
-closes. The two HTTP apps (OTLP/HTTP and the API) run as uvicorn servers in one asyncio
-loop on a background thread; the gRPC receiver is a threaded grpc server.
+closes; then each OTLP forwarder gets ``forward_shutdown_s`` to flush its queue. The
+two HTTP apps (OTLP/HTTP and the API) run as uvicorn servers in one asyncio loop on a
+background thread; the gRPC receiver is a threaded grpc server.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import ApiConfig, create_api_app
+from .forward import ForwardConfig, OtlpForwarder
 from .otlp_grpc import OtlpGrpcConfig, OtlpGrpcReceiver
 from .otlp_http import OtlpHttpConfig, create_otlp_http_app
 from .pipeline import Pipeline, PipelineConfig
@@ -59,6 +61,8 @@ class CollectorConfig:
     otlp_http: OtlpHttpConfig = field(default_factory=OtlpHttpConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    forward: tuple[ForwardConfig, ...] = ()  # OTLP targets every stored span goes to
+    forward_shutdown_s: float = 5.0  # per target: time to flush its queue at shutdown
 
     def validate(self) -> None:
         if not self.dsn or "://" not in self.dsn:
@@ -69,6 +73,14 @@ class CollectorConfig:
         self.otlp_http.validate()
         self.api.validate()
         self.pipeline.validate()
+        urls = [f.url for f in self.forward]
+        for target in self.forward:
+            target.validate()
+        duplicates = sorted({u for u in urls if urls.count(u) > 1})
+        if duplicates:
+            raise ValueError(f"forward target given more than once: {', '.join(duplicates)}")
+        if self.forward_shutdown_s < 0:
+            raise ValueError(f"forward_shutdown_s must be >= 0, got {self.forward_shutdown_s!r}")
 
 
 class _AsgiServers:
@@ -149,6 +161,7 @@ class Collector:
         self._stopped = False
         self.store: Store | None = None
         self.pipeline: Pipeline | None = None
+        self.forwarders: list[OtlpForwarder] = []
         self._http: _AsgiServers | None = None
         self._grpc: OtlpGrpcReceiver | None = None
         self.otlp_grpc_address = ""
@@ -171,11 +184,17 @@ class Collector:
     def _start(self) -> None:
         cfg = self.config
         self.store = open_store(cfg.dsn)
-        self.pipeline = Pipeline(self.store, cfg.pipeline)
+        for target in cfg.forward:
+            forwarder = OtlpForwarder(target)
+            self.forwarders.append(forwarder)
+            forwarder.start()
+        self.pipeline = Pipeline(
+            self.store, cfg.pipeline, forward=[f.consume for f in self.forwarders]
+        )
         self.pipeline.start()
         self._http = _AsgiServers()
         api_port = self._http.serve(
-            "API", create_api_app(self.store, self.pipeline.counters), cfg.api.host, cfg.api.port
+            "API", create_api_app(self.store, self.counters), cfg.api.host, cfg.api.port
         )
         self.api_address = _hostport(cfg.api.host, api_port)
         http_port = self._http.serve(
@@ -204,10 +223,29 @@ class Collector:
             self._http.stop("OTLP/HTTP")
         if self.pipeline is not None:
             self.pipeline.shutdown()
+        if self.forwarders:
+            # Concurrently, so N dead targets cost one timeout, not N.
+            threads = [
+                threading.Thread(target=f.shutdown, args=(self.config.forward_shutdown_s,))
+                for f in self.forwarders
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
         if self._http is not None:
             self._http.close()
         if self.store is not None:
             self.store.close()
+
+    def counters(self) -> dict[str, Any]:
+        """What ``GET /health`` reports: the pipeline's span counters and, with forward
+        targets, ``"forwarded": {url: {sent_spans, dropped_spans, retries,
+        queue_batches}}``."""
+        out: dict[str, Any] = dict(self.pipeline.counters()) if self.pipeline else {}
+        if self.forwarders:
+            out["forwarded"] = {f.config.url: f.counters() for f in self.forwarders}
+        return out
 
     def info(self) -> dict[str, Any]:
         """What ``collector.json`` holds: pid and the bound endpoints."""
@@ -217,6 +255,7 @@ class Collector:
             "otlp_http": self.otlp_http_address,
             "http": self.api_address,
             "dsn": self.config.dsn,
+            "forward": [f.url for f in self.config.forward],
         }
 
 
