@@ -48,6 +48,8 @@ def test_services_point_at_each_other(compose: dict[str, Any]) -> None:
     router = parser.parse_args(_tokentrace_services(compose)["router"])
     otlp_port = int(collector.otlp_grpc.rsplit(":", 1)[1])
     assert urlparse(collector.clickhouse).hostname in services
+    assert collector.forward_otlp == ["grpc://jaeger:4317"]  # Jaeger v2 takes OTLP/gRPC
+    assert services["jaeger"]["image"].startswith("jaegertracing/jaeger:2.")
     expected_otlp = f"http://collector:{otlp_port}"
     assert router.otlp_endpoint == expected_otlp
     for url in [*router.prefill, *router.decode]:
