@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -477,7 +478,7 @@ class Worker:
             return _error(oai.ProtocolError(400, str(exc)))
         out = _Output()
 
-        def finish_spans() -> None:
+        def finish_spans(end_ns: int) -> None:
             if recorder is not None:
                 recorder.emit_spans(self.tracing.tracer, ctx)
                 first = recorder.first_emission_s()
@@ -489,7 +490,7 @@ class Worker:
             span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, [out.reason or "abort"])
             if out.error is not None:
                 span.set_status(trace.StatusCode.ERROR, out.error)
-            span.end()
+            span.end(end_time=end_ns)
 
         async def tokens() -> AsyncIterator[str]:
             """Text per emission until the engine finishes the request."""
@@ -509,7 +510,7 @@ class Worker:
             finally:
                 if out.reason is None:
                     self.engine.abort(engine_id)
-                self.tracing.defer(finish_spans)
+                self.tracing.defer(functools.partial(finish_spans, time.time_ns()))
             if out.error is not None:
                 return _error(oai.ProtocolError(500, out.error))
             make = oai.chat_response if chat else oai.completion_response
@@ -544,7 +545,7 @@ class Worker:
                 if out.reason is None:  # the client went away: stop generating, free blocks
                     self.engine.abort(engine_id)
                 # Spans are built after the response's last bytes, off the event loop.
-                self.tracing.defer(finish_spans)
+                self.tracing.defer(functools.partial(finish_spans, time.time_ns()))
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"X-Request-Id": request_id}
