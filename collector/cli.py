@@ -104,6 +104,46 @@ def register(subparsers: Any) -> None:
     )
     q.set_defaults(func=_run_query)
 
+    t = subparsers.add_parser(
+        "trace",
+        help="show one trace as a terminal waterfall (nodes as lanes, tokens condensed)",
+        description=(
+            "Read one trace from the store and draw it: one lane per node (router, "
+            "prefill, decode), each span's start and duration on a shared timeline, and "
+            "each decode node's llm.token spans condensed into one row with ITL statistics."
+        ),
+    )
+    t.add_argument("trace_id", metavar="TRACE_ID", help="32 hex digits")
+    _add_store_args(t)
+    t.set_defaults(func=_run_trace)
+
+    ts = subparsers.add_parser(
+        "traces",
+        help="list the slowest recent requests with their trace ids",
+        description="The slowest requests of a recent window, to pick a trace to look at.",
+    )
+    ts.add_argument(
+        "--slowest",
+        type=int,
+        default=10,
+        metavar="N",
+        help="how many requests (default: %(default)s)",
+    )
+    ts.add_argument(
+        "--since",
+        default="15m",
+        metavar="DURATION",
+        help="how far back: 30s, 15m, 2h, 1d (default: %(default)s)",
+    )
+    ts.add_argument(
+        "--by",
+        choices=("e2e", "ttft"),
+        default="e2e",
+        help="order by end-to-end latency or TTFT (default: %(default)s)",
+    )
+    _add_store_args(ts)
+    ts.set_defaults(func=_run_traces)
+
 
 def _add_store_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
@@ -235,7 +275,7 @@ class _QueryFailed(Exception):
 
 def _run_query(args: argparse.Namespace) -> int:
     try:
-        result = _query(args)
+        result = _query(args, args.sql)
     except _QueryFailed as exc:
         print(f"tokentrace query: {exc}", file=sys.stderr)
         return 1
@@ -243,28 +283,26 @@ def _run_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _query(args: argparse.Namespace) -> dict[str, Any]:
+def _query(args: argparse.Namespace, sql: str) -> dict[str, Any]:
     """``{"columns", "types", "rows"}`` as the /query API returns it."""
     from tokentrace.schemas.layout import collector_file, default_dsn
 
     if args.clickhouse:
-        return _query_direct(args.clickhouse, args.sql)
+        return _query_direct(args.clickhouse, sql)
     data_dir = _data_dir(args)
     info = _running_collector(collector_file(data_dir))
     if info is not None:
         import httpx
 
         try:
-            response = httpx.post(
-                f"http://{info['http']}/query", json={"sql": args.sql}, timeout=300.0
-            )
+            response = httpx.post(f"http://{info['http']}/query", json={"sql": sql}, timeout=300.0)
         except httpx.HTTPError as exc:
             raise _QueryFailed(f"collector at {info['http']} did not answer: {exc}") from exc
         body = response.json()
         if response.status_code != 200:
             raise _QueryFailed(body.get("error") or response.text)
         return dict(body)
-    return _query_direct(default_dsn(data_dir), args.sql)
+    return _query_direct(default_dsn(data_dir), sql)
 
 
 def _query_direct(dsn: str, sql: str) -> dict[str, Any]:
@@ -318,3 +356,92 @@ def _print_result(result: dict[str, Any], fmt: str) -> None:
         Console().print(table)
         print(f"{len(rows)} row{'s' if len(rows) != 1 else ''}", file=sys.stderr)
     sys.stdout.flush()
+
+
+# -- tokentrace trace / traces --------------------------------------------------------
+
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_since(text: str) -> int:
+    """``15m`` → 900 seconds; ValueError naming the value otherwise."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in _UNITS_S or not number.isdigit() or int(number) <= 0:
+        raise ValueError(f"--since must look like 30s, 15m, 2h or 1d, got {text!r}")
+    return int(number) * _UNITS_S[unit]
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    import re
+
+    from rich.console import Console
+
+    from .waterfall import TRACE_SQL, TraceSpan, render_waterfall
+
+    trace_id = args.trace_id.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{32}", trace_id) or trace_id == "0" * 32:
+        print(
+            f"tokentrace trace: a trace id is 32 hex digits, got {args.trace_id!r}", file=sys.stderr
+        )
+        return 2
+    try:
+        rows = _rows(_query(args, TRACE_SQL.format(trace_id=trace_id)))
+    except _QueryFailed as exc:
+        print(f"tokentrace trace: {exc}", file=sys.stderr)
+        return 1
+    if not rows:
+        print(f"tokentrace trace: no spans of trace {trace_id} in the store", file=sys.stderr)
+        return 1
+    Console().print(render_waterfall(trace_id, [TraceSpan.from_row(r) for r in rows]))
+    return 0
+
+
+def _run_traces(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    try:
+        since_s = _parse_since(args.since)
+    except ValueError as exc:
+        print(f"tokentrace traces: {exc}", file=sys.stderr)
+        return 2
+    if args.slowest <= 0:
+        print(f"tokentrace traces: --slowest must be positive, got {args.slowest}", file=sys.stderr)
+        return 2
+    order = "e2e_s" if args.by == "e2e" else "ttft_s"
+    sql = (
+        "SELECT trace_id, request_id, ts, router_node, prefill_node, decode_node, "
+        "ttft_s, e2e_s, output_tokens, status FROM tokentrace.requests "
+        f"WHERE ts >= now64(9) - toIntervalSecond({since_s}) "
+        f"ORDER BY {order} DESC LIMIT {int(args.slowest)}"
+    )
+    try:
+        rows = _rows(_query(args, sql))
+    except _QueryFailed as exc:
+        print(f"tokentrace traces: {exc}", file=sys.stderr)
+        return 1
+    table = Table(
+        title=f"slowest {len(rows)} requests by {args.by} in the last {args.since}",
+        title_justify="left",
+    )
+    for col in ("trace id", "request id", "decode node", "TTFT ms", "E2E ms", "tokens", "status"):
+        table.add_column(col, justify="right" if col.endswith(("ms", "tokens")) else "left")
+    for r in rows:
+        table.add_row(
+            str(r["trace_id"]),
+            str(r["request_id"]),
+            str(r["decode_node"] or "—"),
+            f"{r['ttft_s'] * 1000:.2f}" if r["ttft_s"] is not None else "—",
+            f"{r['e2e_s'] * 1000:.2f}" if r["e2e_s"] is not None else "—",
+            str(r["output_tokens"] if r["output_tokens"] is not None else "—"),
+            str(r["status"]),
+        )
+    console = Console()
+    console.print(table)
+    if rows:
+        console.print(f"see one: tokentrace trace {rows[0]['trace_id']}")
+    return 0

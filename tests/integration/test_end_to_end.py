@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -257,3 +258,46 @@ def test_load_command_measures_and_writes_json(stack: LocalStack, tmp_path: Path
         + ")",
         3,
     )
+
+
+def test_trace_and_traces_commands(stack: LocalStack, load: LoadResult) -> None:
+    env_args = ["--data-dir", str(stack.data_dir)]
+    slowest = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokentrace",
+            "traces",
+            "--slowest",
+            "3",
+            "--since",
+            "1h",
+            *env_args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert slowest.returncode == 0, slowest.stderr
+    reqs = sorted(
+        stack.query("SELECT trace_id, e2e_s FROM tokentrace.requests"), key=lambda r: -r["e2e_s"]
+    )
+    assert reqs[0]["trace_id"] in slowest.stdout  # the slowest request is listed
+    waterfall = subprocess.run(
+        [sys.executable, "-m", "tokentrace", "trace", reqs[0]["trace_id"], *env_args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert waterfall.returncode == 0, waterfall.stderr
+    for expected in ("router-0", "prefill-0", "llm.kv_transfer", f"llm.token ×{OUTPUT_LEN}"):
+        assert expected in waterfall.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "tokentrace", "trace", "not-a-trace", *env_args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "32 hex digits" in bad.stderr
