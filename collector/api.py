@@ -1,4 +1,5 @@
-"""The collector's own HTTP API: ``GET /health`` and read-only ``POST /query``.
+"""The collector's own HTTP API: ``GET /health``, read-only ``POST /query`` and the
+Jaeger-compatible query API (``/api/...``, ``/api/v3/...``; see :mod:`.jaeger`).
 
 ``/query`` is how other processes read a chDB store this collector owns (chDB lets
 one process open a data path).
@@ -20,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from .jaeger import jaeger_router
 from .store import QueryResult, Store, StoreError
 
 __all__ = ["ApiConfig", "create_api_app", "json_safe", "result_to_json"]
@@ -101,4 +103,6 @@ def create_api_app(store: Store, counters: Callable[[], dict[str, Any]]) -> Fast
             )
         return JSONResponse(result_to_json(result))
 
+    # Jaeger's query API (v1 JSON and v3) for Grafana and the Jaeger UI.
+    app.include_router(jaeger_router(store))
     return app
