@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from .decode import OTEL_TRACES_COLUMNS
 from .store import QueryResult, Store, StoreError
 
 __all__ = [
@@ -57,30 +58,8 @@ _OTLP_KIND = {
 }
 _OTLP_STATUS = {"Unset": 0, "Ok": 1, "Error": 2}
 
-SPAN_COLUMNS = (
-    "Timestamp",
-    "TraceId",
-    "SpanId",
-    "ParentSpanId",
-    "TraceState",
-    "SpanName",
-    "SpanKind",
-    "ServiceName",
-    "ResourceAttributes",
-    "ScopeName",
-    "ScopeVersion",
-    "SpanAttributes",
-    "Duration",
-    "StatusCode",
-    "StatusMessage",
-    "Events.Timestamp",
-    "Events.Name",
-    "Events.Attributes",
-    "Links.TraceId",
-    "Links.SpanId",
-    "Links.TraceState",
-    "Links.Attributes",
-)
+# The columns read for a span: all of otel_traces, in insert order.
+SPAN_COLUMNS = OTEL_TRACES_COLUMNS
 
 
 # -- rows ------------------------------------------------------------------------------

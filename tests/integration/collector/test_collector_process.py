@@ -11,7 +11,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from collector_process import start_collector
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -60,31 +60,8 @@ def _tokentrace(*args: str) -> list[str]:
 @pytest.fixture(scope="module")
 def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     data_dir = tmp_path_factory.mktemp("collector-data")
-    proc = subprocess.Popen(
-        _tokentrace(
-            "collector",
-            "--data-dir",
-            str(data_dir),
-            "--otlp-grpc",
-            "127.0.0.1:0",
-            "--otlp-http",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()))  # type: ignore[union-attr]
-    reader.start()
-    reader.join(timeout=30)
-    if not line or not line[0].startswith("tokentrace collector ready"):
-        proc.kill()
-        pytest.fail(f"collector did not become ready: {line} {proc.stderr.read()}")  # type: ignore[union-attr]
-    info = json.loads((data_dir / "collector.json").read_text())
-    assert f"otlp-grpc={info['otlp_grpc']}" in line[0] and f"http={info['http']}" in line[0]
+    proc, info, ready = start_collector(data_dir)
+    assert f"otlp-grpc={info['otlp_grpc']}" in ready and f"http={info['http']}" in ready
     assert info["pid"] == proc.pid
     yield Running(proc, data_dir, info)
     if proc.poll() is None:

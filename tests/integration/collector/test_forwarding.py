@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from collector_process import start_collector as launch_collector
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -174,34 +175,7 @@ def start_collector(tmp_path: Path) -> Iterator[Callable[..., Running]]:
     def start(*extra: str) -> Running:
         data_dir = tmp_path / f"collector-{len(started)}"
         stderr_path = tmp_path / f"collector-{len(started)}.stderr"
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tokentrace",
-                "collector",
-                "--data-dir",
-                str(data_dir),
-                "--otlp-grpc",
-                "127.0.0.1:0",
-                "--otlp-http",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=stderr_path.open("w"),
-            text=True,
-        )
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()))  # type: ignore[union-attr]
-        reader.start()
-        reader.join(timeout=30)
-        if not line or not line[0].startswith("tokentrace collector ready"):
-            proc.kill()
-            pytest.fail(f"collector did not become ready: {line} {stderr_path.read_text()}")
-        info = json.loads((data_dir / "collector.json").read_text())
+        proc, info, _ = launch_collector(data_dir, *extra, stderr=stderr_path.open("w"))
         running = Running(proc, data_dir, info, stderr_path)
         started.append(running)
         return running

@@ -12,8 +12,6 @@ import base64
 import json
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from collector_process import start_collector
 from google.protobuf import json_format
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
@@ -53,36 +52,6 @@ class Running:
     proc: subprocess.Popen[str]
     api: str
     sent: Sent
-
-
-def _start_collector(data_dir: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tokentrace",
-            "collector",
-            "--data-dir",
-            str(data_dir),
-            "--otlp-grpc",
-            "127.0.0.1:0",
-            "--otlp-http",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()))  # type: ignore[union-attr]
-    reader.start()
-    reader.join(timeout=30)
-    if not line or not line[0].startswith("tokentrace collector ready"):
-        proc.kill()
-        pytest.fail(f"collector did not become ready: {line} {proc.stderr.read()}")  # type: ignore[union-attr]
-    return proc, json.loads((data_dir / "collector.json").read_text())
 
 
 def _send(grpc_endpoint: str) -> Sent:
@@ -157,7 +126,7 @@ def _send(grpc_endpoint: str) -> Sent:
 
 @pytest.fixture(scope="module")
 def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    proc, info = _start_collector(tmp_path_factory.mktemp("jaeger-data"))
+    proc, info, _ = start_collector(tmp_path_factory.mktemp("jaeger-data"))
     api = f"http://{info['http']}"
     try:
         sent = _send(info["otlp_grpc"])

@@ -1,0 +1,51 @@
+"""Starting ``tokentrace collector`` as a real subprocess for the integration tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+
+def start_collector(
+    data_dir: Path, *extra: str, stderr: int | IO[str] = subprocess.PIPE
+) -> tuple[subprocess.Popen[str], dict[str, Any], str]:
+    """A collector on loopback ports the OS picks, once it printed its ready line;
+    returns the process, its collector.json and that line. Fails the test if it does
+    not start."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tokentrace",
+            "collector",
+            "--data-dir",
+            str(data_dir),
+            "--otlp-grpc",
+            "127.0.0.1:0",
+            "--otlp-http",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(stdout.readline()))
+    reader.start()
+    reader.join(timeout=30)
+    if not line or not line[0].startswith("tokentrace collector ready"):
+        proc.kill()
+        err = proc.stderr.read() if proc.stderr is not None else "(see its stderr file)"
+        pytest.fail(f"collector did not become ready: {line} {err}")
+    return proc, json.loads((data_dir / "collector.json").read_text()), line[0]
