@@ -205,7 +205,7 @@ def _install_tracing() -> None:
             aborted = original(self, request_ids, *args, **kw)
             try:
                 for request_id in aborted or ():
-                    state.finish(request_id, "abort", None)
+                    state.finish(request_id, "abort")
             except Exception:
                 log.debug("tokentrace: recording an abort failed", exc_info=True)
             return aborted
@@ -233,8 +233,6 @@ class _Request:
     prefill: bool
     recorder: TokenRecorder
     arrival_mono_s: float
-    request_id: str
-    input_tokens: int
     ctx: Context = field(default_factory=Context)
 
 
@@ -305,8 +303,6 @@ class _TraceState:
             prefill=prefill,
             recorder=TokenRecorder(max(1, max_tokens or 16)),
             arrival_mono_s=arrival_mono_s,
-            request_id=request_id,
-            input_tokens=input_tokens,
             ctx=trace.set_span_in_context(span),
         )
 
@@ -330,9 +326,9 @@ class _TraceState:
                     # learns which node its KV comes from.
                     inject(out.kv_transfer_params, req.ctx)
                     out.kv_transfer_params[KV_SOURCE_KEY] = self.tracing.node_id
-                self.finish(out.request_id, str(reason), t_ns)
+                self.finish(out.request_id, str(reason))
 
-    def finish(self, request_id: str, reason: str, t_ns: int | None) -> None:
+    def finish(self, request_id: str, reason: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is None:
             return

@@ -181,12 +181,8 @@ class _Worker:
     outstanding: int = 0
     healthy: bool = True
     down_until: float = 0.0  # time.monotonic(); no probe revives it before this
-    node_id: str | None = None  # learned from its /health, else the URL stands in
+    node_id: str | None = None  # learned from its /health (stock vLLM's names none)
     probed: bool = False  # its /health has answered 200 at least once
-
-    @property
-    def label(self) -> str:
-        return self.node_id or self.url
 
     def mark_down(self, cooldown_s: float, reason: str) -> None:
         if self.healthy:

@@ -78,8 +78,11 @@ class LocalStack:
         nice: int = 0,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        argv: list[str] | None = None,
     ) -> Component:
-        comp = Component(name, args, self.logs / f"{name}.log", env=env, nice=nice, cwd=cwd)
+        comp = Component(
+            name, args, self.logs / f"{name}.log", env=env, nice=nice, cwd=cwd, argv=argv
+        )
         self.components.append(comp)
         return comp
 
@@ -167,16 +170,9 @@ class LocalStack:
                     "TOKENTRACE_ROLE": role,
                 }
             )
-            comp = Component(
-                node,
-                [],
-                self.logs / f"{node}.log",
-                env=env,
-                nice=self.worker_nice,
-                cwd=self.data_dir,
-                argv=command,
+            comp = self._component(
+                node, [], nice=self.worker_nice, env=env, cwd=self.data_dir, argv=command
             )
-            self.components.append(comp)
         self.workers[node] = comp.start()
         return comp
 
