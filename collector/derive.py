@@ -1,14 +1,20 @@
-"""Span batch → latency rows for ``request_parts``, ``token_latencies``, ``kv_transfers``.
+"""Span batch → rows for ``request_parts``, ``token_latencies``, ``kv_transfers`` and
+``node_clocks``.
 
 Pure and column-wise. Each span contributes at most one partial row per table; the
 ``requests`` view folds a request's parts together, so arrival order does not matter.
 Attribute values that are missing, unparsable or out of the column's range become NULL
 (or the column's default), never an error: a row that ClickHouse would refuse would
 otherwise fail a whole group commit again and again.
+
+Timestamps that cross nodes (the router's dispatch times, a prefill's start and end, a
+decode's start, its first KV read) are stored as each node's clock gave them, next to
+the router's clock offset estimates; the ``requests`` view subtracts them on one clock.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +25,7 @@ from .decode import SpanBatch
 __all__ = [
     "DerivedRows",
     "KV_TRANSFERS_COLUMNS",
+    "NODE_CLOCKS_COLUMNS",
     "REQUEST_PARTS_COLUMNS",
     "TOKEN_LATENCIES_COLUMNS",
     "derive_rows",
@@ -42,6 +49,14 @@ REQUEST_PARTS_COLUMNS = (
     "kv_transfer_s",
     "kv_bytes",
     "status",
+    "prefill_sent",
+    "decode_sent",
+    "prefill_start",
+    "prefill_end",
+    "decode_start",
+    "kv_start",
+    "prefill_clock_offset_s",
+    "decode_clock_offset_s",
 )
 TOKEN_LATENCIES_COLUMNS = (
     "ts",
@@ -63,10 +78,12 @@ KV_TRANSFERS_COLUMNS = (
     "backend",
     "status",
 )
+NODE_CLOCKS_COLUMNS = ("ts", "node", "offset_s", "error_s", "reference_node")
 
 _UINT16_MAX = 2**16 - 1
 _UINT32_MAX = 2**32 - 1
 _UINT64_MAX = 2**64 - 1
+_INT64_MAX = 2**63 - 1
 
 
 def _columns(names: tuple[str, ...]) -> dict[str, list[Any]]:
@@ -86,27 +103,28 @@ class DerivedRows:
     kv_transfers: dict[str, list[Any]] = field(
         default_factory=lambda: _columns(KV_TRANSFERS_COLUMNS)
     )
+    node_clocks: dict[str, list[Any]] = field(default_factory=lambda: _columns(NODE_CLOCKS_COLUMNS))
 
-    def tables(self) -> dict[str, dict[str, list[Any]]]:
-        """Table name → columns, for every table with at least one row."""
-        out = {
+    def _all(self) -> dict[str, dict[str, list[Any]]]:
+        return {
             "request_parts": self.request_parts,
             "token_latencies": self.token_latencies,
             "kv_transfers": self.kv_transfers,
+            "node_clocks": self.node_clocks,
         }
-        return {name: cols for name, cols in out.items() if cols["trace_id"]}
+
+    def tables(self) -> dict[str, dict[str, list[Any]]]:
+        """Table name → columns, for every table with at least one row."""
+        return {name: cols for name, cols in self._all().items() if cols["ts"]}
 
     def extend(self, other: DerivedRows) -> None:
-        for mine, theirs in (
-            (self.request_parts, other.request_parts),
-            (self.token_latencies, other.token_latencies),
-            (self.kv_transfers, other.kv_transfers),
-        ):
-            for name, values in theirs.items():
+        theirs = other._all()
+        for table, mine in self._all().items():
+            for name, values in theirs[table].items():
                 mine[name].extend(values)
 
 
-def node_of(resource_attrs: dict[str, str]) -> str:
+def node_of(resource_attrs: Mapping[str, str]) -> str:
     """The node identity: ``tokentrace.node.id``, else ``host.name``, else ``service.name``."""
     for key in (attrs.NODE_ID, attrs.HOST_NAME, attrs.SERVICE_NAME):
         value = resource_attrs.get(key)
@@ -161,19 +179,25 @@ def derive_rows(batch: SpanBatch) -> DerivedRows:
     Durations are seconds (end − start) / 1e9 on the emitting node's clock.
     """
     rows = DerivedRows()
+    clocks: set[tuple[str, float, float, str]] = set()
     for i, name in enumerate(batch.name):
         if name == attrs.SPAN_REQUEST:
-            _derive_request(rows, batch, i)
+            _derive_request(rows, batch, i, clocks)
         elif name == attrs.SPAN_PREFILL:
             _add_request_part(
                 rows,
                 batch.trace_id[i],
                 prefill_node=node_of(batch.resource_attributes[i]) or None,
                 prefill_s=_duration_s(batch, i),
+                prefill_start=batch.start_ns[i],
+                prefill_end=batch.end_ns[i],
             )
         elif name == attrs.SPAN_DECODE:
             _add_request_part(
-                rows, batch.trace_id[i], decode_node=node_of(batch.resource_attributes[i]) or None
+                rows,
+                batch.trace_id[i],
+                decode_node=node_of(batch.resource_attributes[i]) or None,
+                decode_start=batch.start_ns[i],
             )
         elif name == attrs.SPAN_KV_TRANSFER:
             _derive_kv_transfer(rows, batch, i)
@@ -186,8 +210,29 @@ def _duration_s(batch: SpanBatch, i: int) -> float:
     return (batch.end_ns[i] - batch.start_ns[i]) / 1e9
 
 
-def _derive_request(rows: DerivedRows, batch: SpanBatch, i: int) -> None:
+def _derive_request(
+    rows: DerivedRows, batch: SpanBatch, i: int, clocks: set[tuple[str, float, float, str]]
+) -> None:
     a = batch.attributes[i]
+    router_node = node_of(batch.resource_attributes[i])
+    prefill_node = _str(a.get(attrs.PREFILL_NODE))
+    decode_node = _str(a.get(attrs.DECODE_NODE))
+    prefill_offset = _float(a.get(attrs.PREFILL_CLOCK_OFFSET_S))
+    decode_offset = _float(a.get(attrs.DECODE_CLOCK_OFFSET_S))
+    for node, offset, error in (
+        (prefill_node, prefill_offset, _float(a.get(attrs.PREFILL_CLOCK_ERROR_S))),
+        (decode_node, decode_offset, _float(a.get(attrs.DECODE_CLOCK_ERROR_S))),
+    ):
+        # One row per distinct estimate per batch: consecutive requests mostly repeat it.
+        key = (node or "", offset or 0.0, error or 0.0, router_node)
+        if node and offset is not None and key not in clocks:
+            clocks.add(key)
+            c = rows.node_clocks
+            c["ts"].append(batch.start_ns[i])
+            c["node"].append(node)
+            c["offset_s"].append(offset)
+            c["error_s"].append(error if error is not None else 0.0)
+            c["reference_node"].append(router_node)
     e2e_s = _duration_s(batch, i)
     ttft_s = _float(a.get(attrs.GEN_AI_SERVER_TTFT))
     output_tokens = _uint(a.get(attrs.GEN_AI_USAGE_OUTPUT_TOKENS), _UINT32_MAX)
@@ -201,15 +246,19 @@ def _derive_request(rows: DerivedRows, batch: SpanBatch, i: int) -> None:
         ts=batch.start_ns[i],
         request_id=_str(a.get(attrs.REQUEST_ID)),
         model=_str(a.get(attrs.GEN_AI_REQUEST_MODEL)),
-        router_node=node_of(batch.resource_attributes[i]) or None,
-        prefill_node=_str(a.get(attrs.PREFILL_NODE)),
-        decode_node=_str(a.get(attrs.DECODE_NODE)),
+        router_node=router_node or None,
+        prefill_node=prefill_node,
+        decode_node=decode_node,
         input_tokens=_uint(a.get(attrs.GEN_AI_USAGE_INPUT_TOKENS), _UINT32_MAX),
         output_tokens=output_tokens,
         ttft_s=ttft_s,
         e2e_s=e2e_s,
         tpot_s=tpot_s,
         status=_status(batch.status_code[i]),
+        prefill_sent=_uint(a.get(attrs.PREFILL_SENT_NS), _INT64_MAX),
+        decode_sent=_uint(a.get(attrs.DECODE_SENT_NS), _INT64_MAX),
+        prefill_clock_offset_s=prefill_offset,
+        decode_clock_offset_s=decode_offset,
     )
 
 
@@ -217,7 +266,13 @@ def _derive_kv_transfer(rows: DerivedRows, batch: SpanBatch, i: int) -> None:
     a = batch.attributes[i]
     duration_s = _duration_s(batch, i)
     kv_bytes = _uint(a.get(attrs.KV_BYTES), _UINT64_MAX)
-    _add_request_part(rows, batch.trace_id[i], kv_transfer_s=duration_s, kv_bytes=kv_bytes)
+    _add_request_part(
+        rows,
+        batch.trace_id[i],
+        kv_transfer_s=duration_s,
+        kv_bytes=kv_bytes,
+        kv_start=batch.start_ns[i],
+    )
     kv = rows.kv_transfers
     kv["ts"].append(batch.start_ns[i])
     kv["trace_id"].append(batch.trace_id[i])

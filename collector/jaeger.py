@@ -6,6 +6,11 @@ The row → Jaeger / OTLP-JSON conversions are pure functions of :class:`SpanRow
 is the HTTP edge. Attribute values are stored as strings, so their types are recovered by
 parsing: ``true``/``false`` → bool, a decimal integer → int64, a float literal → float64,
 anything else → string.
+
+Every trace is served on one clock (:mod:`.clockalign`): spans of a worker whose clock
+the router measured move by that offset, no child starts before its parent on another
+node, and a moved span carries ``tokentrace.clock.adjustment_us`` (and a Jaeger v1
+warning) saying by how much.
 """
 
 from __future__ import annotations
@@ -17,13 +22,17 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from tokentrace.schemas import attributes as A
+
+from .clockalign import TimedSpan, clock_shifts
 from .decode import OTEL_TRACES_COLUMNS
+from .derive import node_of
 from .store import QueryResult, Store, StoreError
 
 __all__ = [
@@ -33,6 +42,7 @@ __all__ = [
     "SpanLink",
     "SpanRow",
     "TraceQuery",
+    "align_clocks",
     "jaeger_router",
     "normalize_trace_id",
     "parse_duration_ns",
@@ -148,6 +158,39 @@ class SpanRow:
         return out
 
 
+def align_clocks(rows: Sequence[SpanRow]) -> list[SpanRow]:
+    """The spans of one trace moved onto the router's clock (see :mod:`.clockalign`);
+    a moved span's events move with it and it gains a ``tokentrace.clock.adjustment_us``
+    attribute."""
+    shifts = clock_shifts(
+        [
+            TimedSpan(
+                r.span_id,
+                r.parent_span_id,
+                node_of(r.resource_attributes),
+                r.name,
+                r.start_ns,
+                r.attributes,
+            )
+            for r in rows
+        ]
+    )
+    if not shifts:
+        return list(rows)
+    out = []
+    for row in rows:
+        by = shifts.get(row.span_id, 0)
+        if by:
+            row = replace(
+                row,
+                start_ns=row.start_ns + by,
+                attributes={**row.attributes, A.CLOCK_ADJUSTMENT_US: str(round(by / 1000))},
+                events=tuple(replace(e, time_ns=e.time_ns + by) for e in row.events),
+            )
+        out.append(row)
+    return out
+
+
 def _ns(value: Any) -> int:
     ns = getattr(value, "ns", None)
     if ns is not None:
@@ -229,6 +272,13 @@ def _span_tags(row: SpanRow) -> list[dict[str, Any]]:
     return tags
 
 
+def _clock_warning(row: SpanRow) -> list[str] | None:
+    adjusted = row.attributes.get(A.CLOCK_ADJUSTMENT_US)
+    if adjusted is None:
+        return None
+    return [f"clock skew adjustment: moved by {adjusted} µs onto the router's clock"]
+
+
 def _process_key(row: SpanRow) -> tuple[str, tuple[tuple[str, str], ...]]:
     return row.service_name, tuple(sorted(row.resource_attributes.items()))
 
@@ -278,7 +328,7 @@ def to_jaeger_trace(rows: Sequence[SpanRow]) -> dict[str, Any]:
                     for event in row.events
                 ],
                 "processID": pid,
-                "warnings": None,
+                "warnings": _clock_warning(row),
             }
         )
     return {
@@ -542,10 +592,10 @@ class JaegerReader:
                 "end_ns": (int(end_s) + 1) * 1_000_000_000,
             },
         )
-        rows = SpanRow.from_result(res)
-        order = {tid: i for i, tid in enumerate(trace_ids)}
-        rows.sort(key=lambda r: order.get(r.trace_id, len(order)))
-        return rows
+        grouped = _by_trace(SpanRow.from_result(res))
+        return [
+            row for tid in dict.fromkeys(trace_ids) for row in align_clocks(grouped.get(tid, []))
+        ]
 
     def find_trace_ids(self, query: TraceQuery) -> list[str]:
         """Ids of the traces with a span matching ``query``, most recent first."""

@@ -1,19 +1,22 @@
 """A terminal waterfall of one trace: nodes as lanes, token spans condensed.
 
 Pure: rows in (as ``tokentrace trace`` reads them from otel_traces), a rich renderable
-out. Times are shown relative to the trace's first span, in milliseconds.
+out. Times are shown relative to the trace's first span, in milliseconds, on the
+router's clock (:mod:`.clockalign`); a span moved there says by how much.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
 from tokentrace.schemas import attributes as A
+
+from .clockalign import TimedSpan, clock_shifts
 
 __all__ = ["TraceSpan", "render_waterfall", "TRACE_SQL"]
 
@@ -45,6 +48,9 @@ class TraceSpan:
     duration_ns: int
     status: str
     attributes: dict[str, str]
+    span_id: str = ""
+    parent_span_id: str = ""
+    clock_shift_ns: int = 0
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> TraceSpan:
@@ -57,6 +63,8 @@ class TraceSpan:
             duration_ns=int(row["Duration"]),
             status=str(row["StatusCode"]),
             attributes=dict(row.get("SpanAttributes") or {}),
+            span_id=str(row.get("SpanId") or ""),
+            parent_span_id=str(row.get("ParentSpanId") or ""),
         )
 
     @property
@@ -78,7 +86,31 @@ def _ms(ns: float) -> str:
     return f"{ns / 1e6:.2f}"
 
 
+def align(spans: list[TraceSpan]) -> list[TraceSpan]:
+    """``spans`` moved onto the router's clock, each remembering how far it moved."""
+    shifts = clock_shifts(
+        [
+            TimedSpan(s.span_id, s.parent_span_id, s.node, s.name, s.start_ns, s.attributes)
+            for s in spans
+        ]
+    )
+    return [
+        replace(s, start_ns=s.start_ns + shifts[s.span_id], clock_shift_ns=shifts[s.span_id])
+        if s.span_id in shifts
+        else s
+        for s in spans
+    ]
+
+
 def _detail(span: TraceSpan) -> str:
+    text = _what(span)
+    if span.clock_shift_ns:
+        moved = f"clock {span.clock_shift_ns / 1e6:+.2f} ms"
+        text = f"{text} · {moved}" if text else moved
+    return text
+
+
+def _what(span: TraceSpan) -> str:
     a = span.attributes
     if span.name == A.SPAN_KV_TRANSFER and A.KV_BYTES in a:
         return f"{int(a[A.KV_BYTES]) / 1024:.0f} KiB from {a.get(A.KV_SRC_NODE, '?')}"
@@ -92,6 +124,7 @@ def _detail(span: TraceSpan) -> str:
 def render_waterfall(trace_id: str, spans: list[TraceSpan]) -> Table:
     """One row per span, grouped by node in order of first appearance; each node's
     ``llm.token`` spans become one row with their count and ITL statistics."""
+    spans = align(spans)
     t0 = min(s.start_ns for s in spans)
     total = max(s.end_ns for s in spans) - t0
     table = Table(

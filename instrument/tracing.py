@@ -13,14 +13,15 @@ import os
 import queue
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
+from tokentrace.instrument.clock import skew_ns
 from tokentrace.schemas import attributes as A
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,44 @@ class _Deferred:
         if thread is not None:
             self._queue.put(None)
             thread.join(timeout_s)
+
+
+def _shifted(span: ReadableSpan, by_ns: int) -> ReadableSpan:
+    def shift(t: int | None) -> int | None:
+        return None if t is None else t + by_ns
+
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=span.attributes,
+        events=[Event(e.name, e.attributes, shift(e.timestamp)) for e in span.events],
+        links=span.links,
+        kind=span.kind,
+        status=span.status,
+        start_time=shift(span.start_time),
+        end_time=shift(span.end_time),
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class SkewedExporter(SpanExporter):
+    """Shifts every span and event time by ``skew_ns`` before handing the spans to
+    ``exporter``: what ``TOKENTRACE_CLOCK_SKEW_MS`` does to a process's spans."""
+
+    def __init__(self, exporter: SpanExporter, skew_ns: int) -> None:
+        self.exporter = exporter
+        self.skew_ns = skew_ns
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self.exporter.export([_shifted(s, self.skew_ns) for s in spans])
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
 
 
 @dataclass
@@ -156,7 +195,11 @@ def setup_tracing(
     )
     provider = TracerProvider(resource=resource)
     insecure = not url.startswith("https://")
-    exporter = OTLPSpanExporter(endpoint=url, insecure=insecure)
+    exporter: SpanExporter = OTLPSpanExporter(endpoint=url, insecure=insecure)
+    skew = skew_ns()
+    if skew:
+        log.warning("TOKENTRACE_CLOCK_SKEW_MS: span times shifted by %+.3f ms", skew / 1e6)
+        exporter = SkewedExporter(exporter, skew)
     provider.add_span_processor(
         BatchSpanProcessor(
             exporter,

@@ -37,6 +37,15 @@ PREFILL_NODE = "tokentrace.prefill.node"  # set by the router: the worker it cho
 DECODE_NODE = "tokentrace.decode.node"  # set by the router: the worker it chose
 PREFILL_URL = "tokentrace.prefill.url"  # set by the router: the worker it chose
 DECODE_URL = "tokentrace.decode.url"  # set by the router: the worker it chose
+# Set by the router, on its clock: when it sent the request to the worker it chose.
+PREFILL_SENT_NS = "tokentrace.prefill.sent_unix_nano"
+DECODE_SENT_NS = "tokentrace.decode.sent_unix_nano"
+# Set by the router: its estimate of the chosen worker's clock minus its own (seconds),
+# and the estimate's error bound (half the round trip of the sample it came from).
+PREFILL_CLOCK_OFFSET_S = "tokentrace.prefill.clock_offset_s"
+PREFILL_CLOCK_ERROR_S = "tokentrace.prefill.clock_error_s"
+DECODE_CLOCK_OFFSET_S = "tokentrace.decode.clock_offset_s"
+DECODE_CLOCK_ERROR_S = "tokentrace.decode.clock_error_s"
 QUEUE_TIME_S = "tokentrace.queue_time_s"  # arrival -> engine starts the request
 COMPUTE_TIME_S = "tokentrace.compute_time_s"  # engine compute for the request
 HTTP_STATUS = "http.response.status_code"
@@ -54,5 +63,9 @@ KV_BACKEND = "tokentrace.kv.backend"  # e.g. "nixl/UCX"
 KV_SRC_NODE = "tokentrace.kv.src_node"
 KV_DST_NODE = "tokentrace.kv.dst_node"
 KV_DESCRIPTORS = "tokentrace.kv.descriptors"  # NIXL descriptors after merging
+
+# -- added by the collector's Jaeger API, never sent by a node --------------------
+# How far (integer microseconds) this span was moved onto the reference clock.
+CLOCK_ADJUSTMENT_US = "tokentrace.clock.adjustment_us"
 
 __all__ = [name for name in dir() if name.isupper()]

@@ -11,6 +11,12 @@ row into ``request_parts`` (an AggregatingMergeTree keyed by trace id whose colu
 ignore NULLs when merged) and the ``requests`` view folds the parts into one row per
 request. No join state lives in the collector, so arrival order and collector
 restarts do not matter.
+
+Cross-node intervals (router dispatch → worker arrival, prefill done → decode start,
+prefill done → KV read start) subtract timestamps taken on two clocks. Each part keeps
+its timestamps on its own node's clock and the router's span brings its estimate of
+each worker's clock offset, so the view puts both ends on the router's clock before
+subtracting: a request's row is right whichever of its spans arrived first.
 """
 
 from __future__ import annotations
@@ -83,7 +89,10 @@ GROUP BY TraceId
 
 # Every value column ignores NULL when parts merge, so each span contributes only the
 # columns it knows; `kv_transfer_s`/`kv_bytes` add up over a request's transfers;
-# `status` takes the minimum so that 'error' (< 'ok') wins over 'ok'.
+# `status` takes the minimum so that 'error' (< 'ok') wins over 'ok'. The columns
+# after `status` are the clock-crossing timestamps, each on its own node's clock, and
+# the router's offset estimates: they were added after the first release, so
+# `_REQUEST_PARTS_ADD` brings older tables up to date.
 _REQUEST_PARTS = """
 CREATE TABLE IF NOT EXISTS {db}.request_parts{on_cluster} (
     trace_id String,
@@ -101,14 +110,45 @@ CREATE TABLE IF NOT EXISTS {db}.request_parts{on_cluster} (
     prefill_s SimpleAggregateFunction(max, Nullable(Float64)),
     kv_transfer_s SimpleAggregateFunction(sum, Nullable(Float64)),
     kv_bytes SimpleAggregateFunction(sum, Nullable(UInt64)),
-    status SimpleAggregateFunction(min, Nullable(String))
+    status SimpleAggregateFunction(min, Nullable(String)),
+{clock_columns}
 ) ENGINE = {agg_engine}
 ORDER BY trace_id
 SETTINGS index_granularity = 8192
 """
 
+_CLOCK_COLUMNS = (
+    ("prefill_sent", "min, Nullable(DateTime64(9))"),  # router clock
+    ("decode_sent", "min, Nullable(DateTime64(9))"),  # router clock
+    ("prefill_start", "min, Nullable(DateTime64(9))"),  # prefill node clock
+    ("prefill_end", "max, Nullable(DateTime64(9))"),  # prefill node clock
+    ("decode_start", "min, Nullable(DateTime64(9))"),  # decode node clock
+    ("kv_start", "min, Nullable(DateTime64(9))"),  # decode node clock: first read posted
+    ("prefill_clock_offset_s", "max, Nullable(Float64)"),  # prefill clock - router clock
+    ("decode_clock_offset_s", "max, Nullable(Float64)"),  # decode clock - router clock
+)
+
+_REQUEST_PARTS_ADD = """
+ALTER TABLE {db}.request_parts{on_cluster}
+{add_clock_columns}
+"""
+
+# Replaced on every start, so a store created by an older version gets the new columns.
+# A clock offset the router did not report counts as 0: the interval is then as the
+# two clocks tell it.
 _REQUESTS_VIEW = """
-CREATE VIEW IF NOT EXISTS {db}.requests{on_cluster} AS
+CREATE OR REPLACE VIEW {db}.requests{on_cluster} AS
+SELECT
+    ts, trace_id, request_id, model, router_node, prefill_node, decode_node,
+    input_tokens, output_tokens, ttft_s, e2e_s, tpot_s, prefill_s, kv_transfer_s,
+    kv_bytes, status,
+    (p_start - p_sent) / 1e9 - ifNull(p_off, 0) AS prefill_dispatch_s,
+    (d_start - d_sent) / 1e9 - ifNull(d_off, 0) AS decode_dispatch_s,
+    (d_start - p_end) / 1e9 - (ifNull(d_off, 0) - ifNull(p_off, 0)) AS prefill_to_decode_s,
+    (kv_first - p_end) / 1e9 - (ifNull(d_off, 0) - ifNull(p_off, 0)) AS kv_handoff_s,
+    p_off AS prefill_clock_offset_s,
+    d_off AS decode_clock_offset_s
+FROM (
 SELECT
     min(ts) AS ts,
     trace_id,
@@ -125,10 +165,19 @@ SELECT
     max(prefill_s) AS prefill_s,
     sum(kv_transfer_s) AS kv_transfer_s,
     sum(kv_bytes) AS kv_bytes,
-    min(status) AS status
+    min(status) AS status,
+    toUnixTimestamp64Nano(min(prefill_sent)) AS p_sent,
+    toUnixTimestamp64Nano(min(decode_sent)) AS d_sent,
+    toUnixTimestamp64Nano(min(prefill_start)) AS p_start,
+    toUnixTimestamp64Nano(max(prefill_end)) AS p_end,
+    toUnixTimestamp64Nano(min(decode_start)) AS d_start,
+    toUnixTimestamp64Nano(min(kv_start)) AS kv_first,
+    max(prefill_clock_offset_s) AS p_off,
+    max(decode_clock_offset_s) AS d_off
 FROM {db}.request_parts
 GROUP BY trace_id
 HAVING request_id IS NOT NULL
+)
 """
 
 _TOKEN_LATENCIES = """
@@ -221,6 +270,13 @@ def ddl_statements(
         "ttl": ttl("Timestamp"),
         "ttl_start": ttl("Start"),
         "ttl_ts": ttl("ts"),
+        "clock_columns": ",\n".join(
+            f"    {name} SimpleAggregateFunction({spec})" for name, spec in _CLOCK_COLUMNS
+        ),
+        "add_clock_columns": ",\n".join(
+            f"    ADD COLUMN IF NOT EXISTS {name} SimpleAggregateFunction({spec})"
+            for name, spec in _CLOCK_COLUMNS
+        ),
     }
     statements = [f"CREATE DATABASE IF NOT EXISTS {database}{on_cluster}"]
     for template in (
@@ -228,6 +284,7 @@ def ddl_statements(
         _TRACE_ID_TS,
         _TRACE_ID_TS_MV,
         _REQUEST_PARTS,
+        _REQUEST_PARTS_ADD,
         _REQUESTS_VIEW,
         _TOKEN_LATENCIES,
         _KV_TRANSFERS,

@@ -107,6 +107,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     router.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     router.add_argument("--node-id", default=None, help="node identity (default: host name)")
     router.add_argument("--otlp-endpoint", default=None, help=OTLP_HELP)
+    router.add_argument(
+        "--clock-window",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help=(
+            "each worker's clock offset is the minimum-round-trip sample of this many "
+            "seconds of exchanges (default 30)"
+        ),
+    )
     router.set_defaults(func=_router)
 
     load = sub.add_parser(
@@ -156,16 +166,23 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _router(args: argparse.Namespace) -> int:
+    import sys
+
     from tokentrace.serving import router
 
-    router.run(
-        router.RouterConfig(
-            prefill_urls=tuple(args.prefill),
-            decode_urls=tuple(args.decode),
-            host=args.host,
-            port=args.port,
-            node_id=args.node_id,
-            otlp_endpoint=args.otlp_endpoint,
-        )
+    config = router.RouterConfig(
+        prefill_urls=tuple(args.prefill),
+        decode_urls=tuple(args.decode),
+        host=args.host,
+        port=args.port,
+        node_id=args.node_id,
+        otlp_endpoint=args.otlp_endpoint,
+        clock_window_s=args.clock_window,
     )
+    try:
+        config.validate()
+    except ValueError as exc:
+        print(f"tokentrace router: {exc}", file=sys.stderr)
+        return 2
+    router.run(config)
     return 0

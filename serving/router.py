@@ -40,6 +40,12 @@ from tokentrace.instrument import (
     setup_tracing,
     wall_ns,
 )
+from tokentrace.instrument.clock import (
+    CLOCK_HEADER,
+    OffsetEstimator,
+    now_ns,
+    parse_clock_header,
+)
 from tokentrace.schemas import attributes as A
 from tokentrace.serving import openai_protocol as P
 
@@ -86,8 +92,10 @@ class RouterConfig:
     ``request_timeout_s`` bounds each worker call's connect/write/pool wait and every
     single read of a response (so a stream may run longer, as long as tokens keep
     coming). A worker that refuses connections is skipped for at least
-    ``unhealthy_cooldown_s`` and until its ``/health`` answers again, probed every
-    ``health_probe_interval_s``.
+    ``unhealthy_cooldown_s`` and until its ``/health`` answers again. Every worker's
+    ``/health`` is probed every ``health_probe_interval_s``; those exchanges and the
+    requests themselves are the samples of each worker's clock offset estimate, which
+    keeps the minimum-round-trip sample of the last ``clock_window_s`` seconds.
     """
 
     prefill_urls: Sequence[str]
@@ -101,6 +109,7 @@ class RouterConfig:
     unhealthy_cooldown_s: float = 3.0
     health_probe_interval_s: float = 1.0
     models_cache_ttl_s: float = 30.0
+    clock_window_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("prefill_urls", "decode_urls"):
@@ -128,6 +137,7 @@ class RouterConfig:
             "unhealthy_cooldown_s",
             "health_probe_interval_s",
             "models_cache_ttl_s",
+            "clock_window_s",
         ):
             value = getattr(self, name)
             if not value > 0:
@@ -182,7 +192,7 @@ class _Worker:
     healthy: bool = True
     down_until: float = 0.0  # time.monotonic(); no probe revives it before this
     node_id: str | None = None  # learned from its /health (stock vLLM's names none)
-    probed: bool = False  # its /health has answered 200 at least once
+    clock: OffsetEstimator = field(default_factory=OffsetEstimator)  # its clock vs ours
 
     def mark_down(self, cooldown_s: float, reason: str) -> None:
         if self.healthy:
@@ -196,7 +206,31 @@ class _Worker:
         self.healthy = True
 
     def snapshot(self) -> dict[str, Any]:
-        return {"url": self.url, "healthy": self.healthy, "outstanding": self.outstanding}
+        out: dict[str, Any] = {
+            "url": self.url,
+            "healthy": self.healthy,
+            "outstanding": self.outstanding,
+        }
+        estimate = self.clock.estimate()
+        if estimate is not None:
+            out["clock_offset_s"] = estimate.offset_s
+            out["clock_error_s"] = estimate.error_s
+        return out
+
+    def observe_clock(self, t0: int, resp: httpx.Response, t3: int) -> None:
+        """Add the clock exchange of one call (sent at ``t0``, answered at ``t3``)."""
+        peer = parse_clock_header(resp.headers.get(CLOCK_HEADER))
+        if peer is not None:
+            self.clock.add(t0, peer.t1_ns, peer.t2_ns, t3)
+            if self.node_id is None and peer.node:
+                self.node_id = peer.node  # a stock server's /health names no node
+
+    def annotate(self, span: Span, offset_attr: str, error_attr: str) -> None:
+        """Put this worker's current clock offset estimate on ``span``."""
+        estimate = self.clock.estimate()
+        if estimate is not None:
+            span.set_attribute(offset_attr, estimate.offset_s)
+            span.set_attribute(error_attr, estimate.error_s)
 
 
 @dataclass
@@ -300,8 +334,15 @@ class _Router:
     def __init__(self, config: RouterConfig, tracing: Tracing) -> None:
         self.config = config
         self.tracing = tracing
-        self.prefill = _Pool("prefill", [_Worker(u, "prefill") for u in config.prefill_urls])
-        self.decode = _Pool("decode", [_Worker(u, "decode") for u in config.decode_urls])
+        window = config.clock_window_s
+        self.prefill = _Pool(
+            "prefill",
+            [_Worker(u, "prefill", clock=OffsetEstimator(window)) for u in config.prefill_urls],
+        )
+        self.decode = _Pool(
+            "decode",
+            [_Worker(u, "decode", clock=OffsetEstimator(window)) for u in config.decode_urls],
+        )
         self._client: httpx.AsyncClient | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._models: dict[str, Any] | None = None
@@ -341,16 +382,19 @@ class _Router:
 
     async def _probe(self, worker: _Worker) -> None:
         try:
+            t0 = now_ns()
             resp = await self.client.get(
-                f"{worker.url}/health", timeout=self.config.connect_timeout_s
+                f"{worker.url}/health",
+                headers={CLOCK_HEADER: "1"},
+                timeout=self.config.connect_timeout_s,
             )
+            worker.observe_clock(t0, resp, now_ns())
         except httpx.HTTPError as exc:
             worker.mark_down(self.config.unhealthy_cooldown_s, f"/health: {exc!r}")
             return
         if resp.status_code != 200:
             worker.mark_down(self.config.unhealthy_cooldown_s, f"/health: {resp.status_code}")
             return
-        worker.probed = True
         with contextlib.suppress(ValueError):
             body = resp.json()
             if isinstance(body, dict) and isinstance(body.get("node_id"), str):
@@ -359,11 +403,13 @@ class _Router:
             worker.mark_up()
 
     async def _probe_loop(self) -> None:
+        # Every worker, healthy or not: the probes are also clock samples. One at a time,
+        # so the probes do not queue behind each other on the router's event loop.
         while True:
             await asyncio.sleep(self.config.health_probe_interval_s)
-            due = [w for w in self._all_workers() if not w.healthy or not w.probed]
-            if due:
-                await asyncio.gather(*(self._probe(w) for w in due), return_exceptions=True)
+            for worker in self._all_workers():
+                with contextlib.suppress(Exception):
+                    await self._probe(worker)
 
     # -- /health, /v1/models --
 
@@ -423,15 +469,17 @@ class _Router:
         body: dict[str, Any],
         headers: dict[str, str],
         stream: bool,
-    ) -> tuple[_Worker, httpx.Response]:
+    ) -> tuple[_Worker, httpx.Response, int]:
         """Send to the best worker of ``pool``, moving on to the next one when a worker
-        cannot be connected to. The returned worker's ``outstanding`` is incremented; the
-        caller decrements it. Raises ``_RouteError`` (502) when no worker can be reached.
+        cannot be connected to. Returns the worker, its response (headers read) and when
+        the request was sent (this router's wall clock, ns). The returned worker's
+        ``outstanding`` is incremented; the caller decrements it. Raises ``_RouteError``
+        (502) when no worker can be reached.
         """
         tried: set[str] = set()
         failures: list[str] = []
         content = json.dumps(body).encode()
-        send_headers = {**headers, "content-type": "application/json"}
+        send_headers = {**headers, "content-type": "application/json", CLOCK_HEADER: "1"}
         while (worker := pool.pick(tried)) is not None:
             tried.add(worker.url)
             request = self.client.build_request(
@@ -439,7 +487,9 @@ class _Router:
             )
             worker.outstanding += 1
             try:
+                sent_ns = now_ns()
                 resp = await self.client.send(request, stream=stream)
+                worker.observe_clock(sent_ns, resp, now_ns())
             except _CONNECT_ERRORS as exc:
                 worker.outstanding -= 1
                 worker.mark_down(self.config.unhealthy_cooldown_s, repr(exc))
@@ -457,7 +507,7 @@ class _Router:
                     502, f"{pool.role} worker {worker.url} failed: {exc!r}"
                 ) from exc
             worker.mark_up()
-            return worker, resp
+            return worker, resp, sent_ns
         raise _RouteError.make(
             502, f"no {pool.role} worker could be connected to: {', '.join(failures)}"
         )
@@ -474,11 +524,13 @@ class _Router:
     async def _prefill(
         self, path: str, body: Mapping[str, Any], headers: dict[str, str], state: _RequestState
     ) -> Any:
-        worker, resp = await self._send(
+        worker, resp, sent_ns = await self._send(
             self.prefill, path, prefill_request_body(body), headers, stream=False
         )
         try:
             _set_worker(state.span, A.PREFILL_NODE, A.PREFILL_URL, worker)
+            state.span.set_attribute(A.PREFILL_SENT_NS, sent_ns)
+            worker.annotate(state.span, A.PREFILL_CLOCK_OFFSET_S, A.PREFILL_CLOCK_ERROR_S)
             await self._relay_if_error(resp)
             try:
                 answer = resp.json()
@@ -526,10 +578,12 @@ class _Router:
             inject(worker_headers, trace.set_span_in_context(span))
             kv_params = await self._prefill(path, body, worker_headers, state)
             decode_body = decode_request_body(body, kv_params, parsed.stream)
-            worker, resp = await self._send(
+            worker, resp, sent_ns = await self._send(
                 self.decode, path, decode_body, worker_headers, stream=parsed.stream
             )
             _set_worker(span, A.DECODE_NODE, A.DECODE_URL, worker)
+            span.set_attribute(A.DECODE_SENT_NS, sent_ns)
+            worker.annotate(span, A.DECODE_CLOCK_OFFSET_S, A.DECODE_CLOCK_ERROR_S)
             if parsed.stream:
                 try:
                     await self._relay_if_error(resp)
@@ -730,7 +784,7 @@ def create_app(config: RouterConfig, tracing: Tracing | None = None) -> FastAPI:
             await router.shutdown()
 
     app = FastAPI(title="tokentrace router", lifespan=lifespan)
-    app.add_middleware(ArrivalStampMiddleware)
+    app.add_middleware(ArrivalStampMiddleware, node_id=router.tracing.node_id)
     app.state.router = router
 
     @app.post(_COMPLETIONS)

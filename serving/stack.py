@@ -37,6 +37,9 @@ class LocalStack:
     # "reference": tokentrace's own workers; "vllm": stock vLLM servers (NixlConnector)
     # run through `tokentrace instrument`, on a model generated under the data dir.
     engine: str = "reference"
+    # Extra environment per node id ("prefill-0", "decode-1", "router"), e.g.
+    # TOKENTRACE_CLOCK_SKEW_MS to make one node's clock disagree.
+    node_env: dict[str, dict[str, str]] = field(default_factory=dict)
     components: list[Component] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -129,6 +132,7 @@ class LocalStack:
                 str(self.num_blocks),
             ],
             nice=self.worker_nice,
+            env=self.node_env.get(node),
         ).start()
         self.workers[node] = comp
         return comp
@@ -142,7 +146,7 @@ class LocalStack:
 
         model = create_hf_model(models_dir(self.data_dir))
         command = vllm_command(model, HOST, port, kv_role="kv_both")
-        env = vllm_env(self._side_channel_ports[node])
+        env = {**vllm_env(self._side_channel_ports[node]), **self.node_env.get(node, {})}
         # Not the project's root as cwd: `python -m` puts the cwd first on sys.path.
         if role == "prefill":
             comp = self._component(
@@ -192,7 +196,7 @@ class LocalStack:
             args += ["--prefill", url]
         for url in self.decode.values():
             args += ["--decode", url]
-        self.router = self._component("router", args).start()
+        self.router = self._component("router", args, env=self.node_env.get("router")).start()
 
     def start(self, on_ready: Callable[[str], None] | None = None) -> None:
         """Start every component and wait until each answers its health check.

@@ -123,4 +123,7 @@ def vllm_command(model_dir: Path, host: str, port: int, kv_role: str) -> list[st
         "float32",
         "--kv-transfer-config",
         json.dumps(kv_config),
+        # Arrival stamps and the router's clock exchange (and so its offset estimate).
+        "--middleware",
+        "tokentrace.instrument.ArrivalStampMiddleware",
     ]

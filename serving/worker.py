@@ -580,7 +580,7 @@ def create_app(config: WorkerConfig) -> FastAPI:
             await worker.shutdown()
 
     app = FastAPI(title=f"tokentrace {config.role} worker", lifespan=lifespan)
-    app.add_middleware(ArrivalStampMiddleware)
+    app.add_middleware(ArrivalStampMiddleware, node_id=worker.node_id)
     app.state.worker = worker
 
     @app.get("/health")

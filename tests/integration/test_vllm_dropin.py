@@ -89,6 +89,19 @@ def test_one_trace_per_request_spans_router_prefill_and_decode_servers(
         assert {s["ServiceName"] for s in spans if s["node"] != "router-0"} == {"vllm"}
 
 
+def test_vllm_servers_answer_the_clock_exchange(stack: LocalStack, load: LoadResult) -> None:
+    # `--middleware tokentrace.instrument.ArrivalStampMiddleware`: the router learns the
+    # servers' node ids and clock offsets (one machine: both near zero).
+    clocks = {r["node"]: r for r in stack.query("SELECT * FROM tokentrace.node_clocks")}
+    assert {"prefill-0", "decode-0"} <= clocks.keys()
+    for row in clocks.values():
+        assert abs(row["offset_s"]) <= row["error_s"] + 0.001 and row["error_s"] < 0.05, row
+    reqs = stack.query("SELECT * FROM tokentrace.requests")
+    for r in reqs:
+        assert r["prefill_clock_offset_s"] is not None and r["decode_clock_offset_s"] is not None
+        assert r["kv_handoff_s"] is not None and r["kv_handoff_s"] >= 0, r
+
+
 def test_token_rows_hold_exactly_the_tokens_vllm_returned(
     stack: LocalStack, load: LoadResult
 ) -> None:

@@ -180,3 +180,63 @@ def test_node_fallback_order() -> None:
     assert node_of({A.HOST_NAME: "h", A.SERVICE_NAME: "s"}) == "h"
     assert node_of({A.SERVICE_NAME: "s"}) == "s"
     assert node_of({}) == ""
+
+
+def test_clock_crossing_timestamps_and_node_clocks() -> None:
+    router_attrs = {
+        A.REQUEST_ID: "req-3",
+        A.PREFILL_NODE: "p1",
+        A.DECODE_NODE: "d1",
+        A.PREFILL_SENT_NS: T0_NS + 1 * MS,
+        A.DECODE_SENT_NS: T0_NS + 40 * MS,
+        A.PREFILL_CLOCK_OFFSET_S: -0.05,
+        A.PREFILL_CLOCK_ERROR_S: 0.0004,
+        A.DECODE_CLOCK_OFFSET_S: 0.08,
+        A.DECODE_CLOCK_ERROR_S: 0.0003,
+    }
+    # Two requests with the same estimates: node_clocks keeps one row per node.
+    rows = _rows(
+        {A.NODE_ID: "r1"},
+        [
+            span(A.SPAN_REQUEST, 1, T0_NS, T0_NS + 90 * MS, router_attrs),
+            span(A.SPAN_REQUEST, 2, T0_NS + MS, T0_NS + 95 * MS, router_attrs),
+        ],
+    )
+    assert rows.request_parts["prefill_sent"] == [T0_NS + 1 * MS] * 2
+    assert rows.request_parts["decode_sent"] == [T0_NS + 40 * MS] * 2
+    assert rows.request_parts["prefill_clock_offset_s"] == [-0.05] * 2
+    assert rows.request_parts["decode_clock_offset_s"] == [0.08] * 2
+    assert rows.node_clocks == {
+        "ts": [T0_NS, T0_NS],
+        "node": ["p1", "d1"],
+        "offset_s": [-0.05, 0.08],
+        "error_s": [0.0004, 0.0003],
+        "reference_node": ["r1", "r1"],
+    }
+    prefill = _rows({A.NODE_ID: "p1"}, [span(A.SPAN_PREFILL, 3, T0_NS + MS, T0_NS + 30 * MS)])
+    assert prefill.request_parts["prefill_start"] == [T0_NS + MS]
+    assert prefill.request_parts["prefill_end"] == [T0_NS + 30 * MS]
+    decode = _rows(
+        {A.NODE_ID: "d1"},
+        [
+            span(A.SPAN_DECODE, 4, T0_NS + 41 * MS, T0_NS + 90 * MS),
+            span(A.SPAN_KV_TRANSFER, 5, T0_NS + 42 * MS, T0_NS + 43 * MS),
+        ],
+    )
+    assert decode.request_parts["decode_start"] == [T0_NS + 41 * MS, None]
+    assert decode.request_parts["kv_start"] == [None, T0_NS + 42 * MS]
+    assert not decode.node_clocks["ts"] and "node_clocks" not in decode.tables()
+
+
+def test_no_node_clocks_row_without_a_node_or_an_estimate() -> None:
+    rows = _rows(
+        {A.NODE_ID: "r1"},
+        [
+            span(A.SPAN_REQUEST, 1, T0_NS, T0_NS + MS, {A.DECODE_CLOCK_OFFSET_S: 0.01}),
+            span(A.SPAN_REQUEST, 2, T0_NS, T0_NS + MS, {A.PREFILL_NODE: "p1"}),
+            span(A.SPAN_REQUEST, 3, T0_NS, T0_NS + MS, {A.PREFILL_SENT_NS: "soon"}),
+        ],
+    )
+    assert rows.node_clocks["node"] == []
+    assert rows.request_parts["decode_clock_offset_s"] == [0.01, None, None]
+    assert rows.request_parts["prefill_sent"] == [None, None, None]

@@ -64,3 +64,21 @@ def test_single_emission_has_no_itl() -> None:
         ]
     )
     assert "one emission" in text
+
+
+def test_worker_lanes_are_moved_onto_the_router_clock() -> None:
+    from dataclasses import replace
+
+    offsets = {
+        "tokentrace.prefill.node": "prefill-0",
+        "tokentrace.prefill.clock_offset_s": "-0.05",
+    }
+    spans = [
+        replace(_span("llm.request", "router-0", 0, 100, **offsets), span_id="r"),
+        # The prefill node's clock is 50 ms slow: its span seems to start before the request.
+        replace(_span("llm.prefill", "prefill-0", -48, 20), span_id="p", parent_span_id="r"),
+    ]
+    text = _text(spans)
+    prefill = next(line for line in text.splitlines() if "llm.prefill" in line)
+    assert " 2.00 " in prefill and "clock +50.00 ms" in prefill
+    assert "100.00 ms" in text  # the trace's extent on one clock

@@ -56,3 +56,72 @@ def test_requests_view_folds_parts(tmp_path: Path) -> None:
     assert row["prefill_s"] == 0.1 and row["ttft_s"] == 0.25
     assert row["kv_transfer_s"] == pytest.approx(0.03) and row["kv_bytes"] == 150
     assert row["status"] == "error"  # an error part wins over 'ok'
+
+
+def test_requests_view_puts_cross_node_intervals_on_the_router_clock(tmp_path: Path) -> None:
+    import clickhouse_connect
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'ch'}")
+    for statement in ddl_statements():
+        client.command(statement)
+    ms = 1_000_000
+    t0 = 1_700_000_000_000_000_000
+    p_skew, d_skew = -50 * ms, 80 * ms  # each worker's clock minus the router's
+    cols = [
+        "trace_id",
+        "request_id",
+        "prefill_sent",
+        "decode_sent",
+        "prefill_clock_offset_s",
+        "decode_clock_offset_s",
+        "prefill_start",
+        "prefill_end",
+        "decode_start",
+        "kv_start",
+    ]
+    n = None
+    parts = [
+        # True times on the router's clock: prefill sent at +0, received +1 ms, done +20 ms;
+        # decode sent +22 ms, received +23 ms, first read +25 ms.
+        ["t1", "r1", t0, t0 + 22 * ms, -0.05, 0.08, n, n, n, n],
+        ["t1", n, n, n, n, n, t0 + 1 * ms + p_skew, t0 + 20 * ms + p_skew, n, n],
+        ["t1", n, n, n, n, n, n, n, t0 + 23 * ms + d_skew, t0 + 25 * ms + d_skew],
+    ]
+    client.insert("tokentrace.request_parts", parts, column_names=cols)
+    (row,) = client.query("SELECT * FROM tokentrace.requests").named_results()
+    assert row["prefill_dispatch_s"] == pytest.approx(0.001)
+    assert row["decode_dispatch_s"] == pytest.approx(0.001)
+    assert row["prefill_to_decode_s"] == pytest.approx(0.003)
+    assert row["kv_handoff_s"] == pytest.approx(0.005)
+    assert (row["prefill_clock_offset_s"], row["decode_clock_offset_s"]) == (-0.05, 0.08)
+
+
+def test_ddl_upgrades_a_store_created_before_clock_columns(tmp_path: Path) -> None:
+    import clickhouse_connect
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'ch'}")
+    # The first release's request_parts and requests: today's, without the clock columns.
+    clock_columns = ("_sent ", "_start ", "_end ", "_clock_offset_s ")
+    first_release = []
+    for statement in ddl_statements():
+        if "request_parts (" in statement:
+            lines = [ln for ln in statement.splitlines() if not any(c in ln for c in clock_columns)]
+            statement = "\n".join(lines).replace("Nullable(String)),\n)", "Nullable(String))\n)")
+        elif "VIEW tokentrace.requests" in statement:
+            statement = (
+                "CREATE VIEW tokentrace.requests AS SELECT trace_id FROM tokentrace.request_parts"
+            )
+        elif statement.startswith("ALTER"):
+            continue
+        first_release.append(statement)
+    for statement in first_release:
+        client.command(statement)
+    names = client.query("SELECT name FROM system.columns WHERE table = 'request_parts'")
+    assert "kv_start" not in {r[0] for r in names.result_rows}
+    client.insert(
+        "tokentrace.request_parts", [["old", "r0"]], column_names=["trace_id", "request_id"]
+    )
+    for statement in ddl_statements():
+        client.command(statement)
+    (row,) = client.query("SELECT * FROM tokentrace.requests").named_results()
+    assert row["request_id"] == "r0" and row["kv_handoff_s"] is None
