@@ -5,6 +5,12 @@ Parses OTLP/protobuf (:func:`parse_protobuf`) and OTLP/JSON (:func:`parse_json`)
 the good ones out column by column in the OpenTelemetry Collector ClickHouse exporter's
 ``otel_traces`` layout, plus what derivation needs. Invalid spans are dropped and counted
 (OTLP partial success); the rest of the request is kept.
+
+An ``llm.decode`` span in packed mode (:mod:`tokentrace.schemas.packed`) is stored
+without its packed attribute, followed by the ``llm.token`` spans it packs: the same
+spans, attributes and times the unpacked mode sends, with span ids derived from the
+decode span's (:func:`token_span_id`). :func:`expanded_request` does the same to the
+protobuf request, for forwarding.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from tokentrace.schemas import attributes as attrs
+from tokentrace.schemas.packed import PackedTokens, PackedTokensError, decode_packed
 
 __all__ = [
     "DecodeError",
@@ -30,6 +37,7 @@ __all__ = [
     "SpanBatch",
     "accepted_request",
     "decode_request",
+    "expanded_request",
     "parse_json",
     "parse_protobuf",
 ]
@@ -117,6 +125,7 @@ class SpanBatch:
     link_attributes: list[list[dict[str, str]]] = field(default_factory=list)
     rejected_spans: int = 0
     errors: list[str] = field(default_factory=list)
+    packed_spans: int = 0  # llm.decode spans whose packed tokens were expanded
 
     def __len__(self) -> int:
         return len(self.span_id)
@@ -136,6 +145,7 @@ class SpanBatch:
             getattr(self, name).extend(getattr(other, name))
         self.rejected_spans += other.rejected_spans
         self.errors.extend(other.errors)
+        self.packed_spans += other.packed_spans
 
     def otel_traces_columns(self) -> dict[str, list[Any]]:
         """The batch as ``otel_traces`` insert columns (names as in the table)."""
@@ -166,7 +176,9 @@ class SpanBatch:
 
 
 _LIST_FIELDS = tuple(
-    name for name in SpanBatch.__dataclass_fields__ if name not in ("rejected_spans", "errors")
+    name
+    for name in SpanBatch.__dataclass_fields__
+    if name not in ("rejected_spans", "errors", "packed_spans")
 )
 
 
@@ -326,6 +338,21 @@ def _check_id(raw: bytes, size: int, field_name: str, *, required: bool) -> str 
     return None
 
 
+def _packed_tokens(span: Span) -> tuple[str | None, PackedTokens | None]:
+    """``(problem, tokens)`` for an ``llm.decode`` span's packed attribute, if it has one."""
+    if span.name != attrs.SPAN_DECODE:
+        return None, None
+    for kv in span.attributes:
+        if kv.key == attrs.TOKEN_PACKED:
+            if kv.value.WhichOneof("value") != "string_value":
+                return f"{attrs.TOKEN_PACKED} must be a string", None
+            try:
+                return None, decode_packed(kv.value.string_value)
+            except PackedTokensError as exc:
+                return f"{attrs.TOKEN_PACKED}: {exc}", None
+    return None, None
+
+
 def _span_problem(span: Span) -> str | None:
     for problem in (
         _check_id(span.trace_id, 16, "trace_id", required=True),
@@ -367,6 +394,9 @@ def decode_request(request: ExportTraceServiceRequest) -> SpanBatch:
             scope_version = scope_spans.scope.version
             for i, span in enumerate(scope_spans.spans):
                 problem = _span_problem(span)
+                tokens = None
+                if not problem:
+                    problem, tokens = _packed_tokens(span)
                 if problem:
                     batch.rejected_spans += 1
                     if len(batch.errors) < _MAX_ERROR_MESSAGES:
@@ -376,6 +406,10 @@ def decode_request(request: ExportTraceServiceRequest) -> SpanBatch:
                         )
                     continue
                 _append_span(batch, span, resource_attrs, service_name, scope_name, scope_version)
+                if tokens is not None:
+                    batch.packed_spans += 1
+                    del batch.attributes[-1][attrs.TOKEN_PACKED]
+                    _append_tokens(batch, span, tokens)
     return batch
 
 
@@ -389,7 +423,7 @@ def accepted_request(request: ExportTraceServiceRequest) -> ExportTraceServiceRe
         for s in range(len(resource_spans.scope_spans) - 1, -1, -1):
             spans = resource_spans.scope_spans[s].spans
             for i in range(len(spans) - 1, -1, -1):
-                if _span_problem(spans[i]):
+                if _span_problem(spans[i]) or _packed_tokens(spans[i])[0]:
                     del spans[i]
             if not spans:
                 del resource_spans.scope_spans[s]
@@ -428,3 +462,112 @@ def _append_span(
     batch.link_span_ids.append([link.span_id.hex() for link in span.links])
     batch.link_trace_states.append([link.trace_state for link in span.links])
     batch.link_attributes.append([_attr_map(link.attributes) for link in span.links])
+
+
+# -- packed tokens -------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN64 = 0x9E3779B97F4A7C15
+
+
+def token_span_id(decode_span_id: bytes, index: int) -> bytes:
+    """The span id of emission ``index`` packed on the decode span ``decode_span_id``:
+    deterministic, so a re-sent export yields the same ids, and never all zeros."""
+    value = int.from_bytes(decode_span_id, "big") ^ (((index + 1) * _GOLDEN64) & _MASK64)
+    return (value or 1).to_bytes(8, "big")
+
+
+def _token_attrs(index: int, count: int, step: int, batch_size: int) -> dict[str, str]:
+    # As the unpacked mode's int attributes decode: decimal strings.
+    return {
+        attrs.TOKEN_INDEX: str(index),
+        attrs.TOKEN_COUNT: str(count),
+        attrs.ENGINE_STEP: str(step),
+        attrs.BATCH_SIZE: str(batch_size),
+    }
+
+
+def _append_tokens(batch: SpanBatch, span: Span, tokens: PackedTokens) -> None:
+    """Append the ``llm.token`` spans packed on ``span`` (just appended to ``batch``)."""
+    start = span.start_time_unix_nano
+    trace_id, parent = batch.trace_id[-1], batch.span_id[-1]
+    resource, service = batch.resource_attributes[-1], batch.service_name[-1]
+    scope, version = batch.scope_name[-1], batch.scope_version[-1]
+    times, counts = tokens.times, tokens.counts
+    index = 0
+    for i in range(len(tokens)):
+        batch.start_ns.append(start + times[i])
+        batch.end_ns.append(start + times[i + 1])
+        batch.trace_id.append(trace_id)
+        batch.span_id.append(token_span_id(span.span_id, i).hex())
+        batch.parent_span_id.append(parent)
+        batch.trace_state.append("")
+        batch.name.append(attrs.SPAN_TOKEN)
+        batch.kind.append("Internal")
+        batch.service_name.append(service)
+        batch.resource_attributes.append(resource)
+        batch.scope_name.append(scope)
+        batch.scope_version.append(version)
+        batch.attributes.append(
+            _token_attrs(index, counts[i], tokens.steps[i], tokens.batch_sizes[i])
+        )
+        batch.status_code.append("Unset")
+        batch.status_message.append("")
+        for column in (
+            batch.event_timestamps_ns,
+            batch.event_names,
+            batch.event_attributes,
+            batch.link_trace_ids,
+            batch.link_span_ids,
+            batch.link_trace_states,
+            batch.link_attributes,
+        ):
+            column.append([])
+        index += counts[i]
+
+
+def expanded_request(request: ExportTraceServiceRequest) -> ExportTraceServiceRequest:
+    """A copy of ``request`` (already stripped of rejected spans) in which every packed
+    ``llm.decode`` span is followed by its ``llm.token`` spans and no longer carries the
+    packed attribute: what the collector stored, as OTLP, for forwarding."""
+    out = ExportTraceServiceRequest()
+    out.CopyFrom(request)
+    for resource_spans in out.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            added: list[Span] = []
+            for span in scope_spans.spans:
+                _, tokens = _packed_tokens(span)
+                if tokens is None:
+                    continue
+                keep = [kv for kv in span.attributes if kv.key != attrs.TOKEN_PACKED]
+                del span.attributes[:]
+                span.attributes.extend(keep)
+                added.extend(_token_spans(span, tokens))
+            scope_spans.spans.extend(added)
+    return out
+
+
+def _token_spans(span: Span, tokens: PackedTokens) -> list[Span]:
+    start = span.start_time_unix_nano
+    out = []
+    index = 0
+    for i in range(len(tokens)):
+        token = Span(
+            trace_id=span.trace_id,
+            span_id=token_span_id(span.span_id, i),
+            parent_span_id=span.span_id,
+            name=attrs.SPAN_TOKEN,
+            kind=Span.SPAN_KIND_INTERNAL,
+            start_time_unix_nano=start + tokens.times[i],
+            end_time_unix_nano=start + tokens.times[i + 1],
+        )
+        for key, value in (
+            (attrs.TOKEN_INDEX, index),
+            (attrs.TOKEN_COUNT, tokens.counts[i]),
+            (attrs.ENGINE_STEP, tokens.steps[i]),
+            (attrs.BATCH_SIZE, tokens.batch_sizes[i]),
+        ):
+            token.attributes.add(key=key, value=AnyValue(int_value=value))
+        out.append(token)
+        index += tokens.counts[i]
+    return out

@@ -23,7 +23,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
 
-from .decode import SpanBatch, accepted_request, decode_request, parse_protobuf
+from .decode import (
+    SpanBatch,
+    accepted_request,
+    decode_request,
+    expanded_request,
+    parse_protobuf,
+)
 from .derive import DerivedRows, derive_rows
 from .store import Store, StoreError
 
@@ -110,6 +116,7 @@ class Pipeline:
         self._received = 0
         self._stored = 0
         self._rejected = 0
+        self._packed = 0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -140,12 +147,15 @@ class Pipeline:
     # -- counters ------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        """``spans_received`` (valid + rejected), ``spans_stored``, ``spans_rejected``."""
+        """``spans_received`` (valid + rejected, packed token spans counted expanded),
+        ``spans_stored``, ``spans_rejected``, ``packed_decode_spans`` (decode spans whose
+        packed token emissions were expanded)."""
         with self._counter_lock:
             return {
                 "spans_received": self._received,
                 "spans_stored": self._stored,
                 "spans_rejected": self._rejected,
+                "packed_decode_spans": self._packed,
             }
 
     # -- the stage -----------------------------------------------------------------
@@ -163,6 +173,7 @@ class Pipeline:
         with self._counter_lock:
             self._received += len(batch) + batch.rejected_spans
             self._rejected += batch.rejected_spans
+            self._packed += batch.packed_spans
         if len(batch) == 0:
             return ExportResult(0, batch.rejected_spans, batch.error_message)
         pending = _Pending(batch, derive_rows(batch))
@@ -170,6 +181,8 @@ class Pipeline:
         pending.future.result()
         if self._forward:
             accepted = request if batch.rejected_spans == 0 else accepted_request(request)
+            if batch.packed_spans:
+                accepted = expanded_request(accepted)  # forward what was stored
             for forward in self._forward:
                 forward(accepted)
         return ExportResult(len(batch), batch.rejected_spans, batch.error_message)

@@ -43,6 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="keep NIXL's progress thread (default: off on CPU, on on GPU)",
     )
+    parser.add_argument(
+        "--token-spans",
+        choices=["packed", "spans"],
+        default=None,
+        help=(
+            "how token emissions are sent: packed (one attribute on llm.decode, expanded by "
+            "tokentrace's collector; the default) or spans (one OTLP span each, for any "
+            "OTLP backend); default $TOKENTRACE_TOKEN_SPANS, else packed"
+        ),
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     parser.set_defaults(func=run)
 
@@ -61,6 +71,8 @@ def instrumented_env(args: argparse.Namespace, base: dict[str, str]) -> dict[str
         env["TOKENTRACE_NODE_ID"] = args.node_id
     if args.role:
         env[ROLE_ENV] = args.role
+    if args.token_spans:
+        env["TOKENTRACE_TOKEN_SPANS"] = args.token_spans
     if args.nixl_progress_thread:
         env[NIXL_PROGRESS_THREAD_ENV] = "1" if args.nixl_progress_thread == "on" else "0"
     plugins = env.get("VLLM_PLUGINS")

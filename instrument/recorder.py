@@ -2,8 +2,10 @@
 
 ``record()`` reads the monotonic clock and stores it with the emission's token count,
 engine step and batch size into arrays preallocated when the request starts. Spans are
-built once, off the hot path, when the request ends (``emit_spans``). One wall-clock
-anchor per request places the monotonic times on the timeline.
+built once, off the hot path, when the request ends: one ``llm.token`` span per emission
+(``emit_spans``), or in packed mode one attribute on the ``llm.decode`` span that the
+collector expands into the same spans (``pack_into``, :mod:`tokentrace.schemas.packed`).
+One wall-clock anchor per request places the monotonic times on the timeline.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from tokentrace.schemas import attributes as A
+from tokentrace.schemas.packed import encode_packed
 
 
 def _zeros(typecode: str, n: int) -> array:
@@ -111,6 +114,31 @@ class TokenRecorder:
         if self._n == 0:
             return None
         return (self._times[0] - self.start_mono_ns) / 1e9
+
+    def pack(self, span_start_ns: int) -> str:
+        """The packed-token attribute value, times relative to ``span_start_ns`` (the
+        wall-clock start of the ``llm.decode`` span that will carry it)."""
+        n = self._n
+        base = self.anchor_wall_ns - self.anchor_mono_ns - span_start_ns
+        times = array("q", [self.start_mono_ns + base])
+        times.extend([t + base for t in self._times[:n]])
+        return encode_packed(times, self._steps[:n], self._counts[:n], self._batch[:n])
+
+    def pack_into(self, span: trace.Span) -> int:
+        """Packed mode: put every emission on ``span`` (the request's ``llm.decode``,
+        not yet ended) as one attribute; returns the count."""
+        start = getattr(span, "start_time", None)
+        if start is None or not span.is_recording():
+            return 0
+        span.set_attribute(A.TOKEN_PACKED, self.pack(int(start)))
+        return self._n
+
+    def emit(self, tracer: trace.Tracer, decode_span: trace.Span, packed: bool) -> int:
+        """The request's token emissions, packed onto ``decode_span`` or as ``llm.token``
+        spans under it."""
+        if packed:
+            return self.pack_into(decode_span)
+        return self.emit_spans(tracer, trace.set_span_in_context(decode_span))
 
     def emit_spans(self, tracer: trace.Tracer, parent: Context) -> int:
         """Build one ``llm.token`` span per emission under ``parent``; returns the count.

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 ENDPOINT_ENVS = ("TOKENTRACE_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 NODE_ID_ENV = "TOKENTRACE_NODE_ID"
+TOKEN_SPANS_ENV = "TOKENTRACE_TOKEN_SPANS"
+TOKEN_SPANS_MODES = ("packed", "spans")
 INSTRUMENTATION_SCOPE = "tokentrace"
 
 
@@ -40,6 +42,19 @@ def resolve_endpoint(endpoint: str | None) -> str | None:
         if value:
             return value
     return None
+
+
+def resolve_token_spans(mode: str | None) -> str:
+    """How token emissions are sent: the argument, else ``TOKENTRACE_TOKEN_SPANS``, else
+    ``packed`` (one attribute on ``llm.decode`` that tokentrace's collector expands);
+    ``spans`` sends one OTLP span per emission, for any other OTLP backend."""
+    value = (mode or os.environ.get(TOKEN_SPANS_ENV) or "packed").strip().lower()
+    if value not in TOKEN_SPANS_MODES:
+        raise ValueError(
+            f"token spans mode must be one of {', '.join(TOKEN_SPANS_MODES)}, got {value!r}"
+            + ("" if mode else f" (from {TOKEN_SPANS_ENV})")
+        )
+    return value
 
 
 def resolve_node_id(node_id: str | None) -> str:
@@ -132,11 +147,17 @@ class Tracing:
     endpoint: str | None
     tracer: trace.Tracer
     provider: TracerProvider | None = field(default=None, repr=False)
+    token_spans: str = "packed"  # "packed" | "spans": see resolve_token_spans
     _deferred: _Deferred = field(default_factory=_Deferred, repr=False)
 
     @property
     def enabled(self) -> bool:
         return self.provider is not None
+
+    @property
+    def packed(self) -> bool:
+        """Token emissions go out packed onto ``llm.decode`` (see :mod:`..recorder`)."""
+        return self.token_spans == "packed"
 
     def defer(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` (which builds and ends spans) on the span thread, in submission
@@ -166,12 +187,14 @@ def setup_tracing(
     service_name: str | None = None,
     export_delay_ms: int = 500,
     max_queue_size: int = 65536,
+    token_spans: str | None = None,
 ) -> Tracing:
     """Create this process's tracer with tokentrace's resource attributes.
 
     ``endpoint`` is an OTLP/gRPC URL such as ``http://127.0.0.1:4317``. The exporter
     runs on the SDK's batch thread; it never blocks the caller, and spans beyond
     ``max_queue_size`` are dropped (and counted by the SDK) rather than queued forever.
+    ``token_spans`` picks the token wire mode (:func:`resolve_token_spans`).
     """
     if role not in A.ROLES:
         raise ValueError(f"role must be one of {A.ROLES}, got {role!r}")
@@ -180,8 +203,9 @@ def setup_tracing(
     node = resolve_node_id(node_id)
     service = service_name or f"tokentrace-{role}"
     url = resolve_endpoint(endpoint)
+    mode = resolve_token_spans(token_spans)
     if url is None:
-        return Tracing(node, role, service, None, trace.NoOpTracer())
+        return Tracing(node, role, service, None, trace.NoOpTracer(), token_spans=mode)
 
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -209,4 +233,4 @@ def setup_tracing(
         )
     )
     tracer = provider.get_tracer(INSTRUMENTATION_SCOPE)
-    return Tracing(node, role, service, url, tracer, provider)
+    return Tracing(node, role, service, url, tracer, provider, token_spans=mode)

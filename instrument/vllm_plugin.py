@@ -343,7 +343,7 @@ def _end_spans(tracing: Tracing, req: _Request, reason: str) -> None:
         span.end(end_time=rec.emission_wall_ns(0) if rec.emissions else None)
         return
     rec.start_mono_ns = int(req.arrival_mono_s * 1e9)
-    rec.emit_spans(tracing.tracer, req.ctx)
+    rec.emit(tracing.tracer, span, tracing.packed)
     span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, rec.tokens)
     first = rec.first_emission_s()
     if first is not None:

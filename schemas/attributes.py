@@ -55,6 +55,9 @@ TOKEN_INDEX = "tokentrace.token.index"  # 0-based index of the emission's first 
 TOKEN_COUNT = "tokentrace.token.count"  # tokens carried by this emission (>1 when speculating)
 ENGINE_STEP = "tokentrace.engine.step"  # the engine's step counter at this emission
 BATCH_SIZE = "tokentrace.batch.size"  # running requests in that step
+# On llm.decode in packed mode, instead of llm.token spans (schemas/packed.py); the
+# collector expands it and never stores or forwards it.
+TOKEN_PACKED = "tokentrace.token.packed"
 
 # -- llm.kv_transfer ---------------------------------------------------------------
 KV_BYTES = "tokentrace.kv.bytes"

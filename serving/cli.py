@@ -77,6 +77,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--num-blocks", type=int, default=1024, help="KV cache blocks (default 1024)"
     )
     worker.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    worker.add_argument(
+        "--token-spans",
+        choices=["packed", "spans"],
+        default=None,
+        help=(
+            "how token emissions are sent: packed (one attribute on llm.decode, expanded by "
+            "tokentrace's collector; the default) or spans (one OTLP span each, for any "
+            "OTLP backend); default $TOKENTRACE_TOKEN_SPANS, else packed"
+        ),
+    )
     worker.set_defaults(func=_worker)
 
     router = sub.add_parser(
@@ -160,6 +170,7 @@ def _worker(args: argparse.Namespace) -> int:
             model=args.model,
             num_blocks=args.num_blocks,
             threads=args.threads,
+            token_spans=args.token_spans,
         )
     )
     return 0

@@ -40,6 +40,8 @@ class LocalStack:
     # Extra environment per node id ("prefill-0", "decode-1", "router"), e.g.
     # TOKENTRACE_CLOCK_SKEW_MS to make one node's clock disagree.
     node_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    # How the workers send token emissions ("packed" | "spans"); None: their default.
+    token_spans: str | None = None
     components: list[Component] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -130,6 +132,7 @@ class LocalStack:
                 str(self.data_dir),
                 "--num-blocks",
                 str(self.num_blocks),
+                *(["--token-spans", self.token_spans] if self.token_spans else []),
             ],
             nice=self.worker_nice,
             env=self.node_env.get(node),
@@ -147,6 +150,8 @@ class LocalStack:
         model = create_hf_model(models_dir(self.data_dir))
         command = vllm_command(model, HOST, port, kv_role="kv_both")
         env = {**vllm_env(self._side_channel_ports[node]), **self.node_env.get(node, {})}
+        if self.token_spans:
+            env["TOKENTRACE_TOKEN_SPANS"] = self.token_spans
         # Not the project's root as cwd: `python -m` puts the cwd first on sys.path.
         if role == "prefill":
             comp = self._component(

@@ -79,6 +79,7 @@ class WorkerConfig:
     num_blocks: int = 1024
     kv_timeout_s: float = 120.0
     threads: int = 1
+    token_spans: str | None = None  # "packed" | "spans"; None: the environment's choice
 
     def validate(self) -> None:
         if self.role not in WORKER_ROLES:
@@ -119,7 +120,10 @@ class Worker:
         config.validate()
         self.config = config
         self.tracing: Tracing = setup_tracing(
-            role=config.role, node_id=config.node_id, endpoint=config.otlp_endpoint
+            role=config.role,
+            node_id=config.node_id,
+            endpoint=config.otlp_endpoint,
+            token_spans=config.token_spans,
         )
         self.node_id = self.tracing.node_id
         import torch
@@ -480,7 +484,7 @@ class Worker:
 
         def finish_spans(end_ns: int) -> None:
             if recorder is not None:
-                recorder.emit_spans(self.tracing.tracer, ctx)
+                recorder.emit(self.tracing.tracer, span, self.tracing.packed)
                 first = recorder.first_emission_s()
                 if first is not None:
                     span.set_attribute(

@@ -1,5 +1,6 @@
 """End to end: collector + router + 1 prefill + 2 decode workers as real processes on
-loopback, streaming load from ``tokentrace load``, everything read back from ClickHouse.
+loopback, streaming load from ``tokentrace load``, everything read back from ClickHouse;
+once with token emissions sent packed and once as one span each.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,24 @@ REQUESTS = 24
 CONCURRENCY = 2
 INPUT_LEN = 200
 OUTPUT_LEN = 16
+
+
+@pytest.fixture(scope="module", params=["packed", "spans"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    """The spine's stack once per token wire mode: every test here holds in both."""
+    s = LocalStack(
+        tmp_path_factory.mktemp(f"e2e-{request.param}"),
+        prefill_workers=1,
+        decode_workers=2,
+        token_spans=request.param,
+    )
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +94,8 @@ def test_one_trace_per_request_across_router_prefill_and_decode(
 
 
 def test_token_spans_equal_output_tokens(stack: LocalStack, load: LoadResult) -> None:
+    packed = httpx.get(f"{stack.collector_http}/health").json()["packed_decode_spans"]
+    assert packed >= REQUESTS if stack.token_spans == "packed" else packed == 0
     rows = stack.query(
         "SELECT TraceId, count() AS spans, "
         "sum(toUInt32(SpanAttributes['tokentrace.token.count'])) AS tokens "

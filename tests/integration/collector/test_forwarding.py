@@ -37,6 +37,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from tokentrace.instrument.recorder import TokenRecorder
 from tokentrace.schemas import attributes as A
 
 pytestmark = pytest.mark.timeout(60)
@@ -308,6 +309,50 @@ def test_forwards_exactly_the_accepted_spans_over_grpc_and_http(
         grpc_server.stop(0)
         http_server.shutdown()
         http_server.server_close()
+
+
+def test_packed_token_spans_are_forwarded_expanded(
+    start_collector: Callable[..., Running],
+) -> None:
+    """A decode span sent in packed mode reaches the target as what was stored: the
+    decode span without its packed attribute, then one llm.token span per emission."""
+    server, port, recorder = _grpc_target()
+    target = f"grpc://127.0.0.1:{port}"
+    try:
+        collector = start_collector("--forward-otlp", target)
+        exporter = OTLPSpanExporter(endpoint=collector.info["otlp_grpc"], insecure=True)
+        tp = TracerProvider(resource=Resource.create({A.SERVICE_NAME: "tt-packed-test"}))
+        tp.add_span_processor(SimpleSpanProcessor(exporter))
+        rec = TokenRecorder(4)
+        rec.start()
+        for step in range(5):  # one emission more than the capacity: the arrays grow
+            rec.record(2 if step == 3 else 1, step, 3)
+        span = tp.get_tracer("t").start_span(A.SPAN_DECODE, attributes={"test.tag": "packed"})
+        assert rec.pack_into(span) == 5
+        span.end()
+        tp.shutdown()
+
+        received = recorder.wait_for(6, timeout_s=10)
+        time.sleep(0.2)
+        assert len(recorder.spans) == 6
+        stored = collector.query(
+            "SELECT TraceId, SpanId, SpanName, SpanAttributes FROM otel_traces "
+            "WHERE ServiceName = 'tt-packed-test'"
+        )
+        stored_keys = [
+            (r["TraceId"], r["SpanId"], r["SpanName"], tuple(sorted(r["SpanAttributes"].items())))
+            for r in stored
+        ]
+        assert sorted(received) == sorted(stored_keys)
+        names = sorted(k[2] for k in received)
+        assert names == [A.SPAN_DECODE] + [A.SPAN_TOKEN] * 5
+        assert all(A.TOKEN_PACKED not in dict(k[3]) for k in received)
+        indices = sorted(int(dict(k[3])[A.TOKEN_INDEX]) for k in received if k[2] == A.SPAN_TOKEN)
+        assert indices == [0, 1, 2, 3, 5]  # emission 3 carried two tokens
+        assert collector.health()["forwarded"][target]["sent_spans"] == 6
+        assert collector.stop() == 0
+    finally:
+        server.stop(0)
 
 
 def test_dead_target_never_blocks_storage_and_catches_up_when_it_comes_back(

@@ -10,6 +10,7 @@ from otlp_builders import T0_NS, TRACE_ID, request, span
 
 from tokentrace.collector.decode import (
     DecodeError,
+    SpanBatch,
     decode_request,
     parse_json,
     parse_protobuf,
@@ -155,3 +156,90 @@ def test_json_wrong_length_id_is_rejected_with_partial_success() -> None:
 def test_bad_json_is_a_decode_error_naming_the_problem(data: bytes, match: str) -> None:
     with pytest.raises(DecodeError, match=match):
         parse_json(data)
+
+
+def _decode_pair() -> tuple[object, object]:
+    """The same recorded emissions sent both ways through the real SDK and encoder."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tokentrace.instrument.recorder import TokenRecorder
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({A.NODE_ID: "decode-0"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("tokentrace")
+    rec = TokenRecorder(2)
+    rec.start()
+    for step, tokens in enumerate((1, 1, 3, 1, 2)):
+        rec.record(tokens, 100 + step, 7 - step)
+    for packed in (False, True):
+        span = tracer.start_span(A.SPAN_DECODE, attributes={A.REQUEST_ID: "r"})
+        assert rec.emit(tracer, span, packed) == 5
+        span.end()
+    spans = memory.get_finished_spans()
+    unpacked = [s for s in spans if s.name == A.SPAN_TOKEN] + [spans[5]]
+    packed_decode = spans[6]
+    return encode_spans(unpacked), encode_spans([packed_decode])
+
+
+def test_packed_tokens_expand_to_what_the_unpacked_mode_sends() -> None:
+    from tokentrace.collector.derive import derive_rows
+
+    unpacked_req, packed_req = _decode_pair()
+    unpacked, packed = decode_request(unpacked_req), decode_request(packed_req)
+    assert (len(unpacked), len(packed), packed.packed_spans) == (6, 6, 1)
+
+    def rows(batch: SpanBatch) -> list[tuple]:
+        # Everything but ids; the decode spans themselves were started at different times.
+        cols = batch.otel_traces_columns()
+        skip = {"TraceId", "SpanId", "ParentSpanId"}
+        if_decode = {"Timestamp", "Duration"}
+        return sorted(
+            tuple(
+                (k, v[i])
+                for k, v in cols.items()
+                if k not in skip and not (batch.name[i] == A.SPAN_DECODE and k in if_decode)
+            )
+            for i in range(len(batch))
+        )
+
+    assert rows(unpacked) == rows(packed)
+    # Parents: every token span is the decode span's child, in both modes.
+    for batch in (unpacked, packed):
+        decode_id = batch.span_id[batch.name.index(A.SPAN_DECODE)]
+        tokens = [i for i, n in enumerate(batch.name) if n == A.SPAN_TOKEN]
+        assert {batch.parent_span_id[i] for i in tokens} == {decode_id}
+        assert len({batch.span_id[i] for i in tokens}) == 5
+    u, p = derive_rows(unpacked).token_latencies, derive_rows(packed).token_latencies
+    for name in u:
+        if name not in ("ts", "trace_id"):
+            assert u[name] == p[name], name
+    assert u["tokens"] == [1, 1, 3, 1, 2] and u["token_index"] == [0, 1, 2, 5, 6]
+
+
+def test_expanded_request_is_what_was_stored() -> None:
+    from tokentrace.collector.decode import expanded_request
+
+    _, packed_req = _decode_pair()
+    stored = decode_request(packed_req)
+    expanded = expanded_request(packed_req)
+    again = decode_request(expanded)
+    assert again.packed_spans == 0  # nothing left to expand
+    assert again.otel_traces_columns() == stored.otel_traces_columns()
+    assert packed_req.resource_spans[0].scope_spans[0].spans[0].attributes  # input untouched
+    assert any(
+        kv.key == A.TOKEN_PACKED
+        for kv in packed_req.resource_spans[0].scope_spans[0].spans[0].attributes
+    )
+
+
+def test_a_malformed_packed_span_is_rejected_by_name() -> None:
+    bad = request({}, [span(A.SPAN_DECODE, 1, T0_NS, T0_NS + 10, {A.TOKEN_PACKED: "1:xx"})])
+    batch = decode_request(bad)
+    assert len(batch) == 0 and batch.rejected_spans == 1
+    assert "tokentrace.token.packed" in batch.error_message
+    assert "base64" in batch.error_message

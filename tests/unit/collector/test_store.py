@@ -149,7 +149,12 @@ def test_pipeline_stores_spans_and_derived_rows(store: Store) -> None:
 
     pipeline.shutdown()
     pipeline.shutdown()
-    assert pipeline.counters() == {"spans_received": 17, "spans_stored": 16, "spans_rejected": 1}
+    assert pipeline.counters() == {
+        "spans_received": 17,
+        "spans_stored": 16,
+        "spans_rejected": 1,
+        "packed_decode_spans": 0,
+    }
     with pytest.raises(PipelineUnavailable):
         pipeline.consume(request({}, [span("x", 1, T0_NS, T0_NS)]))
 

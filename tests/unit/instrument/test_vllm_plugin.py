@@ -53,6 +53,7 @@ def test_nixl_agent_starts_without_the_spinning_progress_thread() -> None:
 
 def _args(**kw: object) -> argparse.Namespace:
     base = {"otlp_endpoint": None, "node_id": None, "role": None, "nixl_progress_thread": None}
+    base["token_spans"] = None
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -63,6 +64,7 @@ def test_instrument_sets_the_plugin_environment() -> None:
             node_id="gpu-3",
             role="prefill",
             nixl_progress_thread="on",
+            token_spans="spans",
         ),
         {"PATH": "/bin", "VLLM_PLUGINS": "other"},
     )
@@ -70,12 +72,14 @@ def test_instrument_sets_the_plugin_environment() -> None:
     assert env["TOKENTRACE_NODE_ID"] == "gpu-3"
     assert env["TOKENTRACE_ROLE"] == "prefill"
     assert env["TOKENTRACE_NIXL_PROGRESS_THREAD"] == "1"
+    assert env["TOKENTRACE_TOKEN_SPANS"] == "spans"
     assert env["VLLM_PLUGINS"] == "other,tokentrace"  # a restricted list still loads us
     assert env["PATH"] == "/bin"
     # the standard OpenTelemetry variable counts as the endpoint
     env = instrumented_env(_args(), {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://o:4317"})
     assert env["TOKENTRACE_OTLP_ENDPOINT"] == "http://o:4317"
     assert "VLLM_PLUGINS" not in env  # unset means every plugin loads
+    assert "TOKENTRACE_TOKEN_SPANS" not in env  # the plugin's default
 
 
 def test_instrument_runs_the_command_with_that_environment() -> None:

@@ -1,0 +1,111 @@
+"""The packed token wire format: one request's token emissions as one span attribute.
+
+In packed mode a decode node sends no ``llm.token`` spans; its ``llm.decode`` span
+carries :data:`tokentrace.schemas.attributes.TOKEN_PACKED` instead, and the collector
+expands it into the same ``llm.token`` spans and rows the unpacked mode produces.
+
+The value is ``"1:" + base64(payload)``; the payload, little-endian:
+
+    uint32  n                      emissions
+    int64   times[n + 1]           ns from the llm.decode span's start: times[0] is where
+                                   the first token span starts (decode start), times[i+1]
+                                   is emission i (where token span i ends)
+    int64   steps[n]               the engine step of each emission
+    uint16  counts[n]              tokens carried by each emission
+    uint16  batch_sizes[n]         running requests in that step
+
+Times are relative to the span's start so whatever moves the span (a clock correction)
+moves its tokens with it. 20 bytes per emission before base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import struct
+import sys
+from array import array
+from dataclasses import dataclass
+
+__all__ = ["PackedTokens", "PackedTokensError", "decode_packed", "encode_packed"]
+
+VERSION_PREFIX = "1:"
+_LITTLE = sys.byteorder == "little"
+
+
+class PackedTokensError(ValueError):
+    """The attribute is not a valid packed-token value; the message says why."""
+
+
+@dataclass(frozen=True)
+class PackedTokens:
+    times: array  # int64, n + 1
+    steps: array  # int64, n
+    counts: array  # uint16, n
+    batch_sizes: array  # uint16, n
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def _le(values: array) -> bytes:
+    if _LITTLE:
+        return values.tobytes()
+    swapped = array(values.typecode, values)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def encode_packed(times: array, steps: array, counts: array, batch_sizes: array) -> str:
+    """The attribute value for ``n`` emissions (``times`` has ``n + 1`` entries; typecodes
+    ``q``, ``q``, ``H``, ``H``)."""
+    n = len(steps)
+    if not (len(times) == n + 1 and len(counts) == n and len(batch_sizes) == n):
+        raise ValueError(
+            f"packed tokens need n + 1 times and n of the rest, got {len(times)} times, "
+            f"{n} steps, {len(counts)} counts, {len(batch_sizes)} batch sizes"
+        )
+    payload = b"".join(
+        (struct.pack("<I", n), _le(times), _le(steps), _le(counts), _le(batch_sizes))
+    )
+    return VERSION_PREFIX + base64.b64encode(payload).decode("ascii")
+
+
+def _take(payload: bytes, offset: int, typecode: str, count: int) -> tuple[array, int]:
+    values = array(typecode)
+    end = offset + values.itemsize * count
+    values.frombytes(payload[offset:end])
+    if not _LITTLE:
+        values.byteswap()
+    return values, end
+
+
+def decode_packed(value: str) -> PackedTokens:
+    """Parse an attribute value; :class:`PackedTokensError` names what is wrong.
+
+    Checks the version, the length against the count, and that times never go
+    backwards (every token span ends at or after its start). ``times[0]`` may be
+    negative: a token span may start before its parent, as in the unpacked mode.
+    """
+    if not value.startswith(VERSION_PREFIX):
+        raise PackedTokensError(f"packed tokens must start with {VERSION_PREFIX!r}")
+    try:
+        payload = base64.b64decode(value[len(VERSION_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise PackedTokensError(f"packed tokens are not valid base64: {exc}") from None
+    if len(payload) < 4 + 8:
+        raise PackedTokensError(f"packed tokens too short: {len(payload)} bytes")
+    (n,) = struct.unpack_from("<I", payload)
+    expected = 4 + 8 * (n + 1) + 8 * n + 2 * n + 2 * n
+    if len(payload) != expected:
+        raise PackedTokensError(
+            f"packed tokens hold {len(payload)} bytes, {expected} expected for {n} emissions"
+        )
+    times, offset = _take(payload, 4, "q", n + 1)
+    steps, offset = _take(payload, offset, "q", n)
+    counts, offset = _take(payload, offset, "H", n)
+    batch_sizes, _ = _take(payload, offset, "H", n)
+    for i in range(n):
+        if times[i + 1] < times[i]:
+            raise PackedTokensError(f"packed token {i} ends before it starts")
+    return PackedTokens(times, steps, counts, batch_sizes)
