@@ -64,6 +64,23 @@ REPORTS: list[tuple[str, str, list[tuple[str, str]]]] = [
         ],
     ),
     (
+        "Prefill done → decode receives it (p50/p99) and → first KV read (p50), "
+        "on the router's clock; skew = decode clock − prefill clock, measured and removed",
+        f"""SELECT prefill_node, decode_node,
+               {_Q}(prefill_to_decode_s) AS q, {_Q}(kv_handoff_s) AS h,
+               avg(decode_clock_offset_s - prefill_clock_offset_s) AS skew_s
+            FROM tokentrace.requests WHERE ts >= {{since}} AND prefill_to_decode_s IS NOT NULL
+            GROUP BY prefill_node, decode_node ORDER BY prefill_node, decode_node""",
+        [
+            ("prefill", "prefill_node"),
+            ("decode", "decode_node"),
+            ("p50 ms", "q0"),
+            ("p99 ms", "q2"),
+            ("KV read p50 ms", "h0"),
+            ("skew ms", "skew_ms"),
+        ],
+    ),
+    (
         "Inter-token latency per decode node (gap between emissions)",
         f"""SELECT node, count() AS gaps, {_Q}(itl_s) AS q, avg(batch_size) AS batch
             FROM tokentrace.token_latencies WHERE ts >= {{since}} AND itl_s IS NOT NULL
@@ -85,10 +102,13 @@ def _since_sql(epoch_s: float) -> str:
 
 
 def _cell(key: str, row: dict[str, Any]) -> str:
-    if key.startswith("q") and key[1:].isdigit():
-        return f"{row['q'][int(key[1:])] * 1000:.2f}"
+    if key[:1] in ("q", "h") and key[1:].isdigit():
+        return f"{row[key[0]][int(key[1:])] * 1000:.2f}"
     if key == "avg_kib":
         return f"{row['avg_bytes'] / 1024:.0f}"
+    if key == "skew_ms":
+        skew = row["skew_s"]
+        return "—" if skew is None else f"{skew * 1000:+.2f}"
     value = row[key]
     if key == "e2e":
         return f"{value * 1000:.1f}"
@@ -105,7 +125,10 @@ def print_report(stack: LocalStack, since_epoch_s: float, console: Console) -> N
         table = Table(title=title, title_justify="left")
         for header, _ in columns:
             table.add_column(
-                header, justify="left" if header in ("node", "source", "destination") else "right"
+                header,
+                justify="left"
+                if header in ("node", "source", "destination", "prefill", "decode")
+                else "right",
             )
         for row in rows:
             table.add_row(*[_cell(key, row) for _, key in columns])

@@ -323,3 +323,20 @@ def test_trace_and_traces_commands(stack: LocalStack, load: LoadResult) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "32 hex digits" in bad.stderr
+
+
+def test_demo_report_reads_every_table(stack: LocalStack, load: LoadResult) -> None:
+    from rich.console import Console
+
+    from tokentrace.serving.demo import REPORTS, print_report
+
+    console = Console(width=200, record=True)
+    print_report(stack, 0.0, console)
+    text = console.export_text()
+    for title, _, _ in REPORTS:
+        assert title.split(" (")[0].split(",")[0] in text
+    assert "—" not in text  # every table has rows
+    for node in ("router-0", "prefill-0", "decode-0", "decode-1"):
+        assert node in text
+    pairs = [line for line in text.splitlines() if line.startswith("│ prefill-0 │ decode-")]
+    assert len(pairs) == 4  # two node pairs in the KV and in the handoff table
