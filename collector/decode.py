@@ -7,16 +7,19 @@ the good ones out column by column in the OpenTelemetry Collector ClickHouse exp
 (OTLP partial success); the rest of the request is kept.
 
 An ``llm.decode`` span in packed mode (:mod:`tokentrace.schemas.packed`) is stored
-without its packed attribute, followed by the ``llm.token`` spans it packs: the same
-spans, attributes and times the unpacked mode sends, with span ids derived from the
-decode span's (:func:`token_span_id`). :func:`expanded_request` does the same to the
-protobuf request, for forwarding.
+without its packed attribute, and its emissions become one ``packed_tokens`` row (four
+arrays) that ClickHouse expands, by materialized views, into the ``llm.token`` spans
+and ``token_latencies`` rows the unpacked mode would have produced -- span ids derived
+from the decode span's (:func:`token_span_id`) -- so no per-token Python object is ever
+made. :func:`expanded_request` does the same expansion to the protobuf request, for
+forwarding.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +37,12 @@ from tokentrace.schemas.packed import PackedTokens, PackedTokensError, decode_pa
 __all__ = [
     "DecodeError",
     "OTEL_TRACES_COLUMNS",
+    "PACKED_TOKENS_COLUMNS",
     "SpanBatch",
     "accepted_request",
     "decode_request",
     "expanded_request",
+    "node_of",
     "parse_json",
     "parse_protobuf",
 ]
@@ -88,6 +93,23 @@ OTEL_TRACES_COLUMNS = (
 )
 
 
+#: ``packed_tokens`` column names, as :meth:`SpanBatch.packed_tokens_columns` returns them.
+PACKED_TOKENS_COLUMNS = (
+    "TraceId",
+    "DecodeSpanId",
+    "start_ns",
+    "ServiceName",
+    "ResourceAttributes",
+    "ScopeName",
+    "ScopeVersion",
+    "node",
+    "times",
+    "steps",
+    "counts",
+    "batch_sizes",
+)
+
+
 class DecodeError(ValueError):
     """The request as a whole cannot be parsed (permanent: never retry it)."""
 
@@ -96,8 +118,10 @@ class DecodeError(ValueError):
 class SpanBatch:
     """Valid spans of one or more export requests, one list per column.
 
-    Every list has one entry per span. Timestamps are integer nanoseconds since the Unix
-    epoch; attribute maps hold every value as a string (see :func:`any_value_to_str`).
+    Every list has one entry per span; the ``llm.token`` spans of packed decode spans are
+    not among them but in ``packed`` (ClickHouse expands them). Timestamps are integer
+    nanoseconds since the Unix epoch; attribute maps hold every value as a string (see
+    :func:`any_value_to_str`).
     ``rejected_spans`` / ``errors`` describe the spans that were dropped.
     """
 
@@ -125,7 +149,16 @@ class SpanBatch:
     link_attributes: list[list[dict[str, str]]] = field(default_factory=list)
     rejected_spans: int = 0
     errors: list[str] = field(default_factory=list)
-    packed_spans: int = 0  # llm.decode spans whose packed tokens were expanded
+    # One entry per llm.decode span that arrived packed, as packed_tokens columns.
+    packed: dict[str, list[Any]] = field(
+        default_factory=lambda: {name: [] for name in PACKED_TOKENS_COLUMNS}
+    )
+    packed_tokens: int = 0  # the llm.token spans those rows expand to
+
+    @property
+    def packed_spans(self) -> int:
+        """``llm.decode`` spans that carried packed token emissions."""
+        return len(self.packed["TraceId"])
 
     def __len__(self) -> int:
         return len(self.span_id)
@@ -145,7 +178,9 @@ class SpanBatch:
             getattr(self, name).extend(getattr(other, name))
         self.rejected_spans += other.rejected_spans
         self.errors.extend(other.errors)
-        self.packed_spans += other.packed_spans
+        for name, values in other.packed.items():
+            self.packed[name].extend(values)
+        self.packed_tokens += other.packed_tokens
 
     def otel_traces_columns(self) -> dict[str, list[Any]]:
         """The batch as ``otel_traces`` insert columns (names as in the table)."""
@@ -178,7 +213,7 @@ class SpanBatch:
 _LIST_FIELDS = tuple(
     name
     for name in SpanBatch.__dataclass_fields__
-    if name not in ("rejected_spans", "errors", "packed_spans")
+    if name not in ("rejected_spans", "errors", "packed", "packed_tokens")
 )
 
 
@@ -320,8 +355,20 @@ def _any_value_to_json(value: AnyValue) -> Any:
 
 
 def _attr_map(key_values: Any) -> dict[str, str]:
-    kvs: list[KeyValue] = list(key_values)
-    return {kv.key: any_value_to_str(kv.value) for kv in kvs}
+    # The hot loop of decoding (every attribute of every span): strings and ints, by far
+    # the most common values, without a call per attribute.
+    out: dict[str, str] = {}
+    kv: KeyValue
+    for kv in key_values:
+        value = kv.value
+        which = value.WhichOneof("value")
+        if which == "string_value":
+            out[kv.key] = value.string_value
+        elif which == "int_value":
+            out[kv.key] = str(value.int_value)
+        else:
+            out[kv.key] = any_value_to_str(value)
+    return out
 
 
 # -- validation and layout -----------------------------------------------------------
@@ -407,9 +454,8 @@ def decode_request(request: ExportTraceServiceRequest) -> SpanBatch:
                     continue
                 _append_span(batch, span, resource_attrs, service_name, scope_name, scope_version)
                 if tokens is not None:
-                    batch.packed_spans += 1
                     del batch.attributes[-1][attrs.TOKEN_PACKED]
-                    _append_tokens(batch, span, tokens)
+                    _append_packed(batch, tokens)
     return batch
 
 
@@ -453,15 +499,29 @@ def _append_span(
     batch.scope_name.append(scope_name)
     batch.scope_version.append(scope_version)
     batch.attributes.append(_attr_map(span.attributes))
-    batch.status_code.append(_STATUS_CODE.get(span.status.code, "Unset"))
-    batch.status_message.append(span.status.message)
-    batch.event_timestamps_ns.append([e.time_unix_nano for e in span.events])
-    batch.event_names.append([e.name for e in span.events])
-    batch.event_attributes.append([_attr_map(e.attributes) for e in span.events])
-    batch.link_trace_ids.append([link.trace_id.hex() for link in span.links])
-    batch.link_span_ids.append([link.span_id.hex() for link in span.links])
-    batch.link_trace_states.append([link.trace_state for link in span.links])
-    batch.link_attributes.append([_attr_map(link.attributes) for link in span.links])
+    status = span.status
+    batch.status_code.append(_STATUS_CODE.get(status.code, "Unset"))
+    batch.status_message.append(status.message)
+    events = span.events
+    if events:
+        batch.event_timestamps_ns.append([e.time_unix_nano for e in events])
+        batch.event_names.append([e.name for e in events])
+        batch.event_attributes.append([_attr_map(e.attributes) for e in events])
+    else:
+        batch.event_timestamps_ns.append([])
+        batch.event_names.append([])
+        batch.event_attributes.append([])
+    links = span.links
+    if links:
+        batch.link_trace_ids.append([link.trace_id.hex() for link in links])
+        batch.link_span_ids.append([link.span_id.hex() for link in links])
+        batch.link_trace_states.append([link.trace_state for link in links])
+        batch.link_attributes.append([_attr_map(link.attributes) for link in links])
+    else:
+        batch.link_trace_ids.append([])
+        batch.link_span_ids.append([])
+        batch.link_trace_states.append([])
+        batch.link_attributes.append([])
 
 
 # -- packed tokens -------------------------------------------------------------------
@@ -477,53 +537,31 @@ def token_span_id(decode_span_id: bytes, index: int) -> bytes:
     return (value or 1).to_bytes(8, "big")
 
 
-def _token_attrs(index: int, count: int, step: int, batch_size: int) -> dict[str, str]:
-    # As the unpacked mode's int attributes decode: decimal strings.
-    return {
-        attrs.TOKEN_INDEX: str(index),
-        attrs.TOKEN_COUNT: str(count),
-        attrs.ENGINE_STEP: str(step),
-        attrs.BATCH_SIZE: str(batch_size),
-    }
+def _append_packed(batch: SpanBatch, tokens: PackedTokens) -> None:
+    """A ``packed_tokens`` row for the decode span just appended to ``batch``."""
+    p = batch.packed
+    p["TraceId"].append(batch.trace_id[-1])
+    p["DecodeSpanId"].append(batch.span_id[-1])
+    p["start_ns"].append(batch.start_ns[-1])
+    p["ServiceName"].append(batch.service_name[-1])
+    p["ResourceAttributes"].append(batch.resource_attributes[-1])
+    p["ScopeName"].append(batch.scope_name[-1])
+    p["ScopeVersion"].append(batch.scope_version[-1])
+    p["node"].append(node_of(batch.resource_attributes[-1]))
+    p["times"].append(tokens.times)
+    p["steps"].append(tokens.steps)
+    p["counts"].append(tokens.counts)
+    p["batch_sizes"].append(tokens.batch_sizes)
+    batch.packed_tokens += len(tokens)
 
 
-def _append_tokens(batch: SpanBatch, span: Span, tokens: PackedTokens) -> None:
-    """Append the ``llm.token`` spans packed on ``span`` (just appended to ``batch``)."""
-    start = span.start_time_unix_nano
-    trace_id, parent = batch.trace_id[-1], batch.span_id[-1]
-    resource, service = batch.resource_attributes[-1], batch.service_name[-1]
-    scope, version = batch.scope_name[-1], batch.scope_version[-1]
-    times, counts = tokens.times, tokens.counts
-    index = 0
-    for i in range(len(tokens)):
-        batch.start_ns.append(start + times[i])
-        batch.end_ns.append(start + times[i + 1])
-        batch.trace_id.append(trace_id)
-        batch.span_id.append(token_span_id(span.span_id, i).hex())
-        batch.parent_span_id.append(parent)
-        batch.trace_state.append("")
-        batch.name.append(attrs.SPAN_TOKEN)
-        batch.kind.append("Internal")
-        batch.service_name.append(service)
-        batch.resource_attributes.append(resource)
-        batch.scope_name.append(scope)
-        batch.scope_version.append(version)
-        batch.attributes.append(
-            _token_attrs(index, counts[i], tokens.steps[i], tokens.batch_sizes[i])
-        )
-        batch.status_code.append("Unset")
-        batch.status_message.append("")
-        for column in (
-            batch.event_timestamps_ns,
-            batch.event_names,
-            batch.event_attributes,
-            batch.link_trace_ids,
-            batch.link_span_ids,
-            batch.link_trace_states,
-            batch.link_attributes,
-        ):
-            column.append([])
-        index += counts[i]
+def node_of(resource_attrs: Mapping[str, str]) -> str:
+    """The node identity: ``tokentrace.node.id``, else ``host.name``, else ``service.name``."""
+    for key in (attrs.NODE_ID, attrs.HOST_NAME, attrs.SERVICE_NAME):
+        value = resource_attrs.get(key)
+        if value:
+            return value
+    return ""
 
 
 def expanded_request(request: ExportTraceServiceRequest) -> ExportTraceServiceRequest:

@@ -14,13 +14,12 @@ the router's clock offset estimates; the ``requests`` view subtracts them on one
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from tokentrace.schemas import attributes as attrs
 
-from .decode import SpanBatch
+from .decode import SpanBatch, node_of
 
 __all__ = [
     "DerivedRows",
@@ -122,15 +121,6 @@ class DerivedRows:
         for table, mine in self._all().items():
             for name, values in theirs[table].items():
                 mine[name].extend(values)
-
-
-def node_of(resource_attrs: Mapping[str, str]) -> str:
-    """The node identity: ``tokentrace.node.id``, else ``host.name``, else ``service.name``."""
-    for key in (attrs.NODE_ID, attrs.HOST_NAME, attrs.SERVICE_NAME):
-        value = resource_attrs.get(key)
-        if value:
-            return value
-    return ""
 
 
 def _uint(value: str | None, max_value: int) -> int | None:

@@ -171,7 +171,7 @@ class Pipeline:
             request = parse_protobuf(bytes(request))
         batch = decode_request(request)
         with self._counter_lock:
-            self._received += len(batch) + batch.rejected_spans
+            self._received += len(batch) + batch.packed_tokens + batch.rejected_spans
             self._rejected += batch.rejected_spans
             self._packed += batch.packed_spans
         if len(batch) == 0:
@@ -213,7 +213,7 @@ class Pipeline:
             if first is _STOP:
                 break
             group: list[_Pending] = [first]
-            spans = len(first.batch)
+            spans = len(first.batch) + first.batch.packed_tokens
             deadline = time.monotonic() + self.config.flush_interval_ms / 1000.0
             while spans < self.config.max_batch_spans:
                 timeout = deadline - time.monotonic()
@@ -229,7 +229,7 @@ class Pipeline:
                     stopping = True
                     break
                 group.append(item)
-                spans += len(item.batch)
+                spans += len(item.batch) + item.batch.packed_tokens
             self._commit(group)
         # Drain whatever raced in before the stop marker.
         leftover: list[_Pending] = []
@@ -260,6 +260,7 @@ class Pipeline:
             rows.extend(pending.rows)
         tables: list[tuple[str, dict[str, list[Any]]]] = [
             ("otel_traces", batch.otel_traces_columns()),
+            *([("packed_tokens", batch.packed)] if batch.packed_spans else []),
             *rows.tables().items(),
         ]
         try:
@@ -272,7 +273,7 @@ class Pipeline:
                 pending.future.set_exception(error)
             return
         with self._counter_lock:
-            self._stored += len(batch)
+            self._stored += len(batch) + batch.packed_tokens
         for pending in group:
             pending.future.set_result(None)
 

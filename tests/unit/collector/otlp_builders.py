@@ -73,3 +73,32 @@ def request(
             )
         ]
     )
+
+
+def packed_and_unpacked() -> tuple[ExportTraceServiceRequest, ExportTraceServiceRequest]:
+    """The same five recorded emissions (token counts 1, 1, 3, 1, 2) sent both ways
+    through the real SDK and OTLP encoder: one llm.token span each under one llm.decode
+    span, and packed onto another llm.decode span (each its own trace)."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tokentrace.instrument.recorder import TokenRecorder
+    from tokentrace.schemas import attributes as A
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({A.NODE_ID: "decode-0"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("tokentrace")
+    rec = TokenRecorder(2)
+    rec.start()
+    for step, tokens in enumerate((1, 1, 3, 1, 2)):
+        rec.record(tokens, 100 + step, 7 - step)
+    for packed in (False, True):
+        decode = tracer.start_span(A.SPAN_DECODE, attributes={A.REQUEST_ID: "r"})
+        assert rec.emit(tracer, decode, packed) == 5
+        decode.end()
+    spans = memory.get_finished_spans()
+    return encode_spans(spans[:6]), encode_spans([spans[6]])

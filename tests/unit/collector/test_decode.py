@@ -6,11 +6,10 @@ import json
 
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
-from otlp_builders import T0_NS, TRACE_ID, request, span
+from otlp_builders import T0_NS, TRACE_ID, packed_and_unpacked, request, span
 
 from tokentrace.collector.decode import (
     DecodeError,
-    SpanBatch,
     decode_request,
     parse_json,
     parse_protobuf,
@@ -158,83 +157,36 @@ def test_bad_json_is_a_decode_error_naming_the_problem(data: bytes, match: str) 
         parse_json(data)
 
 
-def _decode_pair() -> tuple[object, object]:
-    """The same recorded emissions sent both ways through the real SDK and encoder."""
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from tokentrace.instrument.recorder import TokenRecorder
-
-    memory = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({A.NODE_ID: "decode-0"}))
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracer = provider.get_tracer("tokentrace")
-    rec = TokenRecorder(2)
-    rec.start()
-    for step, tokens in enumerate((1, 1, 3, 1, 2)):
-        rec.record(tokens, 100 + step, 7 - step)
-    for packed in (False, True):
-        span = tracer.start_span(A.SPAN_DECODE, attributes={A.REQUEST_ID: "r"})
-        assert rec.emit(tracer, span, packed) == 5
-        span.end()
-    spans = memory.get_finished_spans()
-    unpacked = [s for s in spans if s.name == A.SPAN_TOKEN] + [spans[5]]
-    packed_decode = spans[6]
-    return encode_spans(unpacked), encode_spans([packed_decode])
+def test_a_packed_decode_span_becomes_one_packed_tokens_row() -> None:
+    _, packed_req = packed_and_unpacked()
+    batch = decode_request(packed_req)
+    assert (len(batch), batch.packed_spans, batch.packed_tokens) == (1, 1, 5)
+    assert A.TOKEN_PACKED not in batch.attributes[0]  # stored without the attribute
+    row = {name: values[0] for name, values in batch.packed.items()}
+    assert (row["TraceId"], row["DecodeSpanId"]) == (batch.trace_id[0], batch.span_id[0])
+    assert row["start_ns"] == batch.start_ns[0] and row["node"] == "decode-0"
+    assert list(row["counts"]) == [1, 1, 3, 1, 2]
+    assert list(row["steps"]) == [100, 101, 102, 103, 104]
+    assert list(row["batch_sizes"]) == [7, 6, 5, 4, 3]
+    assert len(row["times"]) == 6
 
 
-def test_packed_tokens_expand_to_what_the_unpacked_mode_sends() -> None:
-    from tokentrace.collector.derive import derive_rows
+def test_expanded_request_moves_the_packed_tokens_into_spans() -> None:
+    from tokentrace.collector.decode import expanded_request, token_span_id
 
-    unpacked_req, packed_req = _decode_pair()
-    unpacked, packed = decode_request(unpacked_req), decode_request(packed_req)
-    assert (len(unpacked), len(packed), packed.packed_spans) == (6, 6, 1)
-
-    def rows(batch: SpanBatch) -> list[tuple]:
-        # Everything but ids; the decode spans themselves were started at different times.
-        cols = batch.otel_traces_columns()
-        skip = {"TraceId", "SpanId", "ParentSpanId"}
-        if_decode = {"Timestamp", "Duration"}
-        return sorted(
-            tuple(
-                (k, v[i])
-                for k, v in cols.items()
-                if k not in skip and not (batch.name[i] == A.SPAN_DECODE and k in if_decode)
-            )
-            for i in range(len(batch))
-        )
-
-    assert rows(unpacked) == rows(packed)
-    # Parents: every token span is the decode span's child, in both modes.
-    for batch in (unpacked, packed):
-        decode_id = batch.span_id[batch.name.index(A.SPAN_DECODE)]
-        tokens = [i for i, n in enumerate(batch.name) if n == A.SPAN_TOKEN]
-        assert {batch.parent_span_id[i] for i in tokens} == {decode_id}
-        assert len({batch.span_id[i] for i in tokens}) == 5
-    u, p = derive_rows(unpacked).token_latencies, derive_rows(packed).token_latencies
-    for name in u:
-        if name not in ("ts", "trace_id"):
-            assert u[name] == p[name], name
-    assert u["tokens"] == [1, 1, 3, 1, 2] and u["token_index"] == [0, 1, 2, 5, 6]
-
-
-def test_expanded_request_is_what_was_stored() -> None:
-    from tokentrace.collector.decode import expanded_request
-
-    _, packed_req = _decode_pair()
-    stored = decode_request(packed_req)
+    _, packed_req = packed_and_unpacked()
     expanded = expanded_request(packed_req)
     again = decode_request(expanded)
-    assert again.packed_spans == 0  # nothing left to expand
-    assert again.otel_traces_columns() == stored.otel_traces_columns()
-    assert packed_req.resource_spans[0].scope_spans[0].spans[0].attributes  # input untouched
-    assert any(
-        kv.key == A.TOKEN_PACKED
-        for kv in packed_req.resource_spans[0].scope_spans[0].spans[0].attributes
-    )
+    assert again.packed_spans == 0 and len(again) == 6
+    decode_id = again.span_id[again.name.index(A.SPAN_DECODE)]
+    tokens = [i for i, n in enumerate(again.name) if n == A.SPAN_TOKEN]
+    assert [again.span_id[i] for i in tokens] == [
+        token_span_id(bytes.fromhex(decode_id), k).hex() for k in range(5)
+    ]
+    assert [again.attributes[i][A.TOKEN_INDEX] for i in tokens] == ["0", "1", "2", "5", "6"]
+    # The input is left as it was.
+    packed_attrs = packed_req.resource_spans[0].scope_spans[0].spans[0].attributes
+    assert any(kv.key == A.TOKEN_PACKED for kv in packed_attrs)
 
 
 def test_a_malformed_packed_span_is_rejected_by_name() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from otlp_builders import T0_NS, TRACE_ID, request, span
+from otlp_builders import T0_NS, TRACE_ID, packed_and_unpacked, request, span
 
 from tokentrace.collector import (
     DecodeError,
@@ -22,6 +22,7 @@ from tokentrace.collector import (
     StoreError,
     open_store,
 )
+from tokentrace.collector.decode import OTEL_TRACES_COLUMNS
 from tokentrace.schemas import attributes as A
 
 
@@ -175,3 +176,66 @@ def test_pipeline_stores_spans_and_derived_rows(store: Store) -> None:
 def test_bad_dsn_names_it() -> None:
     with pytest.raises(ValueError, match="nowhere"):
         open_store("nowhere")
+
+
+def test_packed_tokens_land_as_the_unpacked_mode_lands_them(store: Store) -> None:
+    """ClickHouse's expansion of a packed decode span writes the otel_traces and
+    token_latencies rows the collector writes for the same emissions sent one span each,
+    and the same spans it forwards."""
+    from tokentrace.collector.decode import decode_request, expanded_request
+
+    unpacked_req, packed_req = packed_and_unpacked()
+    pipeline = Pipeline(store, PipelineConfig(flush_interval_ms=20))
+    pipeline.start()
+    try:
+        assert pipeline.consume(unpacked_req).stored_spans == 6
+        assert pipeline.consume(packed_req).stored_spans == 1
+        assert pipeline.counters()["spans_stored"] == 12
+    finally:
+        pipeline.shutdown()
+    unpacked_tid = unpacked_req.resource_spans[0].scope_spans[0].spans[0].trace_id.hex()
+    packed_tid = packed_req.resource_spans[0].scope_spans[0].spans[0].trace_id.hex()
+
+    columns = [c for c in OTEL_TRACES_COLUMNS]
+
+    def spans(tid: str) -> list[dict]:
+        res = store.query(
+            f"SELECT {', '.join(columns)} FROM otel_traces WHERE TraceId = {{t:String}} "
+            "ORDER BY SpanName, Timestamp",
+            {"t": tid},
+        )
+        return [dict(zip(res.column_names, r, strict=True)) for r in res.rows]
+
+    def comparable(rows: list[dict]) -> list[dict]:
+        out = []
+        for r in rows:
+            r = {k: v for k, v in r.items() if k not in ("TraceId", "SpanId", "ParentSpanId")}
+            if r["SpanName"] == A.SPAN_DECODE:  # the two decode spans started apart
+                r.pop("Timestamp"), r.pop("Duration")
+            out.append(r)
+        return out
+
+    unpacked, packed = spans(unpacked_tid), spans(packed_tid)
+    assert len(packed) == 6
+    assert comparable(packed) == comparable(unpacked)
+
+    # What is forwarded for the packed export is exactly what ClickHouse stored.
+    forwarded = decode_request(expanded_request(packed_req)).otel_traces_columns()
+    stored = {name: [r[name] for r in packed] for name in columns}
+    key = sorted(range(6), key=lambda i: (forwarded["SpanName"][i], forwarded["Timestamp"][i]))
+    for name in ("SpanId", "ParentSpanId", "Timestamp", "Duration", "SpanAttributes"):
+        assert [forwarded[name][i] for i in key] == [
+            v if name != "Timestamp" else v.ns for v in stored[name]
+        ], name
+
+    token_cols = "token_index, itl_s, tokens, batch_size, node, toUnixTimestamp64Nano(ts)"
+    rows = {
+        tid: store.query(
+            f"SELECT {token_cols} FROM token_latencies WHERE trace_id = {{t:String}} "
+            "ORDER BY token_index",
+            {"t": tid},
+        ).rows
+        for tid in (unpacked_tid, packed_tid)
+    }
+    assert rows[packed_tid] == rows[unpacked_tid]
+    assert [r[0] for r in rows[packed_tid]] == [0, 1, 2, 5, 6]
