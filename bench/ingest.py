@@ -44,6 +44,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from bench._common import Figure, add_common_args, cpu_seconds, emit, rss_bytes
 from tokentrace.schemas import attributes as A
 
+ROOT = Path(__file__).resolve().parents[1]  # where `python -m bench.ingest` is found
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 MS = 1_000_000
 
@@ -331,6 +332,7 @@ def _run_sender(
         check=True,
         capture_output=True,
         text=True,
+        cwd=ROOT,
     )
     return dict(json.loads(out.stdout))
 
@@ -368,7 +370,9 @@ def _parse_only_server(port_file: str) -> None:
 def _process(
     argv: list[str], ready: Path, timeout_s: float = 60.0
 ) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
     try:
         deadline = time.monotonic() + timeout_s
         while not ready.exists():
@@ -398,6 +402,7 @@ class Measured:
     cpu_s: float
     wall_s: float
     peak_rss: int
+    peak_anon: int = 0
 
     @property
     def spans_per_core_s(self) -> float:
@@ -409,8 +414,11 @@ class Measured:
 
 
 class _RssSampler:
+    """Peak resident memory of a process, total and anonymous (``RssAnon``: without the
+    pages of mapped files such as chDB's 200 MB library), sampled every 100 ms."""
+
     def __init__(self, pid: int) -> None:
-        self.pid, self.peak = pid, 0
+        self.pid, self.peak, self.peak_anon = pid, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -419,6 +427,7 @@ class _RssSampler:
         while not self._stop.wait(0.1):
             try:
                 self.peak = max(self.peak, rss_bytes(self.pid))
+                self.peak_anon = max(self.peak_anon, rss_bytes(self.pid, "RssAnon"))
             except (OSError, KeyError):
                 return
 
@@ -476,6 +485,7 @@ def measure_collector(args: argparse.Namespace, packed: bool) -> tuple[Measured,
                     cpu1 - cpu0,
                     wall1 - wall0,
                     max(peak, rss_bytes(proc.pid, "VmHWM")),
+                    sampler.peak_anon,
                 ),
                 idle_rss,
             )
@@ -555,10 +565,20 @@ def run(args: argparse.Namespace) -> list[Figure]:
                 "the same collector, idle",
             )
         )
+        figures.append(
+            Figure(
+                f"ingest ({label}): of which anonymous (not chDB's code)",
+                measured.peak_anon / 1e6,
+                "MB",
+                None,
+                "(information)",
+                None,
+            )
+        )
     return figures
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.ingest",
         description="Collector ingest throughput per core, OTLP/gRPC in to rows committed "
@@ -577,7 +597,12 @@ def main(argv: list[str] | None = None) -> int:
         default="both",
         help="token wire mode(s) to measure (default both)",
     )
-    parser.add_argument("--inflight", type=int, default=4, help="exports in flight (default 4)")
+    parser.add_argument(
+        "--inflight",
+        type=int,
+        default=16,
+        help="exports in flight, as from that many exporting processes (default 16)",
+    )
     parser.add_argument(
         "--requests-per-export", type=int, default=8, help="LLM requests per export (default 8)"
     )
@@ -588,7 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sender", metavar="HOST:PORT", help=argparse.SUPPRESS)
     parser.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parse-only-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.parse_only_server:
         _parse_only_server(args.parse_only_server)
         return 0

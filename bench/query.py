@@ -168,7 +168,7 @@ def _start_collector(data_dir: Path) -> subprocess.Popen[str]:
     return proc
 
 
-def _timed(fn: Callable[[], None], repeats: int) -> float:
+def _timed(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up: caches and the first-use work of every layer
     times = []
     for _ in range(repeats):
@@ -195,8 +195,8 @@ def run(args: argparse.Namespace) -> list[Figure]:
             resp.raise_for_status()
             return list(resp.json()["rows"])
 
-        (count,) = sql("SELECT count() FROM token_latencies")[0]
-        (span_count,) = sql("SELECT count() FROM otel_traces")[0]
+        count = int(str(sql("SELECT count() FROM token_latencies")[0][0]))
+        span_count = int(str(sql("SELECT count() FROM otel_traces")[0][0]))
         rng = random.Random(7)
         traces = args.spans // SPANS_PER_TRACE
         ids = [
@@ -244,9 +244,9 @@ def run(args: argparse.Namespace) -> list[Figure]:
             ),
             Figure(
                 f"per-node p50/p99 ITL, last hour ({NODES} nodes)",
-                _timed(lambda: sql(itl_sql) and None, args.repeats),
+                _timed(lambda: sql(itl_sql), args.repeats),
                 "ms",
-                _timed(lambda: sql(itl_raw_sql) and None, args.repeats),
+                _timed(lambda: sql(itl_raw_sql), args.repeats),
                 "≤ 200 ms",
                 None,
                 "same from raw spans",
@@ -255,9 +255,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
                 f"tokentrace demo summary tables ({len(REPORTS)} queries)",
                 _timed(demo_tables, args.repeats),
                 "ms",
-                _timed(
-                    lambda: sql("SELECT count(itl_s) FROM token_latencies") and None, args.repeats
-                ),
+                _timed(lambda: sql("SELECT count(itl_s) FROM token_latencies"), args.repeats),
                 "≤ 500 ms",
                 None,
                 "one full scan of token rows",
@@ -299,7 +297,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.query",
         description="Query latency through the collector's HTTP API with 10 million token "
@@ -318,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=9, help="timed runs per query after one warm-up (default 9)"
     )
     add_common_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     emit("Query latency (python -m bench.query)", run(args), args.json)
     return 0
 

@@ -49,7 +49,7 @@ class PipelineConfig:
     (transient errors only) ``retry_backoff_ms`` apart before exports are failed."""
 
     flush_interval_ms: float = 50.0
-    max_batch_spans: int = 10_000
+    max_batch_spans: int = 20_000
     insert_attempts: int = 3
     retry_backoff_ms: float = 200.0
     queue_exports: int = 1_000

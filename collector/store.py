@@ -256,9 +256,14 @@ def open_store(dsn: str, database: str = DATABASE) -> Store:
     import clickhouse_connect
 
     if dsn.startswith("chdb://"):
+        import os
         from pathlib import Path
 
         Path(dsn[len("chdb://") :]).mkdir(parents=True, exist_ok=True)
+        # chDB's jemalloc keeps freed pages for 5 s (ClickHouse's server setting), which
+        # in a collector under load is a few hundred MB of resident memory it is not
+        # using. Read once, when chDB is first loaded; a value already set wins.
+        os.environ.setdefault("JE_MALLOC_CONF", "dirty_decay_ms:1000,muzzy_decay_ms:0")
     try:
         client = clickhouse_connect.get_client(dsn=dsn)
     except Exception as exc:
