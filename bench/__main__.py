@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", choices=list(BENCHMARKS), help="run just these (repeatable)"
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--save", metavar="PATH", help="also write the figures to PATH as a JSON list"
+    )
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     figures: list[Figure] = []
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         got = [Figure.from_json(item) for item in json.loads(done.stdout)]
         console.print(f"  {len(got)} figures in {took:.0f} s")
         figures.extend(got)
+    if args.save:
+        with open(args.save, "w") as out:
+            json.dump([f.to_json() for f in figures], out, indent=1)
     emit("tokentrace benchmarks (make bench)", figures, args.json)
     return 1 if failed else 0
 

@@ -116,7 +116,9 @@ def emit(title: str, figures: Sequence[Figure], as_json: bool) -> None:
         json.dump([f.to_json() for f in figures], sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        Console().print(table(title, figures))
+        # Wide enough for every column when written to a file or a pipe (rich would
+        # wrap to 80 columns there).
+        Console(width=None if sys.stdout.isatty() else 220).print(table(title, figures))
 
 
 def median(values: Sequence[float]) -> float:
