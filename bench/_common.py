@@ -17,6 +17,7 @@ from rich.table import Table
 
 __all__ = [
     "Figure",
+    "collector_argv",
     "add_common_args",
     "cpu_seconds",
     "emit",
@@ -119,6 +120,25 @@ def emit(title: str, figures: Sequence[Figure], as_json: bool) -> None:
         # Wide enough for every column when written to a file or a pipe (rich would
         # wrap to 80 columns there).
         Console(width=None if sys.stdout.isatty() else 220).print(table(title, figures))
+
+
+def collector_argv(data_dir: Path) -> list[str]:
+    """``tokentrace collector`` on ``data_dir`` with every port picked by the OS (they
+    are in ``data_dir/collector.json`` once it is ready)."""
+    return [
+        sys.executable,
+        "-m",
+        "tokentrace",
+        "collector",
+        "--data-dir",
+        str(data_dir),
+        "--otlp-grpc",
+        "127.0.0.1:0",
+        "--otlp-http",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+    ]
 
 
 def median(values: Sequence[float]) -> float:

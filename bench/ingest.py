@@ -41,7 +41,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-from bench._common import Figure, add_common_args, cpu_seconds, emit, rss_bytes
+from bench._common import (
+    Figure,
+    add_common_args,
+    collector_argv,
+    cpu_seconds,
+    emit,
+    rss_bytes,
+)
 from tokentrace.schemas import attributes as A
 
 ROOT = Path(__file__).resolve().parents[1]  # where `python -m bench.ingest` is found
@@ -448,21 +455,7 @@ def measure_collector(args: argparse.Namespace, packed: bool) -> tuple[Measured,
     """Ingest into a fresh collector; returns what was measured and its idle RSS."""
     with tempfile.TemporaryDirectory(prefix="tt-bench-ingest-") as tmp:
         data_dir = Path(tmp)
-        argv = [
-            sys.executable,
-            "-m",
-            "tokentrace",
-            "collector",
-            "--data-dir",
-            str(data_dir),
-            "--otlp-grpc",
-            "127.0.0.1:0",
-            "--otlp-http",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ]
-        with _process(argv, data_dir / "collector.json") as proc:
+        with _process(collector_argv(data_dir), data_dir / "collector.json") as proc:
             info = json.loads((data_dir / "collector.json").read_text())
             api = f"http://{info['http']}"
             idle_rss = rss_bytes(proc.pid)

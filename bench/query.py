@@ -32,7 +32,7 @@ import httpx
 from rich.console import Console
 from rich.progress import Progress
 
-from bench._common import Figure, add_common_args, emit, median
+from bench._common import Figure, add_common_args, collector_argv, emit, median
 from tokentrace.schemas import attributes as A
 
 NODES = 8  # decode nodes
@@ -140,20 +140,7 @@ def _load(data_dir: Path, token_rows: int, spans: int, progress: Progress) -> No
 
 def _start_collector(data_dir: Path) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tokentrace",
-            "collector",
-            "--data-dir",
-            str(data_dir),
-            "--otlp-grpc",
-            "127.0.0.1:0",
-            "--otlp-http",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ],
+        collector_argv(data_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

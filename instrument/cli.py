@@ -7,6 +7,7 @@ import argparse
 import os
 import shutil
 
+from tokentrace.instrument.tracing import TOKEN_SPANS_HELP, TOKEN_SPANS_MODES
 from tokentrace.instrument.vllm_plugin import NIXL_PROGRESS_THREAD_ENV, ROLE_ENV
 
 PLUGIN_NAME = "tokentrace"
@@ -45,13 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--token-spans",
-        choices=["packed", "spans"],
+        choices=TOKEN_SPANS_MODES,
         default=None,
-        help=(
-            "how token emissions are sent: packed (one attribute on llm.decode, expanded by "
-            "tokentrace's collector; the default) or spans (one OTLP span each, for any "
-            "OTLP backend); default $TOKENTRACE_TOKEN_SPANS, else packed"
-        ),
+        help=TOKEN_SPANS_HELP,
     )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     parser.set_defaults(func=run)

@@ -30,6 +30,11 @@ ENDPOINT_ENVS = ("TOKENTRACE_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 NODE_ID_ENV = "TOKENTRACE_NODE_ID"
 TOKEN_SPANS_ENV = "TOKENTRACE_TOKEN_SPANS"
 TOKEN_SPANS_MODES = ("packed", "spans")
+TOKEN_SPANS_HELP = (
+    "how token emissions are sent: packed (one attribute on llm.decode, expanded by "
+    "tokentrace's collector; the default) or spans (one OTLP span each, for any "
+    f"OTLP backend); default ${TOKEN_SPANS_ENV}, else packed"
+)
 INSTRUMENTATION_SCOPE = "tokentrace"
 
 

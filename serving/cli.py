@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tokentrace.instrument.tracing import TOKEN_SPANS_HELP, TOKEN_SPANS_MODES
 from tokentrace.schemas.layout import DATA_DIR_ENV
 
 DATA_DIR_HELP = (
@@ -79,13 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     worker.add_argument(
         "--token-spans",
-        choices=["packed", "spans"],
+        choices=TOKEN_SPANS_MODES,
         default=None,
-        help=(
-            "how token emissions are sent: packed (one attribute on llm.decode, expanded by "
-            "tokentrace's collector; the default) or spans (one OTLP span each, for any "
-            "OTLP backend); default $TOKENTRACE_TOKEN_SPANS, else packed"
-        ),
+        help=TOKEN_SPANS_HELP,
     )
     worker.set_defaults(func=_worker)
 
