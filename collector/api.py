@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .jaeger import jaeger_router
+from .sqlguard import QueryLimits, UnsafeQuery, guarded_query
 from .store import QueryResult, Store, StoreError
 
 __all__ = ["ApiConfig", "create_api_app", "json_safe", "result_to_json"]
@@ -72,9 +73,12 @@ def result_to_json(result: QueryResult) -> dict[str, Any]:
     }
 
 
-def create_api_app(store: Store, counters: Callable[[], dict[str, Any]]) -> FastAPI:
+def create_api_app(
+    store: Store, counters: Callable[[], dict[str, Any]], limits: QueryLimits | None = None
+) -> FastAPI:
     """The ASGI app; queries run on worker threads (the store serialises them).
-    ``/health`` answers ``{"status": "ok", **counters()}``."""
+    ``/health`` answers ``{"status": "ok", **counters()}``. ``POST /query`` runs one read
+    statement, refused unless :mod:`.sqlguard` lets it through, under ``limits``."""
     app = FastAPI(title="tokentrace collector", openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/health")
@@ -96,7 +100,9 @@ def create_api_app(store: Store, counters: Callable[[], dict[str, Any]]) -> Fast
         if params is not None and not isinstance(params, dict):
             return JSONResponse({"error": '"params" must be an object'}, status_code=400)
         try:
-            result = await asyncio.to_thread(store.query, sql, params, True)
+            result = await asyncio.to_thread(guarded_query, store, sql, params, limits)
+        except UnsafeQuery as exc:
+            return JSONResponse({"error": f"refused: {exc}"}, status_code=400)
         except StoreError as exc:
             return JSONResponse(
                 {"error": str(exc), "code": exc.code}, status_code=503 if exc.transient else 400

@@ -308,6 +308,7 @@ def _query(args: argparse.Namespace, sql: str) -> dict[str, Any]:
 
 def _query_direct(dsn: str, sql: str) -> dict[str, Any]:
     from .api import result_to_json
+    from .sqlguard import UnsafeQuery, guarded_query
     from .store import StoreError, open_store
 
     try:
@@ -315,7 +316,9 @@ def _query_direct(dsn: str, sql: str) -> dict[str, Any]:
     except (StoreError, ValueError) as exc:
         raise _QueryFailed(str(exc)) from exc
     try:
-        return result_to_json(store.query(sql, readonly=True))
+        return result_to_json(guarded_query(store, sql))
+    except UnsafeQuery as exc:
+        raise _QueryFailed(f"refused: {exc}") from exc
     except StoreError as exc:
         raise _QueryFailed(str(exc)) from exc
     finally:

@@ -176,9 +176,14 @@ class Store:
                 raise _classify(exc, f"insert into {self.database}.{table} failed") from exc
 
     def query(
-        self, sql: str, params: dict[str, Any] | None = None, readonly: bool = False
+        self,
+        sql: str,
+        params: dict[str, Any] | None = None,
+        readonly: bool = False,
+        settings: dict[str, Any] | None = None,
     ) -> QueryResult:
-        """Run one statement; ``params`` bind ``{name:Type}`` placeholders.
+        """Run one statement; ``params`` bind ``{name:Type}`` placeholders; ``settings``
+        are ClickHouse settings for this query only.
 
         ``readonly`` runs it in a session that refuses anything but reads (ClickHouse
         ``readonly=2``: per-query settings allowed, ``readonly`` itself not).
@@ -190,12 +195,18 @@ class Store:
                 result = client.query(
                     sql,
                     parameters=params,
+                    settings=settings,
                     query_formats={"DateTime64": "int"},
                 )
                 names = tuple(result.column_names)
                 types = tuple(t.name for t in result.column_types)
                 raw_rows = result.result_rows
             except Exception as exc:
+                if readonly:
+                    # A query that fails part-way (a result limit thrown mid-stream) can
+                    # leave its unread rows in a chDB session, to be returned as the next
+                    # query's result: start the next read on a fresh session.
+                    self._drop_reader()
                 raise _classify(exc, "query failed") from exc
         converters = [_converter(t) for t in types]
         if any(converters):
@@ -215,6 +226,14 @@ class Store:
                 dsn=self.dsn, database=self.database, settings={"readonly": 2}
             )
         return self._readonly_client
+
+    def _drop_reader(self) -> None:
+        client, self._readonly_client = self._readonly_client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - a broken session may not close cleanly
+                pass
 
     def command(self, sql: str) -> None:
         """Run one statement that returns nothing (DDL)."""

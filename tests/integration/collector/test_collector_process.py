@@ -398,12 +398,12 @@ def test_malformed_input_gets_clear_errors_and_collector_keeps_serving(collector
     )
     assert r.status_code == 400 and "gzip" in r.json()["message"]
 
-    bad_sql = httpx.post(f"{collector.api}/query", json={"sql": "SELEC nonsense"}, timeout=10)
+    bad_sql = httpx.post(f"{collector.api}/query", json={"sql": "SELECT 1 +"}, timeout=10)
     assert bad_sql.status_code == 400 and "Syntax error" in bad_sql.json()["error"]
     write = httpx.post(f"{collector.api}/query", json={"sql": "DROP TABLE otel_traces"}, timeout=10)
-    assert write.status_code == 400 and "readonly" in write.json()["error"]
+    assert write.status_code == 400 and "only reads are allowed" in write.json()["error"]
     cli = subprocess.run(
-        _tokentrace("query", "SELEC 1", "--data-dir", str(collector.data_dir)),
+        _tokentrace("query", "SELECT 1 +", "--data-dir", str(collector.data_dir)),
         capture_output=True,
         text=True,
         timeout=30,
@@ -416,6 +416,30 @@ def test_malformed_input_gets_clear_errors_and_collector_keeps_serving(collector
 
 
 # -- shutdown ----------------------------------------------------------------------------
+
+
+def test_query_api_reads_only_the_database(collector: Running) -> None:
+    """file(), url(), scripts and writes are refused by name before they run; reads
+    run under a result-row limit; the collector keeps serving."""
+    secret = collector.data_dir / "secret.txt"
+    secret.write_text("do not read me")
+    for sql, why in (
+        (f"SELECT * FROM file('{secret}', 'LineAsString')", "file()"),
+        ("SELECT * FROM url('http://127.0.0.1:1/', 'LineAsString')", "url()"),
+        ("SELECT 1; DROP TABLE otel_traces", "one statement"),
+        ("INSERT INTO node_clocks (node) VALUES ('x')", "only reads"),
+        ("SELECT 1 SETTINGS max_result_rows = 0", "max_result_rows"),
+    ):
+        resp = httpx.post(f"{collector.api}/query", json={"sql": sql}, timeout=30)
+        assert resp.status_code == 400, (sql, resp.text)
+        assert resp.json()["error"].startswith("refused: ") and why in resp.json()["error"]
+        assert "do not read me" not in resp.text
+    too_many = httpx.post(
+        f"{collector.api}/query", json={"sql": "SELECT number FROM numbers(1000000)"}, timeout=30
+    )
+    assert too_many.status_code == 400 and "rows" in too_many.json()["error"].lower()
+    assert _api_query(collector, "SELECT count() AS n FROM numbers(10)") == [{"n": 10}]
+    assert httpx.get(f"{collector.api}/health", timeout=10).status_code == 200
 
 
 def test_sigterm_drains_and_query_opens_the_store_directly(collector: Running) -> None:
@@ -441,3 +465,13 @@ def test_sigterm_drains_and_query_opens_the_store_directly(collector: Running) -
         timeout=30,
     )
     assert csv_out.returncode == 0 and csv_out.stdout.splitlines() == ["n", "1"]
+    # Opening the store directly, the CLI applies the same guard.
+    refused = subprocess.run(
+        _tokentrace(
+            "query", "SELECT * FROM file('/etc/hostname')", "--data-dir", str(collector.data_dir)
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode != 0 and "refused: file()" in refused.stderr
