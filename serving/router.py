@@ -77,6 +77,7 @@ PREFILL_KV_TRANSFER_PARAMS: dict[str, Any] = {
 # Sampling limits a prefill worker cannot honour with max_tokens = 1 (as vLLM's proxy).
 _PREFILL_DROPPED_FIELDS = ("stream_options", "min_tokens", "min_completion_tokens")
 
+_STARTUP_CLOCK_SAMPLES = 8
 _COMPLETIONS = "/v1/completions"
 _CHAT = "/v1/chat/completions"
 
@@ -358,6 +359,12 @@ class _Router:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
         self._client = httpx.AsyncClient(timeout=timeout, limits=limits)
         await asyncio.gather(*(self._probe(w) for w in self._all_workers()))
+        # A few more exchanges per worker before serving, so the first requests already
+        # get a tight clock offset: one sample is only as good as its round trip.
+        for _ in range(_STARTUP_CLOCK_SAMPLES):
+            for worker in self._all_workers():
+                if worker.healthy:
+                    await self._probe(worker)
         self._probe_task = asyncio.create_task(self._probe_loop(), name="router-health-probe")
 
     async def shutdown(self) -> None:
