@@ -82,6 +82,15 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="per forward target: longest wait between retries (default: %(default)s)",
     )
+    p.add_argument(
+        "--auth-token",
+        default=None,
+        metavar="TOKEN",
+        help=(
+            "require Authorization: Bearer TOKEN on every endpoint but /health "
+            "(default: $TOKENTRACE_AUTH_TOKEN; unset: no authentication)"
+        ),
+    )
     p.set_defaults(func=_run_collector)
 
     q = subparsers.add_parser(
@@ -167,6 +176,7 @@ def _run_collector(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from tokentrace.schemas.auth import resolve_token
     from tokentrace.schemas.layout import collector_file, default_dsn
 
     from .api import ApiConfig
@@ -187,6 +197,7 @@ def _run_collector(args: argparse.Namespace) -> int:
         http_host, http_port = parse_hostport(args.otlp_http)
         api_host, api_port = parse_hostport(args.http)
         config = CollectorConfig(
+            auth_token=resolve_token(args.auth_token),
             dsn=args.clickhouse or default_dsn(data_dir),
             otlp_grpc=OtlpGrpcConfig(host=grpc_host, port=grpc_port),
             otlp_http=OtlpHttpConfig(host=http_host, port=http_port),
@@ -286,6 +297,7 @@ def _run_query(args: argparse.Namespace) -> int:
 
 def _query(args: argparse.Namespace, sql: str) -> dict[str, Any]:
     """``{"columns", "types", "rows"}`` as the /query API returns it."""
+    from tokentrace.schemas.auth import auth_headers
     from tokentrace.schemas.layout import collector_file, default_dsn
 
     if args.clickhouse:
@@ -296,7 +308,12 @@ def _query(args: argparse.Namespace, sql: str) -> dict[str, Any]:
         import httpx
 
         try:
-            response = httpx.post(f"http://{info['http']}/query", json={"sql": sql}, timeout=300.0)
+            response = httpx.post(
+                f"http://{info['http']}/query",
+                json={"sql": sql},
+                headers=auth_headers(),
+                timeout=300.0,
+            )
         except httpx.HTTPError as exc:
             raise _QueryFailed(f"collector at {info['http']} did not answer: {exc}") from exc
         body = response.json()

@@ -20,6 +20,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from tokentrace.schemas.auth import token_matches
+
 from .decode import DecodeError
 from .pipeline import ExportResult, Pipeline, PipelineUnavailable
 
@@ -74,13 +76,38 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         return export_response(result)
 
 
+class _BearerInterceptor(grpc.ServerInterceptor):
+    """Answers UNAUTHENTICATED unless the call's ``authorization`` metadata carries the
+    bearer token."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong bearer token (metadata authorization: Bearer <token>)",
+            )
+
+        self._refuse = grpc.unary_unary_rpc_method_handler(refuse)
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if token_matches(self._token, metadata.get("authorization")):
+            return continuation(handler_call_details)
+        return self._refuse
+
+
 class OtlpGrpcReceiver:
     """A threaded gRPC server; each Export blocks one worker thread until committed."""
 
-    def __init__(self, config: OtlpGrpcConfig, pipeline: Pipeline) -> None:
+    def __init__(
+        self, config: OtlpGrpcConfig, pipeline: Pipeline, auth_token: str | None = None
+    ) -> None:
         config.validate()
         self.config = config
         self._pipeline = pipeline
+        self._auth_token = auth_token
         self._server: grpc.Server | None = None
         self.port: int | None = None
 
@@ -101,6 +128,7 @@ class OtlpGrpcReceiver:
                 ("grpc.max_send_message_length", self.config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
+            interceptors=[_BearerInterceptor(self._auth_token)] if self._auth_token else None,
         )
         servicer = _TraceService(self._pipeline)
         handler = grpc.method_handlers_generic_handler(

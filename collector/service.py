@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokentrace.schemas.auth import BearerAuthMiddleware
+
 from .api import ApiConfig, create_api_app
 from .forward import ForwardConfig, OtlpForwarder
 from .otlp_grpc import OtlpGrpcConfig, OtlpGrpcReceiver
@@ -63,6 +65,7 @@ class CollectorConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     forward: tuple[ForwardConfig, ...] = ()  # OTLP targets every stored span goes to
     forward_shutdown_s: float = 5.0  # per target: time to flush its queue at shutdown
+    auth_token: str | None = None  # when set, every endpoint but /health requires it
 
     def validate(self) -> None:
         if not self.dsn or "://" not in self.dsn:
@@ -196,18 +199,18 @@ class Collector:
         )
         self.pipeline.start()
         self._http = _AsgiServers()
-        api_port = self._http.serve(
-            "API", create_api_app(self.store, self.counters), cfg.api.host, cfg.api.port
-        )
+        api_app: Any = create_api_app(self.store, self.counters)
+        otlp_http_app: Any = create_otlp_http_app(self.pipeline, cfg.otlp_http)
+        if cfg.auth_token:
+            api_app = BearerAuthMiddleware(api_app, cfg.auth_token)
+            otlp_http_app = BearerAuthMiddleware(otlp_http_app, cfg.auth_token)
+        api_port = self._http.serve("API", api_app, cfg.api.host, cfg.api.port)
         self.api_address = _hostport(cfg.api.host, api_port)
         http_port = self._http.serve(
-            "OTLP/HTTP",
-            create_otlp_http_app(self.pipeline, cfg.otlp_http),
-            cfg.otlp_http.host,
-            cfg.otlp_http.port,
+            "OTLP/HTTP", otlp_http_app, cfg.otlp_http.host, cfg.otlp_http.port
         )
         self.otlp_http_address = _hostport(cfg.otlp_http.host, http_port)
-        self._grpc = OtlpGrpcReceiver(cfg.otlp_grpc, self.pipeline)
+        self._grpc = OtlpGrpcReceiver(cfg.otlp_grpc, self.pipeline, auth_token=cfg.auth_token)
         self._grpc.start()
         self.otlp_grpc_address = _hostport(cfg.otlp_grpc.host, self._grpc.port or 0)
 

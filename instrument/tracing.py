@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 from tokentrace.instrument.clock import skew_ns
 from tokentrace.schemas import attributes as A
+from tokentrace.schemas.auth import auth_headers
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,10 @@ def setup_tracing(
     )
     provider = TracerProvider(resource=resource)
     insecure = not url.startswith("https://")
-    exporter: SpanExporter = OTLPSpanExporter(endpoint=url, insecure=insecure)
+    # The collector's bearer token, when it requires one (TOKENTRACE_AUTH_TOKEN).
+    exporter: SpanExporter = OTLPSpanExporter(
+        endpoint=url, insecure=insecure, headers=auth_headers() or None
+    )
     skew = skew_ns()
     if skew:
         log.warning("TOKENTRACE_CLOCK_SKEW_MS: span times shifted by %+.3f ms", skew / 1e6)

@@ -124,6 +124,15 @@ def register(sub: argparse._SubParsersAction) -> None:
             "seconds of exchanges (default 30)"
         ),
     )
+    router.add_argument(
+        "--auth-token",
+        default=None,
+        metavar="TOKEN",
+        help=(
+            "require Authorization: Bearer TOKEN from clients, on every endpoint but "
+            "/health (default: $TOKENTRACE_AUTH_TOKEN; unset: no authentication)"
+        ),
+    )
     router.set_defaults(func=_router)
 
     load = sub.add_parser(
@@ -176,6 +185,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _router(args: argparse.Namespace) -> int:
     import sys
 
+    from tokentrace.schemas.auth import resolve_token
     from tokentrace.serving import router
 
     config = router.RouterConfig(
@@ -186,6 +196,7 @@ def _router(args: argparse.Namespace) -> int:
         node_id=args.node_id,
         otlp_endpoint=args.otlp_endpoint,
         clock_window_s=args.clock_window,
+        auth_token=resolve_token(args.auth_token),
     )
     try:
         config.validate()

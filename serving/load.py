@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from tokentrace.schemas.auth import auth_headers
 from tokentrace.serving import openai_protocol as P
 
 __all__ = [
@@ -291,7 +292,8 @@ async def run_load(
     records = [RequestRecord(index=i, prompt_len=input_len) for i in range(requests)]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     timeout = httpx.Timeout(_HTTP_TIMEOUT_S, connect=30.0)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    headers = auth_headers()  # the router's bearer token, if it requires one
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as client:
         model = model or await _default_model(client, url)
         resolved_model = model
         semaphore = asyncio.Semaphore(concurrency)

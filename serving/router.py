@@ -47,6 +47,7 @@ from tokentrace.instrument.clock import (
     parse_clock_header,
 )
 from tokentrace.schemas import attributes as A
+from tokentrace.schemas.auth import BearerAuthMiddleware
 from tokentrace.serving import openai_protocol as P
 
 __all__ = [
@@ -111,6 +112,7 @@ class RouterConfig:
     health_probe_interval_s: float = 1.0
     models_cache_ttl_s: float = 30.0
     clock_window_s: float = 30.0
+    auth_token: str | None = None  # when set, clients must send it (all but /health)
 
     def __post_init__(self) -> None:
         for name in ("prefill_urls", "decode_urls"):
@@ -792,6 +794,8 @@ def create_app(config: RouterConfig, tracing: Tracing | None = None) -> FastAPI:
 
     app = FastAPI(title="tokentrace router", lifespan=lifespan)
     app.add_middleware(ArrivalStampMiddleware, node_id=router.tracing.node_id)
+    if config.auth_token:
+        app.add_middleware(BearerAuthMiddleware, token=config.auth_token)
     app.state.router = router
 
     @app.post(_COMPLETIONS)

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from tokentrace.schemas.auth import auth_headers
 from tokentrace.serving.procs import Component, free_ports
 
 HOST = "127.0.0.1"
@@ -241,7 +242,12 @@ class LocalStack:
     # -- reading back through the collector -----------------------------------------
     def query(self, sql: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """Rows as dicts, read from ClickHouse through the collector's query API."""
-        resp = httpx.post(f"{self.collector_http}/query", json={"sql": sql}, timeout=timeout_s)
+        resp = httpx.post(
+            f"{self.collector_http}/query",
+            json={"sql": sql},
+            headers=auth_headers(),
+            timeout=timeout_s,
+        )
         if resp.status_code != 200:
             raise QueryError(f"{resp.status_code}: {resp.text}")
         body = resp.json()
