@@ -97,7 +97,8 @@ class RouterConfig:
     ``unhealthy_cooldown_s`` and until its ``/health`` answers again. Every worker's
     ``/health`` is probed every ``health_probe_interval_s``; those exchanges and the
     requests themselves are the samples of each worker's clock offset estimate, which
-    keeps the minimum-round-trip sample of the last ``clock_window_s`` seconds.
+    intersects the exchanges' bounds over the last ``clock_window_s`` seconds
+    (:class:`~tokentrace.instrument.clock.OffsetEstimator`).
     """
 
     prefill_urls: Sequence[str]
