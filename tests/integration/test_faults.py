@@ -104,6 +104,54 @@ def test_malformed_otlp_is_rejected_and_collector_keeps_everything(
     _router_still_serves(stack)
 
 
+def _free_blocks(stack: LocalStack) -> dict[str, int]:
+    return {
+        node: int(httpx.get(f"{url}/health", timeout=10).json()["free_blocks"])
+        for node, url in {**stack.prefill, **stack.decode}.items()
+    }
+
+
+def test_client_disconnect_mid_stream_stops_decoding_and_frees_kv(
+    stack: LocalStack, baseline: int
+) -> None:
+    idle = _free_blocks(stack)
+    body = {"model": "tt-tiny", "prompt": "x" * 300, "max_tokens": 400, "stream": True}
+    body["ignore_eos"] = True
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{stack.router_url}/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            request_id = resp.headers["x-request-id"]
+            chunks = 0
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    chunks += 1
+                if chunks == 5:
+                    break  # the client goes away mid-stream
+    # The decode worker stops generating and every KV block comes back.
+    deadline = time.monotonic() + 15
+    while _free_blocks(stack) != idle and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _free_blocks(stack) == idle
+    rows = []
+    while not rows and time.monotonic() < deadline + 15:
+        rows = stack.query(
+            "SELECT status, output_tokens FROM tokentrace.requests "
+            f"WHERE request_id = '{request_id}'"
+        )
+        time.sleep(0.2)
+    assert rows and rows[0]["status"] == "error", rows  # recorded, as a client disconnect
+    sql = (
+        "SELECT count() AS n FROM tokentrace.token_latencies t JOIN tokentrace.requests r "
+        f"ON t.trace_id = r.trace_id WHERE r.request_id = '{request_id}'"
+    )
+    emitted = 0
+    while emitted == 0 and time.monotonic() < deadline + 30:
+        emitted = int(stack.query(sql)[0]["n"])
+        time.sleep(0.2)
+    assert 5 <= emitted < 400  # its tokens were traced, and it stopped well before 400
+    _router_still_serves(stack)
+
+
 def test_decode_worker_killed_mid_request(stack: LocalStack, baseline: int) -> None:
     before = stack.query("SELECT count() AS n FROM tokentrace.token_latencies")[0]["n"]
     chunks: list[dict[str, object]] = []
