@@ -21,7 +21,7 @@ from typing import Any
 from tokentrace.instrument import Tracing, setup_tracing
 from tokentrace.instrument.tracing import ENDPOINT_ENVS
 
-__all__ = ["OtlpSink", "bench_tracing", "without_endpoint_env"]
+__all__ = ["OtlpSink", "bench_tracing", "finish_decode_span", "without_endpoint_env"]
 
 _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 5.0
@@ -170,3 +170,25 @@ def bench_tracing(endpoint: str | None, token_spans: str = "packed") -> Tracing:
         )
     with without_endpoint_env():
         return setup_tracing(role="decode", node_id="bench", token_spans=token_spans)
+
+
+def finish_decode_span(
+    tracing: Tracing,
+    span: Any,
+    recorder: Any,
+    tokens: int,
+    reason: str,
+    end_ns: int,
+) -> None:
+    """What the worker's ``finish_spans`` does on the span thread when a request ends:
+    the token emissions (packed or one span each), then the ``llm.decode`` span."""
+    from tokentrace.schemas import attributes as A
+
+    if recorder is not None:
+        recorder.emit(tracing.tracer, span, tracing.packed)
+        first = recorder.first_emission_s()
+        if first is not None:
+            span.set_attribute(A.GEN_AI_SERVER_TTFT, first)
+    span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, tokens)
+    span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, [reason])
+    span.end(end_time=end_ns)

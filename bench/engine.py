@@ -29,7 +29,6 @@ how large a difference noise alone produces.
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import random
 import sys
@@ -42,7 +41,7 @@ import torch
 from opentelemetry import trace
 
 from bench._common import Figure, add_common_args, emit, median
-from bench._sink import OtlpSink, bench_tracing
+from bench._sink import OtlpSink, bench_tracing, finish_decode_span
 from tokentrace.instrument import TokenRecorder, Tracing
 from tokentrace.schemas import attributes as A
 from tokentrace.serving.engine import (
@@ -214,20 +213,6 @@ class _Outcome:
     error: BaseException | None = None
 
 
-def _finish_spans(
-    tracing: Tracing, span: trace.Span, recorder: TokenRecorder | None, out: _Outcome, end: int
-) -> None:
-    """The worker's ``finish_spans``: token emissions, then the ``llm.decode`` span."""
-    if recorder is not None:
-        recorder.emit(tracing.tracer, span, tracing.packed)
-        first = recorder.first_emission_s()
-        if first is not None:
-            span.set_attribute(A.GEN_AI_SERVER_TTFT, first)
-    span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, out.tokens)
-    span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, [out.reason or "abort"])
-    span.end(end_time=end)
-
-
 def _callbacks(
     tracing: Tracing, span: trace.Span, max_tokens: int, countdown: _Countdown, out: _Outcome
 ) -> tuple[OnTokens, OnFinish]:
@@ -243,7 +228,11 @@ def _callbacks(
     def on_finish(reason: str, error: BaseException | None) -> None:
         out.reason, out.error = reason, error
         end = time.time_ns()
-        tracing.defer(functools.partial(_finish_spans, tracing, span, recorder, out, end))
+        tracing.defer(
+            lambda: finish_decode_span(
+                tracing, span, recorder, out.tokens, out.reason or "abort", end
+            )
+        )
         countdown.done()
 
     if recorder is not None:

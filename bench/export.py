@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from opentelemetry import trace
 
 from bench._common import Figure, add_common_args, emit, median
-from bench._sink import OtlpSink, bench_tracing
+from bench._sink import OtlpSink, bench_tracing, finish_decode_span
 from tokentrace.instrument import TokenRecorder, Tracing
 from tokentrace.schemas import attributes as A
 
@@ -106,20 +106,6 @@ def _on_tokens(recorder: TokenRecorder | None) -> Callable[[list[int], int, int]
     return on_tokens
 
 
-def _finish_spans(
-    tracing: Tracing, span: trace.Span, recorder: TokenRecorder | None, tokens: int, end_ns: int
-) -> None:
-    """What the worker's ``finish_spans`` does on the span thread when a request ends."""
-    if recorder is not None:
-        recorder.emit(tracing.tracer, span, tracing.packed)
-        first = recorder.first_emission_s()
-        if first is not None:
-            span.set_attribute(A.GEN_AI_SERVER_TTFT, first)
-    span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, tokens)
-    span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, ["length"])
-    span.end(end_time=end_ns)
-
-
 def _one_request(tracing: Tracing, index: int, tokens: int, first_step: int) -> None:
     span = tracing.tracer.start_span(
         A.SPAN_DECODE,
@@ -138,7 +124,11 @@ def _one_request(tracing: Tracing, index: int, tokens: int, first_step: int) -> 
     token_ids = [0]
     for step in range(first_step, first_step + tokens):
         on_tokens(token_ids, step, BATCH_SIZE)
-    tracing.defer(functools.partial(_finish_spans, tracing, span, recorder, tokens, time.time_ns()))
+    tracing.defer(
+        functools.partial(
+            finish_decode_span, tracing, span, recorder, tokens, "length", time.time_ns()
+        )
+    )
 
 
 class _DropCounter(logging.Handler):
