@@ -1,4 +1,5 @@
-"""The tokentrace collector: OTLP receivers → decode → derive → ClickHouse / OTLP forwarders.
+"""The tokentrace collector: OTLP receivers → decode → derive → write-ahead log →
+ClickHouse / OTLP forwarders.
 
 Importing this package is cheap: the public names load their modules on first use, so
 ``tokentrace --help`` does not pull in grpc, FastAPI or ClickHouse clients.
@@ -13,9 +14,16 @@ if TYPE_CHECKING:
     from .decode import DecodeError, SpanBatch, decode_request, parse_json, parse_protobuf
     from .derive import DerivedRows, derive_rows
     from .forward import ForwardConfig, OtlpForwarder
-    from .pipeline import ExportResult, Pipeline, PipelineConfig, PipelineUnavailable
+    from .pipeline import (
+        ExportResult,
+        Pipeline,
+        PipelineConfig,
+        PipelineFull,
+        PipelineUnavailable,
+    )
     from .service import Collector, CollectorConfig
     from .store import NsDatetime, QueryResult, Store, StoreError, open_store
+    from .wal import WalConfig, WalError, WriteAheadLog
 
 __all__ = [
     "Collector",
@@ -28,11 +36,15 @@ __all__ = [
     "OtlpForwarder",
     "Pipeline",
     "PipelineConfig",
+    "PipelineFull",
     "PipelineUnavailable",
     "QueryResult",
     "SpanBatch",
     "Store",
     "StoreError",
+    "WalConfig",
+    "WalError",
+    "WriteAheadLog",
     "decode_request",
     "derive_rows",
     "open_store",
@@ -53,6 +65,7 @@ _WHERE = {
     "ExportResult": "pipeline",
     "Pipeline": "pipeline",
     "PipelineConfig": "pipeline",
+    "PipelineFull": "pipeline",
     "PipelineUnavailable": "pipeline",
     "Collector": "service",
     "CollectorConfig": "service",
@@ -61,6 +74,9 @@ _WHERE = {
     "Store": "store",
     "StoreError": "store",
     "open_store": "store",
+    "WalConfig": "wal",
+    "WalError": "wal",
+    "WriteAheadLog": "wal",
 }
 
 

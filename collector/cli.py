@@ -30,7 +30,10 @@ def register(subparsers: Any) -> None:
             "the derived request, token-latency and KV-transfer rows in ClickHouse, and "
             "serve a read-only query API. Port 0 picks a free port. Once listening it "
             "writes DATA_DIR/collector.json and prints one 'tokentrace collector ready' "
-            "line; SIGINT/SIGTERM stop it after everything accepted is stored. With "
+            "line. An export is acknowledged once it is in ClickHouse or fsynced to the "
+            "write-ahead log (DATA_DIR/wal); what the log holds is inserted when ClickHouse "
+            "takes it, also after a crash or restart, exactly once. SIGINT/SIGTERM stop it "
+            "after everything accepted is stored or logged. With "
             "--forward-otlp it also sends every stored span to other OTLP endpoints "
             "(e.g. Jaeger), without ever delaying or failing storage."
         ),
@@ -81,6 +84,22 @@ def register(subparsers: Any) -> None:
         default=30.0,
         metavar="SECONDS",
         help="per forward target: longest wait between retries (default: %(default)s)",
+    )
+    p.add_argument(
+        "--wal-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write-ahead log directory, one per collector (default: DATA_DIR/wal)",
+    )
+    p.add_argument(
+        "--wal-max-bytes",
+        type=_byte_size,
+        default=1 << 30,
+        metavar="SIZE",
+        help="disk budget for accepted spans not yet in ClickHouse, e.g. 512M or 4G; past "
+        "it exports are refused with retryable errors (gRPC RESOURCE_EXHAUSTED, HTTP 429 "
+        "with Retry-After) until the backlog shrinks (default: 1G)",
     )
     p.add_argument(
         "--auth-token",
@@ -161,6 +180,23 @@ def _add_store_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clickhouse", default=None, metavar="DSN", help=_CLICKHOUSE_HELP)
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_size(text: str) -> int:
+    """``123``, ``64K``, ``512M``, ``4G`` (binary units; a trailing ``B``/``iB`` is fine)."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 4G)") from None
+    size = int(number * _SIZE_UNITS[unit])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return size
+
+
 def _data_dir(args: argparse.Namespace) -> Path:
     from tokentrace.schemas.layout import default_data_dir
 
@@ -177,7 +213,7 @@ def _run_collector(args: argparse.Namespace) -> int:
     import threading
 
     from tokentrace.schemas.auth import resolve_token
-    from tokentrace.schemas.layout import collector_file, default_dsn
+    from tokentrace.schemas.layout import collector_file, default_dsn, wal_dir
 
     from .api import ApiConfig
     from .forward import ForwardConfig
@@ -185,6 +221,7 @@ def _run_collector(args: argparse.Namespace) -> int:
     from .otlp_http import OtlpHttpConfig
     from .service import Collector, CollectorConfig, parse_hostport, write_collector_file
     from .store import StoreError
+    from .wal import WalConfig, WalError
 
     logging.basicConfig(
         level=logging.WARNING,
@@ -199,6 +236,9 @@ def _run_collector(args: argparse.Namespace) -> int:
         config = CollectorConfig(
             auth_token=resolve_token(args.auth_token),
             dsn=args.clickhouse or default_dsn(data_dir),
+            wal=WalConfig(
+                directory=str(args.wal_dir or wal_dir(data_dir)), max_bytes=args.wal_max_bytes
+            ),
             otlp_grpc=OtlpGrpcConfig(host=grpc_host, port=grpc_port),
             otlp_http=OtlpHttpConfig(host=http_host, port=http_port),
             api=ApiConfig(host=api_host, port=api_port),
@@ -237,7 +277,7 @@ def _run_collector(args: argparse.Namespace) -> int:
     info_path = collector_file(data_dir)
     try:
         collector.start()
-    except (StoreError, OSError) as exc:
+    except (StoreError, WalError, OSError) as exc:
         print(f"tokentrace collector: {exc}", file=sys.stderr)
         return 1
     try:
@@ -245,8 +285,8 @@ def _run_collector(args: argparse.Namespace) -> int:
         write_collector_file(info_path, info)
         print(
             f"tokentrace collector ready otlp-grpc={info['otlp_grpc']} "
-            f"otlp-http={info['otlp_http']} http={info['http']} store={info['dsn']}"
-            + "".join(f" forward={url}" for url in info["forward"]),
+            f"otlp-http={info['otlp_http']} http={info['http']} store={info['dsn']} "
+            f"wal={info['wal']}" + "".join(f" forward={url}" for url in info["forward"]),
             flush=True,
         )
         while not stop.wait(0.5):

@@ -2,8 +2,9 @@
 
 Requests are deserialised here rather than by grpcio so a malformed protobuf gets
 ``INVALID_ARGUMENT`` with a message naming the problem (grpcio's own deserialiser
-would answer an opaque ``INTERNAL``). A store failure answers ``UNAVAILABLE``, which
-OTLP exporters retry.
+would answer an opaque ``INTERNAL``). A failure to log the export answers ``UNAVAILABLE``
+and a full disk budget ``RESOURCE_EXHAUSTED`` with a ``RetryInfo`` (retry in a second);
+OTLP exporters retry both.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.rpc.error_details_pb2 import RetryInfo
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTracePartialSuccess,
@@ -23,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from tokentrace.schemas.auth import token_matches
 
 from .decode import DecodeError
-from .pipeline import ExportResult, Pipeline, PipelineUnavailable
+from .pipeline import ExportResult, Pipeline, PipelineFull, PipelineUnavailable
 
 __all__ = ["OtlpGrpcConfig", "OtlpGrpcReceiver", "export_response"]
 
@@ -31,6 +34,9 @@ _log = logging.getLogger(__name__)
 
 _SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+RETRY_AFTER_S = 1
+_RETRY_INFO_KEY = "google.rpc.retryinfo-bin"
+_RETRY_INFO = RetryInfo(retry_delay=Duration(seconds=RETRY_AFTER_S)).SerializeToString()
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,10 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
             result = self._pipeline.consume(request)
         except DecodeError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except PipelineFull as exc:
+            # OTLP exporters retry RESOURCE_EXHAUSTED only when told when to: RetryInfo.
+            context.set_trailing_metadata(((_RETRY_INFO_KEY, _RETRY_INFO),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except PipelineUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return export_response(result)

@@ -3,8 +3,9 @@
 Accepts ``application/x-protobuf`` and ``application/json`` (optionally gzip-encoded)
 and answers in the request's encoding. Errors carry a JSON body ``{"code": <gRPC status
 code>, "message": ...}``: 400 for a malformed request (never retry), 413 for an oversized
-one, 415 for another content type, 503 with ``Retry-After`` when the spans could not be
-stored (retry).
+one, 415 for another content type, 429 with ``Retry-After`` when the collector's disk budget
+for spans not yet in ClickHouse is full, 503 with ``Retry-After`` when the spans could not
+be logged (both: retry).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 
 from .decode import DecodeError, parse_json, parse_protobuf
-from .otlp_grpc import MAX_MESSAGE_BYTES, export_response
-from .pipeline import ExportResult, Pipeline, PipelineUnavailable
+from .otlp_grpc import MAX_MESSAGE_BYTES, RETRY_AFTER_S, export_response
+from .pipeline import ExportResult, Pipeline, PipelineFull, PipelineUnavailable
 
 __all__ = ["OtlpHttpConfig", "create_otlp_http_app"]
 
@@ -46,7 +47,7 @@ class OtlpHttpConfig:
 
 
 def _error(status: int, code: int, message: str) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
     return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
 
 
@@ -91,6 +92,8 @@ def create_otlp_http_app(pipeline: Pipeline, config: OtlpHttpConfig | None = Non
             result = await asyncio.to_thread(_consume, pipeline, body, content_type)
         except DecodeError as exc:
             return _error(400, _INVALID_ARGUMENT, str(exc))
+        except PipelineFull as exc:
+            return _error(429, _RESOURCE_EXHAUSTED, str(exc))
         except PipelineUnavailable as exc:
             return _error(503, _UNAVAILABLE, str(exc))
         response = export_response(result)

@@ -1,17 +1,33 @@
-"""decode → derive → group-committed ClickHouse writes → forwarders; what receivers call.
+"""decode → derive → write-ahead log → group-committed ClickHouse writes → forwarders.
 
-An export is acknowledged only after its rows are committed: :meth:`Pipeline.consume`
-decodes and derives on the caller's thread, hands the rows to one writer thread and
-blocks until that thread has inserted them. The writer batches concurrent exports
-(group commit) so many small exports cost few inserts. Once stored, the accepted part of
-the export is handed to each forward stage's non-blocking ``consume`` (an enqueue), so
-forwarding never delays the ack and never sees spans that were not stored.
+:meth:`Pipeline.consume` decodes and derives an export on the caller's thread and hands
+it to the log writer thread, which appends the exports that arrived together (a group
+commit) as one record of the write-ahead log and fsyncs it. The inserter thread then
+writes each record's rows into ClickHouse in log order, with insert deduplication
+tokens made of the log's id, the record's sequence number and the table, so a record
+inserted again after a crash is dropped by ClickHouse instead of stored twice. A sender
+that re-sends an export it got no answer for (the collector crashed after logging it) is
+answered from a digest of the exports accepted last, also kept in the log, so that
+export is not stored twice either.
+
+When is an export acknowledged (``consume`` returns)? Normally once its rows are in
+ClickHouse, so what a sender was told is stored can be queried at once. While
+ClickHouse is failing, or a backlog from an earlier run or outage is being replayed, it
+is acknowledged as soon as its record is fsynced: durable, and stored when ClickHouse
+takes it. Past the disk budget (:attr:`WalConfig.max_bytes` of records not yet in
+ClickHouse) ``consume`` raises :class:`PipelineFull` and accepts nothing more until the
+backlog shrinks. Stored exports go to each forward stage's non-blocking ``consume`` (an
+enqueue) from the inserter thread, so forwarding never delays storage and never sees
+spans that were not stored.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
 import queue
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,44 +48,63 @@ from .decode import (
 )
 from .derive import DerivedRows, derive_rows
 from .store import Store, StoreError
+from .wal import WriteAheadLog
 
-__all__ = ["ExportResult", "ForwardStage", "Pipeline", "PipelineConfig", "PipelineUnavailable"]
+__all__ = [
+    "ExportResult",
+    "ForwardStage",
+    "Pipeline",
+    "PipelineConfig",
+    "PipelineFull",
+    "PipelineUnavailable",
+]
 
 _log = logging.getLogger(__name__)
 
 
 class PipelineUnavailable(Exception):
-    """The export was not stored; the sender should retry later (transient)."""
+    """The export was not accepted; the sender should retry later (transient)."""
+
+
+class PipelineFull(PipelineUnavailable):
+    """The disk budget for spans not yet in ClickHouse is used up; retry later."""
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Group commit: flush when the oldest waiting export is ``flush_interval_ms`` old or
-    ``max_batch_spans`` spans wait; a failed insert is retried ``insert_attempts`` times
-    (transient errors only) ``retry_backoff_ms`` apart before exports are failed."""
+    """Group commit: a log record closes when its oldest export is ``flush_interval_ms``
+    old or ``max_batch_spans`` spans wait. A transient insert failure is retried
+    forever, ``retry_backoff_ms`` doubling up to ``max_retry_backoff_ms``; at shutdown
+    the inserter gives up after ``shutdown_timeout_s`` and leaves the rest in the log."""
 
     flush_interval_ms: float = 50.0
     max_batch_spans: int = 20_000
-    insert_attempts: int = 3
     retry_backoff_ms: float = 200.0
+    max_retry_backoff_ms: float = 5_000.0
     queue_exports: int = 1_000
+    shutdown_timeout_s: float = 10.0
 
     def validate(self) -> None:
         if self.flush_interval_ms < 0:
             raise ValueError(f"flush_interval_ms must be >= 0, got {self.flush_interval_ms!r}")
         if self.max_batch_spans < 1:
             raise ValueError(f"max_batch_spans must be >= 1, got {self.max_batch_spans!r}")
-        if self.insert_attempts < 1:
-            raise ValueError(f"insert_attempts must be >= 1, got {self.insert_attempts!r}")
-        if self.retry_backoff_ms < 0:
-            raise ValueError(f"retry_backoff_ms must be >= 0, got {self.retry_backoff_ms!r}")
+        if self.retry_backoff_ms <= 0:
+            raise ValueError(f"retry_backoff_ms must be > 0, got {self.retry_backoff_ms!r}")
+        if self.max_retry_backoff_ms < self.retry_backoff_ms:
+            raise ValueError(
+                f"max_retry_backoff_ms ({self.max_retry_backoff_ms!r}) must be >= "
+                f"retry_backoff_ms ({self.retry_backoff_ms!r})"
+            )
         if self.queue_exports < 1:
             raise ValueError(f"queue_exports must be >= 1, got {self.queue_exports!r}")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s!r}")
 
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What happened to one export: spans stored, and spans rejected with why."""
+    """What happened to one export: spans accepted, and spans rejected with why."""
 
     stored_spans: int
     rejected_spans: int
@@ -78,97 +113,222 @@ class ExportResult:
 
 @dataclass
 class _Pending:
+    """One export on its way into the log."""
+
     batch: SpanBatch
     rows: DerivedRows
+    digest: bytes  # of the request as received
+    wire: bytes  # the accepted spans, serialized: what the log holds
+    request: ExportTraceServiceRequest  # the accepted spans, for forwarding
     future: Future[None] = field(default_factory=Future)
+
+
+@dataclass
+class _Record:
+    """One log record on its way into ClickHouse. ``batch``/``rows``/``requests`` are
+    None when they were not kept in memory (replay, backlog): read back from the log."""
+
+    seq: int
+    spans: int
+    batch: SpanBatch | None
+    rows: DerivedRows | None
+    requests: list[ExportTraceServiceRequest] | None
+    futures: list[Future[None]]
 
 
 _STOP = object()
 _ENQUEUE_TIMEOUT_S = 5.0
+# A log record: when it was written (the clock decoding's time bounds used), how many
+# exports, then each export's length and bytes.
+_RECORD_HEAD = struct.Struct("<QI")
+_LENGTH = struct.Struct("<I")
+_DIGEST_BYTES = 16
+# Digests of the exports accepted last, to recognise a sender's retry of one of them.
+_RECENT_EXPORTS = 100_000
+# While backlogged, records beyond this many keep only their sequence number in memory.
+_IN_MEMORY_RECORDS = 64
 
 
 #: A next stage after storage: takes the stored request, must not block or raise.
 ForwardStage = Callable[[ExportTraceServiceRequest], None]
 
 
+def export_digest(wire: bytes) -> bytes:
+    """What identifies an export when a sender sends it again: a hash of its bytes."""
+    return hashlib.blake2b(wire, digest_size=_DIGEST_BYTES).digest()
+
+
+def encode_record(written_ns: int, exports: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """A log record's payload: the write time, then each export's digest (of the
+    request as received) and its accepted spans, serialized."""
+    parts = [_RECORD_HEAD.pack(written_ns, len(exports))]
+    for digest, wire in exports:
+        parts.append(digest)
+        parts.append(_LENGTH.pack(len(wire)))
+        parts.append(wire)
+    return b"".join(parts)
+
+
+def decode_record(payload: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """``(written_ns, [(digest, wire), ...])`` of a payload :func:`encode_record` made."""
+    written_ns, count = _RECORD_HEAD.unpack_from(payload, 0)
+    offset = _RECORD_HEAD.size
+    exports = []
+    for _ in range(count):
+        digest = payload[offset : offset + _DIGEST_BYTES]
+        offset += _DIGEST_BYTES
+        (length,) = _LENGTH.unpack_from(payload, offset)
+        offset += _LENGTH.size
+        exports.append((digest, payload[offset : offset + length]))
+        offset += length
+    if offset != len(payload):
+        raise ValueError(f"log record has {len(payload) - offset} bytes after its exports")
+    return written_ns, exports
+
+
 class Pipeline:
     """Thread-safe. ``consume`` may be called from any number of threads; it blocks for
-    up to one flush interval plus the insert time. The store is borrowed, not owned, and
-    so are the ``forward`` stages (each an ``OtlpForwarder.consume``), which receive every
-    stored export minus its rejected spans, on the exporter's thread, after the commit."""
+    up to one flush interval plus the fsync and (normally) the insert time. The store,
+    the log and the ``forward`` stages (each an ``OtlpForwarder.consume``) are borrowed,
+    not owned; the forward stages receive every stored export minus its rejected spans,
+    on the inserter thread, after the commit."""
 
     def __init__(
         self,
         store: Store,
+        wal: WriteAheadLog,
         config: PipelineConfig | None = None,
         forward: Sequence[ForwardStage] = (),
     ) -> None:
         self.config = config or PipelineConfig()
         self.config.validate()
         self._store = store
+        self._wal = wal
         self._forward = tuple(forward)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.config.queue_exports)
-        self._thread: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
+        self._inserter: threading.Thread | None = None
         self._state_lock = threading.Lock()
         self._accepting = False
         self._stopped = False
+        # The inserter's work: log records in sequence order. ``_backlogged`` (set while
+        # ClickHouse fails or older records wait) makes the writer acknowledge at fsync.
+        self._records: collections.deque[_Record] = collections.deque()
+        self._records_cv = threading.Condition()
+        self._backlogged = False
+        self._writer_done = False
+        self._give_up_at: float | None = None
+        self._recent: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._recent_lock = threading.Lock()
         self._counter_lock = threading.Lock()
+        self._duplicates = 0
         self._received = 0
         self._stored = 0
         self._rejected = 0
+        self._refused = 0
+        self._lost = 0
         self._packed = 0
+        self._store_errors = 0
+        self._replayed = 0
+        self._last_store_error = ""
 
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the writer thread; idempotent."""
+        """Queue the log's records from earlier runs for insertion, start the threads;
+        idempotent."""
         with self._state_lock:
-            if self._thread is not None or self._stopped:
+            if self._writer is not None or self._stopped:
                 return
-            self._thread = threading.Thread(target=self._run, name="tokentrace-writer", daemon=True)
+            for _seq, payload in self._wal.records():
+                for digest, _wire in decode_record(payload)[1]:
+                    self._remember(digest)
+            backlog = self._wal.pending()
+            for seq in backlog:
+                self._records.append(_Record(seq, 0, None, None, None, []))
+            self._replayed = len(backlog)
+            self._backlogged = bool(backlog)
+            self._writer = threading.Thread(
+                target=self._run_writer, name="tokentrace-wal", daemon=True
+            )
+            self._inserter = threading.Thread(
+                target=self._run_inserter, name="tokentrace-insert", daemon=True
+            )
             self._accepting = True
-            self._thread.start()
+            self._writer.start()
+            self._inserter.start()
 
     def shutdown(self) -> None:
-        """Stop accepting, store everything already accepted, stop the writer.
+        """Stop accepting; log everything accepted; insert what ClickHouse takes within
+        ``shutdown_timeout_s`` (the rest stays in the log for the next start).
 
-        Idempotent and safe without :meth:`start`. Blocks until the queue is drained.
+        Idempotent and safe without :meth:`start`.
         """
         with self._state_lock:
             if self._stopped:
                 return
             self._stopped = True
             self._accepting = False
-            thread = self._thread
-        if thread is not None:
+            writer, inserter = self._writer, self._inserter
+        if writer is not None:
             self._queue.put(_STOP)
-            thread.join()
+            writer.join()
+        if inserter is not None:
+            with self._records_cv:
+                self._writer_done = True
+                self._give_up_at = time.monotonic() + self.config.shutdown_timeout_s
+                self._records_cv.notify_all()
+            inserter.join()
 
     # -- counters ------------------------------------------------------------------
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, Any]:
         """``spans_received`` (valid + rejected, packed token spans counted expanded),
-        ``spans_stored``, ``spans_rejected``, ``packed_decode_spans`` (decode spans whose
-        packed token emissions were expanded)."""
+        ``spans_stored``, ``spans_rejected``, ``spans_refused`` (valid spans of exports
+        refused as transient failures: the sender retries them), ``spans_lost``
+        (acknowledged, then refused by ClickHouse as permanently bad: never expected),
+        ``packed_decode_spans``, ``exports_deduplicated`` (exports sent again after
+        being accepted, acknowledged without storing them twice), and the log's state:
+        ``wal_pending_records``, ``wal_pending_bytes``, ``wal_max_bytes``,
+        ``wal_replayed_records`` (found at start), ``store_errors`` and ``store_ok`` (the
+        last insert worked; else ``store_error`` says what failed)."""
         with self._counter_lock:
-            return {
+            out: dict[str, Any] = {
                 "spans_received": self._received,
                 "spans_stored": self._stored,
                 "spans_rejected": self._rejected,
+                "spans_refused": self._refused,
+                "spans_lost": self._lost,
                 "packed_decode_spans": self._packed,
+                "store_errors": self._store_errors,
+                "wal_replayed_records": self._replayed,
+                "exports_deduplicated": self._duplicates,
             }
+            last_error = self._last_store_error
+        with self._records_cv:
+            out["store_ok"] = not last_error
+            out["wal_pending_records"] = len(self._records)
+        out["wal_pending_bytes"] = self._wal.pending_bytes
+        out["wal_max_bytes"] = self._wal.config.max_bytes
+        if last_error:
+            out["store_error"] = last_error
+        return out
 
     # -- the stage -----------------------------------------------------------------
 
     def consume(self, request: bytes | ExportTraceServiceRequest) -> ExportResult:
-        """Decode, derive and store one export; return once its rows are committed.
+        """Decode, derive and log one export; return once it is stored or durable.
 
         Raises :class:`~tokentrace.collector.decode.DecodeError` for an unparsable request
-        (permanent) and :class:`PipelineUnavailable` when it could not be stored
-        (transient: the sender should retry).
+        (permanent), :class:`PipelineFull` past the disk budget and
+        :class:`PipelineUnavailable` when it could not be logged (transient: the sender
+        should retry).
         """
+        wire: bytes | None = None
         if isinstance(request, bytes | bytearray | memoryview):
-            request = parse_protobuf(bytes(request))
+            wire = bytes(request)
+            request = parse_protobuf(wire)
+        digest = export_digest(wire if wire is not None else request.SerializeToString())
         batch = decode_request(request)
         with self._counter_lock:
             self._received += len(batch) + batch.packed_tokens + batch.rejected_spans
@@ -176,16 +336,45 @@ class Pipeline:
             self._packed += batch.packed_spans
         if len(batch) == 0:
             return ExportResult(0, batch.rejected_spans, batch.error_message)
-        pending = _Pending(batch, derive_rows(batch))
-        self._enqueue(pending)
-        pending.future.result()
-        if self._forward:
-            accepted = request if batch.rejected_spans == 0 else accepted_request(request)
-            if batch.packed_spans:
-                accepted = expanded_request(accepted)  # forward what was stored
-            for forward in self._forward:
-                forward(accepted)
+        with self._recent_lock:
+            again = digest in self._recent
+        if again:
+            # A sender retrying an export whose acknowledgement it never got (a crash or
+            # a timeout): its spans are already in the log, storing them again would
+            # duplicate them.
+            with self._counter_lock:
+                self._duplicates += 1
+            return ExportResult(len(batch), batch.rejected_spans, batch.error_message)
+        if self._wal.pending_bytes >= self._wal.config.max_bytes:
+            self._refuse(batch)
+            raise PipelineFull(
+                f"collector's disk budget is full: {self._wal.pending_bytes} bytes of spans "
+                f"are waiting for ClickHouse (limit {self._wal.config.max_bytes}); retry later"
+            )
+        if batch.rejected_spans:
+            request = accepted_request(request)
+            wire = None
+        if wire is None:
+            wire = request.SerializeToString()
+        pending = _Pending(batch, derive_rows(batch), digest, wire, request)
+        try:
+            self._enqueue(pending)
+            pending.future.result()
+        except PipelineUnavailable:
+            self._refuse(batch)
+            raise
+        self._remember(digest)
         return ExportResult(len(batch), batch.rejected_spans, batch.error_message)
+
+    def _remember(self, digest: bytes) -> None:
+        with self._recent_lock:
+            self._recent[digest] = None
+            if len(self._recent) > _RECENT_EXPORTS:
+                self._recent.popitem(last=False)
+
+    def _refuse(self, batch: SpanBatch) -> None:
+        with self._counter_lock:
+            self._refused += len(batch) + batch.packed_tokens
 
     def _enqueue(self, pending: _Pending) -> None:
         # Checking and enqueueing under the state lock means nothing can slip in after
@@ -204,9 +393,9 @@ class Pipeline:
                 raise PipelineUnavailable("collector is overloaded: write queue is full")
             time.sleep(0.005)
 
-    # -- the writer thread ----------------------------------------------------------
+    # -- the log writer thread --------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run_writer(self) -> None:
         stopping = False
         while not stopping:
             first = self._queue.get()
@@ -230,8 +419,8 @@ class Pipeline:
                     break
                 group.append(item)
                 spans += len(item.batch) + item.batch.packed_tokens
-            self._commit(group)
-        # Drain whatever raced in before the stop marker.
+            self._log_group(group, spans)
+        # Log whatever raced in before the stop marker.
         leftover: list[_Pending] = []
         while True:
             try:
@@ -241,54 +430,177 @@ class Pipeline:
             if item is not _STOP:
                 leftover.append(item)
         if leftover:
-            self._commit(leftover)
+            self._log_group(leftover, sum(len(p.batch) + p.batch.packed_tokens for p in leftover))
 
-    def _commit(self, group: list[_Pending]) -> None:
+    def _log_group(self, group: list[_Pending], spans: int) -> None:
         try:
-            self._commit_group(group)
-        except Exception as exc:  # a bug here must not leave exporters waiting forever
-            _log.exception("group commit failed unexpectedly")
+            seq = self._wal.append(
+                encode_record(time.time_ns(), [(p.digest, p.wire) for p in group])
+            )
+        except Exception as exc:  # WalError, or a bug: either way exporters get an answer
+            _log.error("writing %d spans to the write-ahead log failed: %s", spans, exc)
+            error = PipelineUnavailable(f"cannot write the collector's write-ahead log: {exc}")
             for pending in group:
-                if not pending.future.done():
-                    pending.future.set_exception(PipelineUnavailable(f"internal error: {exc}"))
-
-    def _commit_group(self, group: list[_Pending]) -> None:
-        batch = SpanBatch()
-        rows = DerivedRows()
+                pending.future.set_exception(error)
+            return
+        batch, rows = SpanBatch(), DerivedRows()
         for pending in group:
             batch.extend(pending.batch)
             rows.extend(pending.rows)
+        record = _Record(
+            seq,
+            spans,
+            batch,
+            rows,
+            [p.request for p in group] if self._forward else None,
+            [p.future for p in group],
+        )
+        with self._records_cv:
+            self._records.append(record)
+            if self._backlogged:
+                self._acknowledge(record, keep=len(self._records) <= _IN_MEMORY_RECORDS)
+            self._records_cv.notify_all()
+
+    @staticmethod
+    def _acknowledge(record: _Record, *, keep: bool) -> None:
+        """The record is durable: let its exporters go; unless ``keep``, drop its rows
+        from memory (they are read back from the log when their turn comes)."""
+        for future in record.futures:
+            future.set_result(None)
+        record.futures = []
+        if not keep:
+            record.batch = record.rows = record.requests = None
+
+    # -- the inserter thread ----------------------------------------------------------
+
+    def _run_inserter(self) -> None:
+        backoff_s = self.config.retry_backoff_ms / 1000.0
+        while True:
+            with self._records_cv:
+                while not self._records and not self._writer_done:
+                    self._records_cv.wait()
+                if not self._records:
+                    return
+                record = self._records[0]
+            try:
+                self._insert(record)
+            except StoreError as exc:
+                if exc.transient:
+                    self._on_store_down(exc)
+                    if self._wait_or_give_up(backoff_s):
+                        return
+                    backoff_s = min(backoff_s * 2, self.config.max_retry_backoff_ms / 1000.0)
+                    continue
+                self._drop_bad_record(record, exc)
+            except Exception as exc:  # a bug here must not leave exporters waiting forever
+                _log.exception("inserting write-ahead log record %d failed", record.seq)
+                self._drop_bad_record(record, exc)
+            else:
+                self._on_stored(record)
+            backoff_s = self.config.retry_backoff_ms / 1000.0
+            with self._records_cv:
+                self._records.popleft()
+                if not self._records:
+                    self._backlogged = False
+
+    def _insert(self, record: _Record) -> None:
+        if record.batch is None or record.rows is None:
+            self._load(record)
+        assert record.batch is not None and record.rows is not None
+        batch, rows = record.batch, record.rows
         tables: list[tuple[str, dict[str, list[Any]]]] = [
             ("otel_traces", batch.otel_traces_columns()),
             *([("packed_tokens", batch.packed)] if batch.packed_spans else []),
             *rows.tables().items(),
         ]
-        try:
-            for table, columns in tables:
-                self._insert_with_retry(table, columns)
-        except StoreError as exc:
-            _log.error("storing %d spans failed: %s", len(batch), exc)
-            error = PipelineUnavailable(f"storing spans failed: {exc}")
-            for pending in group:
-                pending.future.set_exception(error)
-            return
-        with self._counter_lock:
-            self._stored += len(batch) + batch.packed_tokens
-        for pending in group:
-            pending.future.set_result(None)
+        for table, columns in tables:
+            self._store.insert(
+                table,
+                columns,
+                dedup_token=f"tokentrace-wal:{self._wal.log_id}:{record.seq}:{table}",
+            )
 
-    def _insert_with_retry(self, table: str, columns: dict[str, list[Any]]) -> None:
-        # Each table is retried on its own so a table that already committed is not
-        # written twice; if retries run out the export fails and the sender's retry may
-        # duplicate rows of earlier tables (at-least-once, never silently dropped).
-        for attempt in range(1, self.config.insert_attempts + 1):
-            try:
-                self._store.insert(table, columns)
-                return
-            except StoreError as exc:
-                if not exc.transient or attempt == self.config.insert_attempts:
-                    raise
-                _log.warning(
-                    "insert into %s failed (attempt %d), retrying: %s", table, attempt, exc
+    def _load(self, record: _Record) -> None:
+        """Rebuild a record's rows (and forwarded requests) from the log."""
+        written_ns, exports = decode_record(self._wal.read(record.seq))
+        batch, rows, requests = SpanBatch(), DerivedRows(), []
+        for _digest, wire in exports:
+            request = parse_protobuf(wire)
+            part = decode_request(request)
+            batch.extend(part)
+            rows.extend(derive_rows(part))
+            requests.append(request)
+        record.batch, record.rows = batch, rows
+        record.requests = requests if self._forward else None
+        record.spans = len(batch) + batch.packed_tokens
+        del written_ns  # the accepted spans were checked when they were accepted
+
+    def _on_stored(self, record: _Record) -> None:
+        self._wal.commit(record.seq)
+        with self._counter_lock:
+            self._stored += record.spans
+            self._last_store_error = ""
+        with self._records_cv:
+            futures, record.futures = record.futures, []
+        for future in futures:
+            future.set_result(None)
+        if self._forward and record.requests:
+            packed = record.batch is not None and record.batch.packed_spans > 0
+            for request in record.requests:
+                accepted = expanded_request(request) if packed else request
+                for forward in self._forward:
+                    forward(accepted)
+        record.batch = record.rows = record.requests = None
+
+    def _on_store_down(self, exc: StoreError) -> None:
+        with self._counter_lock:
+            first = not self._last_store_error
+            self._store_errors += 1
+            self._last_store_error = str(exc)
+        with self._records_cv:
+            if first:
+                _log.error(
+                    "ClickHouse is failing (%s); accepted spans wait in the write-ahead log "
+                    "(%d bytes) and inserts are retried",
+                    exc,
+                    self._wal.pending_bytes,
                 )
-                time.sleep(self.config.retry_backoff_ms / 1000.0 * attempt)
+            self._backlogged = True
+            for k, record in enumerate(self._records):
+                if record.futures:
+                    self._acknowledge(record, keep=k < _IN_MEMORY_RECORDS)
+
+    def _wait_or_give_up(self, delay_s: float) -> bool:
+        """Sleep before the next attempt; True when shutdown's deadline has passed."""
+        with self._records_cv:
+            if self._give_up_at is None:
+                self._records_cv.wait_for(lambda: self._give_up_at is not None, delay_s)
+            if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
+                _log.error(
+                    "shutting down with %d records (%d bytes) not in ClickHouse: they stay "
+                    "in the write-ahead log and are inserted at the next start",
+                    len(self._records),
+                    self._wal.pending_bytes,
+                )
+                return True
+        return False
+
+    def _drop_bad_record(self, record: _Record, exc: BaseException) -> None:
+        """ClickHouse refuses the record's rows for good (or they cannot be rebuilt):
+        retrying cannot help, and it must not block everything after it."""
+        self._wal.commit(record.seq)
+        with self._records_cv:
+            futures, record.futures = record.futures, []
+        if futures:
+            error = PipelineUnavailable(f"storing spans failed: {exc}")
+            for future in futures:
+                future.set_exception(error)
+        else:
+            with self._counter_lock:
+                self._lost += record.spans
+        _log.error(
+            "write-ahead log record %d (%d spans) dropped: ClickHouse refuses it permanently: %s",
+            record.seq,
+            record.spans,
+            exc,
+        )

@@ -1,8 +1,10 @@
-"""The collector process: store, forwarders → pipeline → query API → OTLP receivers.
+"""The collector process: store, write-ahead log, forwarders → pipeline → query API → OTLP
+receivers.
 
 Start order is sinks first, receivers last; shutdown runs the other way and drains the
 pipeline, so every export that was acknowledged is in ClickHouse before the store
-closes; then each OTLP forwarder gets ``forward_shutdown_s`` to flush its queue. The
+closes (or, if ClickHouse is failing, stays in the write-ahead log for the next start);
+then each OTLP forwarder gets ``forward_shutdown_s`` to flush its queue. The
 two HTTP apps (OTLP/HTTP and the API) run as uvicorn servers in one asyncio loop on a
 background thread; the gRPC receiver is a threaded grpc server.
 """
@@ -28,6 +30,7 @@ from .otlp_grpc import OtlpGrpcConfig, OtlpGrpcReceiver
 from .otlp_http import OtlpHttpConfig, create_otlp_http_app
 from .pipeline import Pipeline, PipelineConfig
 from .store import Store, open_store
+from .wal import WalConfig, WriteAheadLog
 
 __all__ = ["Collector", "CollectorConfig", "parse_hostport", "write_collector_file"]
 
@@ -59,6 +62,7 @@ class CollectorConfig:
     """Everything a collector needs; ports may be 0 (pick a free one)."""
 
     dsn: str
+    wal: WalConfig  # the write-ahead log: where, and its disk budget
     otlp_grpc: OtlpGrpcConfig = field(default_factory=OtlpGrpcConfig)
     otlp_http: OtlpHttpConfig = field(default_factory=OtlpHttpConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -72,6 +76,7 @@ class CollectorConfig:
             raise ValueError(
                 f"dsn must look like chdb:///path or http://host:8123, got {self.dsn!r}"
             )
+        self.wal.validate()
         self.otlp_grpc.validate()
         self.otlp_http.validate()
         self.api.validate()
@@ -166,6 +171,7 @@ class Collector:
         self._started = False
         self._stopped = False
         self.store: Store | None = None
+        self.wal: WriteAheadLog | None = None
         self.pipeline: Pipeline | None = None
         self.forwarders: list[OtlpForwarder] = []
         self._http: _AsgiServers | None = None
@@ -190,12 +196,13 @@ class Collector:
     def _start(self) -> None:
         cfg = self.config
         self.store = open_store(cfg.dsn)
+        self.wal = WriteAheadLog(cfg.wal)
         for target in cfg.forward:
             forwarder = OtlpForwarder(target)
             self.forwarders.append(forwarder)
             forwarder.start()
         self.pipeline = Pipeline(
-            self.store, cfg.pipeline, forward=[f.consume for f in self.forwarders]
+            self.store, self.wal, cfg.pipeline, forward=[f.consume for f in self.forwarders]
         )
         self.pipeline.start()
         self._http = _AsgiServers()
@@ -241,6 +248,8 @@ class Collector:
                 thread.join()
         if self._http is not None:
             self._http.close()
+        if self.wal is not None:
+            self.wal.close()
         if self.store is not None:
             self.store.close()
 
@@ -261,6 +270,7 @@ class Collector:
             "otlp_http": self.otlp_http_address,
             "http": self.api_address,
             "dsn": self.config.dsn,
+            "wal": self.config.wal.directory,
             "forward": [f.url for f in self.config.forward],
         }
 

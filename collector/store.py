@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,9 +20,9 @@ from tokentrace.schemas import DATABASE, ddl_statements
 
 __all__ = ["NsDatetime", "QueryResult", "Store", "StoreError", "open_store"]
 
-# ClickHouse error codes worth retrying: timeouts, network, memory and load limits,
-# replicas/keeper temporarily unavailable.
-_TRANSIENT_CODES = frozenset({159, 160, 202, 209, 210, 241, 242, 252, 285, 319, 425, 999})
+# ClickHouse error codes worth retrying: timeouts, network, memory, disk space and load
+# limits, replicas/keeper temporarily unavailable.
+_TRANSIENT_CODES = frozenset({159, 160, 202, 209, 210, 241, 242, 243, 252, 285, 319, 425, 999})
 _CODE_RE = re.compile(r"Code: (\d+)\.")
 
 
@@ -152,16 +153,31 @@ class Store:
         self.dsn = dsn
         self.database = database
 
-    def insert(self, table: str, columns: Mapping[str, Sequence[Any]]) -> None:
+    def insert(
+        self,
+        table: str,
+        columns: Mapping[str, Sequence[Any]],
+        dedup_token: str | None = None,
+    ) -> None:
         """Insert rows given column-wise into ``table`` (unqualified: this store's database).
 
         DateTime64 values are integer nanoseconds since the epoch; Map columns take dicts,
-        Nested sub-columns (``Events.Name``) take one list per row.
+        Nested sub-columns (``Events.Name``) take one list per row. An insert repeated
+        with the same ``dedup_token`` (ClickHouse's ``insert_deduplication_token``) is
+        dropped by ClickHouse, also in the tables materialized views fill from it; without
+        one the insert gets a fresh token, so identical rows inserted twice are kept.
         """
         names = list(columns)
         data = [list(columns[name]) for name in names]
         if not data or not data[0]:
             return
+        settings = {
+            # Every insert carries a token: tokenless inserts fall back to deduplicating
+            # by a hash of the data, and (seen in chDB 26) a mix of the two made later
+            # tokens forget earlier ones across restarts.
+            "insert_deduplication_token": dedup_token or uuid.uuid4().hex,
+            "deduplicate_blocks_in_dependent_materialized_views": 1,
+        }
         with self._lock:
             self._check_open()
             try:
@@ -171,6 +187,7 @@ class Store:
                     column_names=names,
                     database=self.database,
                     column_oriented=True,
+                    settings=settings,
                 )
             except Exception as exc:
                 raise _classify(exc, f"insert into {self.database}.{table} failed") from exc

@@ -25,6 +25,9 @@ subtracting: a request's row is right whichever of its spans arrived first.
 from __future__ import annotations
 
 DATABASE = "tokentrace"
+#: Insert deduplication tokens a table remembers: far more than the inserts that can be
+#: in flight between a write-ahead log record's insert and its checkpoint.
+DEDUP_WINDOW_BLOCKS = 1000
 
 _OTEL_TRACES = """
 CREATE TABLE IF NOT EXISTS {db}.otel_traces{on_cluster} (
@@ -375,4 +378,13 @@ def ddl_statements(
         _PACKED_TOKENS_ROWS_MV,
     ):
         statements.append(template.format(**fmt).strip())
+    if not cluster:
+        # Replays of the collector's write-ahead log insert with the same deduplication
+        # tokens as the first attempt; a plain MergeTree only remembers tokens with a
+        # window (Replicated engines always do). Also upgrades stores made without it.
+        statements.extend(
+            f"ALTER TABLE {database}.{table} MODIFY SETTING "
+            f"non_replicated_deduplication_window = {DEDUP_WINDOW_BLOCKS}"
+            for table in TABLES
+        )
     return statements

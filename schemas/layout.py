@@ -31,6 +31,11 @@ def default_dsn(data_dir: Path) -> str:
     return f"chdb://{clickhouse_dir(data_dir).resolve()}"
 
 
+def wal_dir(data_dir: Path) -> Path:
+    """The collector's write-ahead log: accepted spans not yet known to be in ClickHouse."""
+    return data_dir / "wal"
+
+
 def collector_file(data_dir: Path) -> Path:
     """JSON written by a running collector: pid and its endpoints; removed on exit."""
     return data_dir / "collector.json"
