@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -13,13 +14,18 @@ import pytest
 
 
 def start_collector(
-    data_dir: Path, *extra: str, stderr: int | IO[str] = subprocess.PIPE
+    data_dir: Path,
+    *extra: str,
+    stderr: int | IO[str] = subprocess.PIPE,
+    prefix: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[str], dict[str, Any], str]:
-    """A collector on loopback ports the OS picks, once it printed its ready line;
-    returns the process, its collector.json and that line. Fails the test if it does
-    not start."""
+    """A collector on loopback ports the OS picks (unless ``extra`` names them), once it
+    printed its ready line; returns the process, its collector.json and that line.
+    ``prefix`` runs it under another command (which must exec it). Fails the test if it
+    does not start."""
     proc = subprocess.Popen(
         [
+            *prefix,
             sys.executable,
             "-m",
             "tokentrace",
