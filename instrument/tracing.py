@@ -197,7 +197,10 @@ def setup_tracing(
 ) -> Tracing:
     """Create this process's tracer with tokentrace's resource attributes.
 
-    ``endpoint`` is an OTLP/gRPC URL such as ``http://127.0.0.1:4317``. The exporter
+    ``endpoint`` is an OTLP/gRPC URL such as ``http://127.0.0.1:4317``; an ``https://``
+    one uses TLS and verifies the collector against the CA file in
+    ``OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE``, else ``OTEL_EXPORTER_OTLP_CERTIFICATE``,
+    else the system's CAs (the SDK's exporter reads those variables itself). The exporter
     runs on the SDK's batch thread; it never blocks the caller, and spans beyond
     ``max_queue_size`` are dropped (and counted by the SDK) rather than queued forever.
     ``token_spans`` picks the token wire mode (:func:`resolve_token_spans`).
