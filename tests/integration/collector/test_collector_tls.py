@@ -199,6 +199,8 @@ def test_setup_tracing_exports_to_https_with_the_standard_ca_variable(
     for i in range(5):
         tracing.tracer.start_span(f"span-{i}").end()
     tracing.shutdown()
+    counts = tracing.exporter_counts()
+    assert counts is not None and counts.exported == 5 and counts.dropped == 0
     assert _stored_spans(collector, tls_files.ca, service) == 5
 
 
@@ -216,6 +218,8 @@ def test_setup_tracing_without_the_ca_exports_nothing(
     )
     tracing.tracer.start_span("unverified").end()
     tracing.shutdown()
+    counts = tracing.exporter_counts()
+    assert counts is not None and counts.dropped_export_failed == 1 and counts.exported == 0
     assert _stored_spans(collector, tls_files.ca, "tls-sdk-no-ca") == 0
 
 
