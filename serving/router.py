@@ -428,11 +428,13 @@ class _Router:
     # -- /health, /v1/models --
 
     def health(self) -> dict[str, Any]:
+        counts = self.tracing.exporter_counts()
         return {
             "status": "ok",
             "node_id": self.tracing.node_id,
             "prefill": [w.snapshot() for w in self.prefill.workers],
             "decode": [w.snapshot() for w in self.decode.workers],
+            "exporter": counts.to_dict() if counts is not None else None,
         }
 
     async def models(self, refresh: bool = False) -> dict[str, Any]:
