@@ -6,12 +6,13 @@ This measures what that callback costs per emission, in CPU time of the calling 
 
 - tokentrace: ``TokenRecorder.record`` into preallocated arrays, as the worker does;
 - OpenTelemetry SDK: one ``llm.token`` span per emission (``start_span`` + ``end``,
-  the attributes tokentrace's token spans carry), on a tracer with the
-  BatchSpanProcessor and OTLP/gRPC exporter exporting to a sink process;
+  the attributes tokentrace's token spans carry), on a tracer as ``setup_tracing``
+  builds it: a batch queue (like the SDK's BatchSpanProcessor) and the SDK's OTLP/gRPC
+  exporter exporting to a sink process;
 - no tracing: the same callback with nothing to do.
 
-Span export runs on the SDK's own thread and is not counted: only what the engine
-thread pays. The SDK queue is flushed between repetitions, outside the timed loop.
+Span export runs on the exporter's own thread and is not counted: only what the engine
+thread pays. The queue is flushed between repetitions, outside the timed loop.
 Thread CPU time rather than wall time because the machine is shared and noisy; cases
 are interleaved in every repetition and medians reported.
 """
@@ -47,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "CPU ns per token emission on the calling thread (time.thread_time_ns): "
             "tokentrace's TokenRecorder.record vs an OpenTelemetry SDK span per token "
-            "(BatchSpanProcessor + OTLP/gRPC exporter to a sink process; export is on "
-            "the SDK's thread and not counted) vs no tracing. Medians over repetitions. "
+            "(batch queue + OTLP/gRPC exporter to a sink process; export is on "
+            "the exporter's thread and not counted) vs no tracing. Medians over repetitions. "
             "Targets: tokentrace <= 1000 ns, SDK span / tokentrace >= 20x."
         ),
     )
@@ -146,7 +147,7 @@ def measure(factory: CallbackFactory, requests: int, tokens: int) -> float:
 
 
 def _flush(tracing: Tracing) -> None:
-    """Let the SDK's queue drain between repetitions (not timed) so it never fills."""
+    """Let the export queue drain between repetitions (not timed) so it never fills."""
     if tracing.provider is not None:
         tracing.provider.force_flush()
 

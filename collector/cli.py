@@ -35,7 +35,8 @@ def register(subparsers: Any) -> None:
             "takes it, also after a crash or restart, exactly once. SIGINT/SIGTERM stop it "
             "after everything accepted is stored or logged. With "
             "--forward-otlp it also sends every stored span to other OTLP endpoints "
-            "(e.g. Jaeger), without ever delaying or failing storage."
+            "(e.g. Jaeger), without ever delaying or failing storage. With --tls-cert and "
+            "--tls-key all three ports serve TLS (https://) and no plaintext."
         ),
     )
     _add_store_args(p)
@@ -110,6 +111,7 @@ def register(subparsers: Any) -> None:
             "(default: $TOKENTRACE_AUTH_TOKEN; unset: no authentication)"
         ),
     )
+    _add_tls_args(p)
     p.set_defaults(func=_run_collector)
 
     q = subparsers.add_parser(
@@ -131,6 +133,7 @@ def register(subparsers: Any) -> None:
         help="output format: rich table, CSV with a header, or a JSON array of "
         "row objects (default: %(default)s)",
     )
+    _add_ca_arg(q)
     q.set_defaults(func=_run_query)
 
     t = subparsers.add_parser(
@@ -144,6 +147,7 @@ def register(subparsers: Any) -> None:
     )
     t.add_argument("trace_id", metavar="TRACE_ID", help="32 hex digits")
     _add_store_args(t)
+    _add_ca_arg(t)
     t.set_defaults(func=_run_trace)
 
     ts = subparsers.add_parser(
@@ -171,6 +175,7 @@ def register(subparsers: Any) -> None:
         help="order by end-to-end latency or TTFT (default: %(default)s)",
     )
     _add_store_args(ts)
+    _add_ca_arg(ts)
     ts.set_defaults(func=_run_traces)
 
 
@@ -197,6 +202,24 @@ def _byte_size(text: str) -> int:
     return size
 
 
+def _add_tls_args(parser: argparse.ArgumentParser) -> None:
+    from tokentrace.schemas.tls import TLS_CERT_HELP, TLS_KEY_HELP
+
+    parser.add_argument("--tls-cert", default=None, metavar="PEM", help=TLS_CERT_HELP)
+    parser.add_argument("--tls-key", default=None, metavar="PEM", help=TLS_KEY_HELP)
+
+
+def _add_ca_arg(parser: argparse.ArgumentParser) -> None:
+    from tokentrace.schemas.tls import CA_CERT_HELP
+
+    parser.add_argument(
+        "--ca-cert",
+        default=None,
+        metavar="PEM",
+        help=CA_CERT_HELP + "; used when the running collector serves TLS",
+    )
+
+
 def _data_dir(args: argparse.Namespace) -> Path:
     from tokentrace.schemas.layout import default_data_dir
 
@@ -214,6 +237,7 @@ def _run_collector(args: argparse.Namespace) -> int:
 
     from tokentrace.schemas.auth import resolve_token
     from tokentrace.schemas.layout import collector_file, default_dsn, wal_dir
+    from tokentrace.schemas.tls import tls_from_args
 
     from .api import ApiConfig
     from .forward import ForwardConfig
@@ -235,6 +259,7 @@ def _run_collector(args: argparse.Namespace) -> int:
         api_host, api_port = parse_hostport(args.http)
         config = CollectorConfig(
             auth_token=resolve_token(args.auth_token),
+            tls=tls_from_args(args.tls_cert, args.tls_key),
             dsn=args.clickhouse or default_dsn(data_dir),
             wal=WalConfig(
                 directory=str(args.wal_dir or wal_dir(data_dir)), max_bytes=args.wal_max_bytes
@@ -286,7 +311,9 @@ def _run_collector(args: argparse.Namespace) -> int:
         print(
             f"tokentrace collector ready otlp-grpc={info['otlp_grpc']} "
             f"otlp-http={info['otlp_http']} http={info['http']} store={info['dsn']} "
-            f"wal={info['wal']}" + "".join(f" forward={url}" for url in info["forward"]),
+            f"wal={info['wal']}"
+            + "".join(f" forward={url}" for url in info["forward"])
+            + (" tls=on" if info["tls"] else ""),
             flush=True,
         )
         while not stop.wait(0.5):
@@ -303,6 +330,12 @@ def _run_collector(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_url(info: dict[str, Any]) -> str:
+    """The API's base URL from collector.json (one written before TLS existed has no
+    ``http_url``: plaintext)."""
+    return str(info.get("http_url") or f"http://{info['http']}")
+
+
 def _running_collector(path: Path) -> dict[str, Any] | None:
     """The collector.json contents if that collector answers /health, else None."""
     import json
@@ -311,8 +344,9 @@ def _running_collector(path: Path) -> dict[str, Any] | None:
 
     try:
         info = json.loads(path.read_text())
-        url = f"http://{info['http']}/health"
-        response = httpx.get(url, timeout=2.0)
+        # Liveness only: GET /health carries no SQL and no token, so the certificate is
+        # not verified here; every request that does carry them verifies it.
+        response = httpx.get(f"{_api_url(info)}/health", timeout=2.0, verify=False)
     except (OSError, ValueError, KeyError, TypeError, httpx.HTTPError):
         return None
     return info if response.status_code == 200 else None
@@ -339,6 +373,12 @@ def _query(args: argparse.Namespace, sql: str) -> dict[str, Any]:
     """``{"columns", "types", "rows"}`` as the /query API returns it."""
     from tokentrace.schemas.auth import auth_headers
     from tokentrace.schemas.layout import collector_file, default_dsn
+    from tokentrace.schemas.tls import (
+        CA_CERT_ENV,
+        certificate_error,
+        client_verify,
+        resolve_ca_cert,
+    )
 
     if args.clickhouse:
         return _query_direct(args.clickhouse, sql)
@@ -347,15 +387,30 @@ def _query(args: argparse.Namespace, sql: str) -> dict[str, Any]:
     if info is not None:
         import httpx
 
+        url = _api_url(info)
+        ca_file = resolve_ca_cert(args.ca_cert)
+        try:
+            verify = client_verify(ca_file)
+        except ValueError as exc:
+            raise _QueryFailed(str(exc)) from exc
         try:
             response = httpx.post(
-                f"http://{info['http']}/query",
+                f"{url}/query",
                 json={"sql": sql},
                 headers=auth_headers(),
                 timeout=300.0,
+                verify=verify,
             )
         except httpx.HTTPError as exc:
-            raise _QueryFailed(f"collector at {info['http']} did not answer: {exc}") from exc
+            failure = certificate_error(exc)
+            if failure is not None:
+                against = f"CA file {str(ca_file)!r}" if ca_file else "the system's CAs"
+                raise _QueryFailed(
+                    f"the collector at {url} serves a certificate that does not verify "
+                    f"against {against} ({failure.verify_message}); give its CA with "
+                    f"--ca-cert or {CA_CERT_ENV}"
+                ) from exc
+            raise _QueryFailed(f"collector at {url} did not answer: {exc}") from exc
         body = response.json()
         if response.status_code != 200:
             raise _QueryFailed(body.get("error") or response.text)

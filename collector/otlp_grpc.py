@@ -24,6 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from tokentrace.schemas.auth import token_matches
+from tokentrace.schemas.tls import TlsConfig
 
 from .decode import DecodeError
 from .pipeline import ExportResult, Pipeline, PipelineFull, PipelineUnavailable
@@ -109,15 +110,21 @@ class _BearerInterceptor(grpc.ServerInterceptor):
 
 
 class OtlpGrpcReceiver:
-    """A threaded gRPC server; each Export blocks one worker thread until committed."""
+    """A threaded gRPC server; each Export blocks one worker thread until committed.
+    With ``tls`` it listens on a TLS port only (plaintext clients fail the handshake)."""
 
     def __init__(
-        self, config: OtlpGrpcConfig, pipeline: Pipeline, auth_token: str | None = None
+        self,
+        config: OtlpGrpcConfig,
+        pipeline: Pipeline,
+        auth_token: str | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         config.validate()
         self.config = config
         self._pipeline = pipeline
         self._auth_token = auth_token
+        self._tls = tls
         self._server: grpc.Server | None = None
         self.port: int | None = None
 
@@ -155,7 +162,11 @@ class OtlpGrpcReceiver:
         host = self.config.host
         target = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
         try:
-            port = server.add_insecure_port(target)
+            if self._tls is None:
+                port = server.add_insecure_port(target)
+            else:
+                credentials = grpc.ssl_server_credentials([self._tls.read_pair()])
+                port = server.add_secure_port(target, credentials)
         except RuntimeError as exc:
             raise OSError(f"cannot bind OTLP/gRPC receiver to {target}: {exc}") from exc
         if port == 0:
@@ -163,7 +174,9 @@ class OtlpGrpcReceiver:
         server.start()
         self._server = server
         self.port = port
-        _log.info("OTLP/gRPC receiver listening on %s", self.address)
+        _log.info(
+            "OTLP/gRPC receiver listening on %s%s", self.address, " (TLS)" if self._tls else ""
+        )
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         """Stop taking new RPCs and wait for in-flight exports; idempotent."""

@@ -6,7 +6,8 @@ pipeline, so every export that was acknowledged is in ClickHouse before the stor
 closes (or, if ClickHouse is failing, stays in the write-ahead log for the next start);
 then each OTLP forwarder gets ``forward_shutdown_s`` to flush its queue. The
 two HTTP apps (OTLP/HTTP and the API) run as uvicorn servers in one asyncio loop on a
-background thread; the gRPC receiver is a threaded grpc server.
+background thread; the gRPC receiver is a threaded grpc server. With ``tls`` all three
+ports serve TLS with the same certificate, and none of them plaintext.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tokentrace.schemas.auth import BearerAuthMiddleware
+from tokentrace.schemas.tls import TlsConfig
 
 from .api import ApiConfig, create_api_app
 from .forward import ForwardConfig, OtlpForwarder
@@ -70,6 +72,7 @@ class CollectorConfig:
     forward: tuple[ForwardConfig, ...] = ()  # OTLP targets every stored span goes to
     forward_shutdown_s: float = 5.0  # per target: time to flush its queue at shutdown
     auth_token: str | None = None  # when set, every endpoint but /health requires it
+    tls: TlsConfig | None = None  # when set, every port serves TLS (and only TLS)
 
     def validate(self) -> None:
         if not self.dsn or "://" not in self.dsn:
@@ -89,6 +92,8 @@ class CollectorConfig:
             raise ValueError(f"forward target given more than once: {', '.join(duplicates)}")
         if self.forward_shutdown_s < 0:
             raise ValueError(f"forward_shutdown_s must be >= 0, got {self.forward_shutdown_s!r}")
+        if self.tls is not None:
+            self.tls.validate()
 
 
 class _AsgiServers:
@@ -102,8 +107,9 @@ class _AsgiServers:
         self._thread.start()
         self._servers: dict[str, tuple[Any, asyncio.Task[None]]] = {}
 
-    def serve(self, name: str, app: Any, host: str, port: int) -> int:
-        """Bind ``host:port`` and serve ``app``; returns the bound port once listening."""
+    def serve(self, name: str, app: Any, host: str, port: int, tls: TlsConfig | None = None) -> int:
+        """Bind ``host:port`` and serve ``app`` (HTTPS with ``tls``); returns the bound
+        port once listening."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say
         # they are TCP; with it on, every response after a connection's first waited for the
@@ -117,16 +123,22 @@ class _AsgiServers:
             raise OSError(f"cannot bind {name} to {_hostport(host, port)}: {exc}") from exc
         bound_port = int(sock.getsockname()[1])
         future: Future[None] = asyncio.run_coroutine_threadsafe(
-            self._start(name, app, sock), self._loop
+            self._start(name, app, sock, tls), self._loop
         )
         future.result(timeout=30)
         return bound_port
 
-    async def _start(self, name: str, app: Any, sock: socket.socket) -> None:
+    async def _start(self, name: str, app: Any, sock: socket.socket, tls: TlsConfig | None) -> None:
         import uvicorn
 
         config = uvicorn.Config(
-            app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+            ssl_certfile=tls.cert_file if tls else None,
+            ssl_keyfile=tls.key_file if tls else None,
         )
         server = uvicorn.Server(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
@@ -211,13 +223,15 @@ class Collector:
         if cfg.auth_token:
             api_app = BearerAuthMiddleware(api_app, cfg.auth_token)
             otlp_http_app = BearerAuthMiddleware(otlp_http_app, cfg.auth_token)
-        api_port = self._http.serve("API", api_app, cfg.api.host, cfg.api.port)
+        api_port = self._http.serve("API", api_app, cfg.api.host, cfg.api.port, cfg.tls)
         self.api_address = _hostport(cfg.api.host, api_port)
         http_port = self._http.serve(
-            "OTLP/HTTP", otlp_http_app, cfg.otlp_http.host, cfg.otlp_http.port
+            "OTLP/HTTP", otlp_http_app, cfg.otlp_http.host, cfg.otlp_http.port, cfg.tls
         )
         self.otlp_http_address = _hostport(cfg.otlp_http.host, http_port)
-        self._grpc = OtlpGrpcReceiver(cfg.otlp_grpc, self.pipeline, auth_token=cfg.auth_token)
+        self._grpc = OtlpGrpcReceiver(
+            cfg.otlp_grpc, self.pipeline, auth_token=cfg.auth_token, tls=cfg.tls
+        )
         self._grpc.start()
         self.otlp_grpc_address = _hostport(cfg.otlp_grpc.host, self._grpc.port or 0)
 
@@ -263,12 +277,20 @@ class Collector:
         return out
 
     def info(self) -> dict[str, Any]:
-        """What ``collector.json`` holds: pid and the bound endpoints."""
+        """What ``collector.json`` holds: pid, the bound endpoints (``HOST:PORT``), whether
+        they serve TLS, and the URLs clients use (``https://`` with TLS): ``otlp_grpc_url``
+        for an exporter's endpoint, ``otlp_http_url`` to POST spans to, ``http_url`` for
+        the API."""
+        scheme = "https" if self.config.tls else "http"
         return {
             "pid": os.getpid(),
             "otlp_grpc": self.otlp_grpc_address,
             "otlp_http": self.otlp_http_address,
             "http": self.api_address,
+            "tls": self.config.tls is not None,
+            "otlp_grpc_url": f"{scheme}://{self.otlp_grpc_address}",
+            "otlp_http_url": f"{scheme}://{self.otlp_http_address}/v1/traces",
+            "http_url": f"{scheme}://{self.api_address}",
             "dsn": self.config.dsn,
             "wal": self.config.wal.directory,
             "forward": [f.url for f in self.config.forward],

@@ -2,6 +2,7 @@
 recorder and W3C context propagation. Never imports the collector or serving."""
 
 from tokentrace.instrument.asgi import ArrivalStampMiddleware, arrival_s, wall_ns
+from tokentrace.instrument.export import ExporterCounts
 from tokentrace.instrument.propagation import TRACEPARENT, extract, inject
 from tokentrace.instrument.recorder import TokenRecorder
 from tokentrace.instrument.tracing import (
@@ -13,6 +14,7 @@ from tokentrace.instrument.tracing import (
 
 __all__ = [
     "ArrivalStampMiddleware",
+    "ExporterCounts",
     "arrival_s",
     "TRACEPARENT",
     "TokenRecorder",

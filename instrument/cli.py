@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--otlp-endpoint",
         default=None,
-        help="OTLP/gRPC endpoint (default: $TOKENTRACE_OTLP_ENDPOINT, "
+        help="OTLP/gRPC endpoint; https:// for TLS, verified against "
+        "$OTEL_EXPORTER_OTLP_CERTIFICATE if set (default: $TOKENTRACE_OTLP_ENDPOINT, "
         "then $OTEL_EXPORTER_OTLP_ENDPOINT)",
     )
     parser.add_argument("--node-id", default=None, help="node identity (default: host name)")

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tokentrace.instrument.clock import skew_ns
+from tokentrace.instrument.export import CountingBatchProcessor, ExporterCounts
 from tokentrace.schemas import attributes as A
 from tokentrace.schemas.auth import auth_headers
 
@@ -154,6 +155,7 @@ class Tracing:
     tracer: trace.Tracer
     provider: TracerProvider | None = field(default=None, repr=False)
     token_spans: str = "packed"  # "packed" | "spans": see resolve_token_spans
+    processor: CountingBatchProcessor | None = field(default=None, repr=False)
     _deferred: _Deferred = field(default_factory=_Deferred, repr=False)
 
     @property
@@ -165,6 +167,11 @@ class Tracing:
         """Token emissions go out packed onto ``llm.decode`` (see :mod:`..recorder`)."""
         return self.token_spans == "packed"
 
+    def exporter_counts(self) -> ExporterCounts | None:
+        """What the exporter has queued, exported and dropped (spans); None when
+        tracing is off. Still answers after :meth:`shutdown`, with the final counts."""
+        return self.processor.counts() if self.processor is not None else None
+
     def defer(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` (which builds and ends spans) on the span thread, in submission
         order; inline when tracing is off (then it only touches no-op spans)."""
@@ -174,8 +181,8 @@ class Tracing:
             self._deferred.submit(fn)
 
     def shutdown(self) -> None:
-        """Build what was deferred, flush what is queued and stop exporting.
-        Idempotent; never raises."""
+        """Build what was deferred, flush what is queued and stop exporting (waiting
+        at most about 30 s for an unreachable collector). Idempotent; never raises."""
         self._deferred.drain()
         provider, self.provider = self.provider, None
         if provider is None:
@@ -194,18 +201,32 @@ def setup_tracing(
     export_delay_ms: int = 500,
     max_queue_size: int = 65536,
     token_spans: str | None = None,
+    export_timeout_s: float | None = None,
+    logger: logging.Logger | None = None,
 ) -> Tracing:
     """Create this process's tracer with tokentrace's resource attributes.
 
-    ``endpoint`` is an OTLP/gRPC URL such as ``http://127.0.0.1:4317``. The exporter
-    runs on the SDK's batch thread; it never blocks the caller, and spans beyond
-    ``max_queue_size`` are dropped (and counted by the SDK) rather than queued forever.
-    ``token_spans`` picks the token wire mode (:func:`resolve_token_spans`).
+    ``endpoint`` is an OTLP/gRPC URL such as ``http://127.0.0.1:4317``; an ``https://``
+    one uses TLS and verifies the collector against the CA file in
+    ``OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE``, else ``OTEL_EXPORTER_OTLP_CERTIFICATE``,
+    else the system's CAs (the SDK's exporter reads those variables itself).
+
+    Export runs on its own thread (:class:`~.export.CountingBatchProcessor`): ending a
+    span never blocks, a span ended while ``max_queue_size`` spans wait is dropped, and
+    the SDK's OTLP exporter retries a failed batch within ``export_timeout_s`` (None:
+    its own default, ``OTEL_EXPORTER_OTLP_TIMEOUT`` or 10 s) before the batch is
+    dropped. :meth:`Tracing.exporter_counts` counts every span's fate; drops are
+    logged as a WARNING at most every 10 s, to ``logger`` (default: the export
+    module's). ``token_spans`` picks the token wire mode (:func:`resolve_token_spans`).
     """
     if role not in A.ROLES:
         raise ValueError(f"role must be one of {A.ROLES}, got {role!r}")
     if export_delay_ms <= 0:
         raise ValueError(f"export_delay_ms must be positive, got {export_delay_ms!r}")
+    if max_queue_size < 1:
+        raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size!r}")
+    if export_timeout_s is not None and not export_timeout_s > 0:
+        raise ValueError(f"export_timeout_s must be positive, got {export_timeout_s!r}")
     node = resolve_node_id(node_id)
     service = service_name or f"tokentrace-{role}"
     url = resolve_endpoint(endpoint)
@@ -227,19 +248,22 @@ def setup_tracing(
     insecure = not url.startswith("https://")
     # The collector's bearer token, when it requires one (TOKENTRACE_AUTH_TOKEN).
     exporter: SpanExporter = OTLPSpanExporter(
-        endpoint=url, insecure=insecure, headers=auth_headers() or None
+        endpoint=url, insecure=insecure, headers=auth_headers() or None, timeout=export_timeout_s
     )
     skew = skew_ns()
     if skew:
         log.warning("TOKENTRACE_CLOCK_SKEW_MS: span times shifted by %+.3f ms", skew / 1e6)
         exporter = SkewedExporter(exporter, skew)
-    provider.add_span_processor(
-        BatchSpanProcessor(
-            exporter,
-            max_queue_size=max_queue_size,
-            schedule_delay_millis=export_delay_ms,
-            max_export_batch_size=4096,
-        )
+    processor = CountingBatchProcessor(
+        exporter,
+        max_queue_size=max_queue_size,
+        max_export_batch_size=min(4096, max_queue_size),
+        schedule_delay_s=export_delay_ms / 1000,
+        endpoint=url,
+        logger=logger,
     )
+    provider.add_span_processor(processor)
     tracer = provider.get_tracer(INSTRUMENTATION_SCOPE)
-    return Tracing(node, role, service, url, tracer, provider, token_spans=mode)
+    return Tracing(
+        node, role, service, url, tracer, provider, token_spans=mode, processor=processor
+    )

@@ -259,6 +259,7 @@ class _TraceState:
                     self._tracing = setup_tracing(
                         role=os.environ.get(ROLE_ENV, "decode"),
                         service_name="vllm",
+                        logger=log,  # dropped spans are reported in vLLM's own log
                     )
         return self._tracing
 

@@ -10,13 +10,15 @@ from pathlib import Path
 
 from tokentrace.instrument.tracing import TOKEN_SPANS_HELP, TOKEN_SPANS_MODES
 from tokentrace.schemas.layout import DATA_DIR_ENV
+from tokentrace.schemas.tls import TLS_CERT_HELP, TLS_KEY_HELP
 
 DATA_DIR_HELP = (
     f"data directory (models, the embedded ClickHouse store); default ${DATA_DIR_ENV} "
     "or ~/.local/share/tokentrace"
 )
 OTLP_HELP = (
-    "OTLP/gRPC endpoint to export spans to, e.g. http://127.0.0.1:4317; default "
+    "OTLP/gRPC endpoint to export spans to, e.g. http://127.0.0.1:4317 (https:// for TLS, "
+    "verified against $OTEL_EXPORTER_OTLP_CERTIFICATE if set); default "
     "$TOKENTRACE_OTLP_ENDPOINT or $OTEL_EXPORTER_OTLP_ENDPOINT; tracing is off without one"
 )
 
@@ -133,6 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "/health (default: $TOKENTRACE_AUTH_TOKEN; unset: no authentication)"
         ),
     )
+    router.add_argument("--tls-cert", default=None, metavar="PEM", help=TLS_CERT_HELP)
+    router.add_argument("--tls-key", default=None, metavar="PEM", help=TLS_KEY_HELP)
     router.set_defaults(func=_router)
 
     load = sub.add_parser(
@@ -186,19 +190,21 @@ def _router(args: argparse.Namespace) -> int:
     import sys
 
     from tokentrace.schemas.auth import resolve_token
+    from tokentrace.schemas.tls import tls_from_args
     from tokentrace.serving import router
 
-    config = router.RouterConfig(
-        prefill_urls=tuple(args.prefill),
-        decode_urls=tuple(args.decode),
-        host=args.host,
-        port=args.port,
-        node_id=args.node_id,
-        otlp_endpoint=args.otlp_endpoint,
-        clock_window_s=args.clock_window,
-        auth_token=resolve_token(args.auth_token),
-    )
     try:
+        config = router.RouterConfig(
+            prefill_urls=tuple(args.prefill),
+            decode_urls=tuple(args.decode),
+            host=args.host,
+            port=args.port,
+            node_id=args.node_id,
+            otlp_endpoint=args.otlp_endpoint,
+            clock_window_s=args.clock_window,
+            auth_token=resolve_token(args.auth_token),
+            tls=tls_from_args(args.tls_cert, args.tls_key),
+        )
         config.validate()
     except ValueError as exc:
         print(f"tokentrace router: {exc}", file=sys.stderr)

@@ -26,6 +26,13 @@ import httpx
 import numpy as np
 
 from tokentrace.schemas.auth import auth_headers
+from tokentrace.schemas.tls import (
+    CA_CERT_ENV,
+    CA_CERT_HELP,
+    certificate_error,
+    client_verify,
+    resolve_ca_cert,
+)
 from tokentrace.serving import openai_protocol as P
 
 __all__ = [
@@ -276,10 +283,13 @@ async def run_load(
     model: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    ca_file: Path | None = None,
 ) -> LoadResult:
     """Send ``requests`` streaming completions with at most ``concurrency`` in flight and
-    measure each. Request failures are recorded, never raised; raises only when the
-    model cannot be resolved from ``{url}/v1/models``."""
+    measure each. An ``https://`` server is verified against ``ca_file`` (else the
+    system's CAs). Request failures are recorded, never raised; raises only when the
+    model cannot be resolved from ``{url}/v1/models`` (ValueError also for an unusable
+    ``ca_file``)."""
     for name, value in (("requests", requests), ("concurrency", concurrency)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value!r}")
@@ -293,7 +303,10 @@ async def run_load(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     timeout = httpx.Timeout(_HTTP_TIMEOUT_S, connect=30.0)
     headers = auth_headers()  # the router's bearer token, if it requires one
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as client:
+    verify = client_verify(ca_file)
+    async with httpx.AsyncClient(
+        timeout=timeout, limits=limits, headers=headers, verify=verify
+    ) as client:
         model = model or await _default_model(client, url)
         resolved_model = model
         semaphore = asyncio.Semaphore(concurrency)
@@ -383,6 +396,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write per-request records and the summary here",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--ca-cert", type=Path, default=None, metavar="PEM", help=CA_CERT_HELP)
 
 
 def _ms(value: float | None) -> str:
@@ -419,6 +433,7 @@ def print_summary(result: LoadResult) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``tokentrace load``; 0 when every request succeeded, 1 otherwise."""
+    ca_file = resolve_ca_cert(getattr(args, "ca_cert", None))
     try:
         result = asyncio.run(
             run_load(
@@ -430,10 +445,21 @@ def run_from_args(args: argparse.Namespace) -> int:
                 model=args.model,
                 seed=args.seed,
                 progress=not getattr(args, "no_progress", False),
+                ca_file=ca_file,
             )
         )
     except (ValueError, RuntimeError, httpx.HTTPError) as exc:
-        print(f"tokentrace load: {exc}", file=sys.stderr)
+        failure = certificate_error(exc)
+        if failure is not None:
+            against = f"CA file {str(ca_file)!r}" if ca_file else "the system's CAs"
+            print(
+                f"tokentrace load: {args.url} serves a certificate that does not verify "
+                f"against {against} ({failure.verify_message}); give its CA with --ca-cert "
+                f"or {CA_CERT_ENV}",
+                file=sys.stderr,
+            )
+        else:
+            print(f"tokentrace load: {exc}", file=sys.stderr)
         return 2
     print_summary(result)
     if args.json is not None:

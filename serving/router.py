@@ -48,6 +48,7 @@ from tokentrace.instrument.clock import (
 )
 from tokentrace.schemas import attributes as A
 from tokentrace.schemas.auth import BearerAuthMiddleware
+from tokentrace.schemas.tls import TlsConfig
 from tokentrace.serving import openai_protocol as P
 
 __all__ = [
@@ -114,6 +115,7 @@ class RouterConfig:
     models_cache_ttl_s: float = 30.0
     clock_window_s: float = 30.0
     auth_token: str | None = None  # when set, clients must send it (all but /health)
+    tls: TlsConfig | None = None  # when set, clients connect with HTTPS (and only HTTPS)
 
     def __post_init__(self) -> None:
         for name in ("prefill_urls", "decode_urls"):
@@ -146,6 +148,8 @@ class RouterConfig:
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
+        if self.tls is not None:
+            self.tls.validate()
         return self
 
 
@@ -424,11 +428,13 @@ class _Router:
     # -- /health, /v1/models --
 
     def health(self) -> dict[str, Any]:
+        counts = self.tracing.exporter_counts()
         return {
             "status": "ok",
             "node_id": self.tracing.node_id,
             "prefill": [w.snapshot() for w in self.prefill.workers],
             "decode": [w.snapshot() for w in self.decode.workers],
+            "exporter": counts.to_dict() if counts is not None else None,
         }
 
     async def models(self, refresh: bool = False) -> dict[str, Any]:
@@ -822,8 +828,17 @@ def create_app(config: RouterConfig, tracing: Tracing | None = None) -> FastAPI:
 
 
 def run(config: RouterConfig) -> None:
-    """Serve the router with uvicorn until interrupted. Blocks."""
+    """Serve the router with uvicorn (HTTPS with ``config.tls``) until interrupted. Blocks."""
     import uvicorn
 
     app = create_app(config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", access_log=False)
+    tls = config.tls
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="info",
+        access_log=False,
+        ssl_certfile=tls.cert_file if tls else None,
+        ssl_keyfile=tls.key_file if tls else None,
+    )

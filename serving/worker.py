@@ -589,6 +589,9 @@ def create_app(config: WorkerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        """Liveness, the KV pool, and ``exporter``: what this process's span exporter has
+        queued, exported and dropped (null when tracing is off)."""
+        counts = worker.tracing.exporter_counts()
         return {
             "status": "ok",
             "role": config.role,
@@ -596,6 +599,7 @@ def create_app(config: WorkerConfig) -> FastAPI:
             "model": config.model,
             "free_blocks": worker.pool.num_free,
             "pinned_transfers": len(worker._pinned),
+            "exporter": counts.to_dict() if counts is not None else None,
         }
 
     @app.get("/v1/models")

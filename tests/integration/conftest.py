@@ -1,10 +1,12 @@
-"""Shared fixtures for integration tests: one real stack per test module."""
+"""Shared fixtures for integration tests: one real stack per test module, and a
+throwaway certificate authority for the TLS tests."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+from tls_certs import TlsFiles, make_tls_files
 
 from tokentrace.serving.stack import LocalStack
 
@@ -22,3 +24,9 @@ def stack(
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A CA and a server certificate made for this test session, never reused."""
+    return make_tls_files(tmp_path_factory.mktemp("tls"))

@@ -11,6 +11,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,24 @@ def test_both_decode_nodes_served(stack: LocalStack, load: LoadResult) -> None:
     assert set(nodes) == {"decode-0", "decode-1"}
     assert {reqs[r.request_id]["prefill_node"] for r in load.records} == {"prefill-0"}
     assert {reqs[r.request_id]["router_node"] for r in load.records} == {"router-0"}
+
+
+def test_every_process_reports_its_exporter_in_health(stack: LocalStack, load: LoadResult) -> None:
+    """Router and workers count what their span exporter did; on this healthy loopback
+    stack it exported every span and dropped none."""
+    urls = {"router-0": stack.router_url, **stack.prefill, **stack.decode}
+    for node, url in urls.items():
+        deadline = time.monotonic() + 30
+        while True:  # a process counts a batch once the collector's ack reaches it
+            exporter = httpx.get(f"{url}/health", timeout=10).json()["exporter"]
+            if exporter["exported"] > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert exporter["exported"] > 0, (node, exporter)
+        assert exporter["queue_capacity"] == 65536, (node, exporter)
+        dropped = ("dropped_queue_full", "dropped_export_failed", "dropped_after_shutdown")
+        assert all(exporter[k] == 0 for k in dropped), (node, exporter)
+        assert exporter["failed_exports"] == 0, (node, exporter)
 
 
 def test_request_row_metrics_are_consistent(stack: LocalStack, load: LoadResult) -> None:
