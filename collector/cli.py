@@ -252,6 +252,10 @@ def _run_collector(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # While a ClickHouse server is down these warn on every retried connection; the
+    # pipeline says it once per outage.
+    for noisy in ("urllib3.connectionpool", "clickhouse_connect.driver._backend.http_sync"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     data_dir = _data_dir(args)
     try:
         grpc_host, grpc_port = parse_hostport(args.otlp_grpc)

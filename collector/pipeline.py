@@ -144,7 +144,7 @@ _RECORD_HEAD = struct.Struct("<QI")
 _LENGTH = struct.Struct("<I")
 _DIGEST_BYTES = 16
 # Digests of the exports accepted last, to recognise a sender's retry of one of them.
-_RECENT_EXPORTS = 100_000
+_RECENT_EXPORTS = 16_384
 # While backlogged, records beyond this many keep only their sequence number in memory.
 _IN_MEMORY_RECORDS = 64
 
@@ -571,19 +571,25 @@ class Pipeline:
                     self._acknowledge(record, keep=k < _IN_MEMORY_RECORDS)
 
     def _wait_or_give_up(self, delay_s: float) -> bool:
-        """Sleep before the next attempt; True when shutdown's deadline has passed."""
+        """Sleep ``delay_s`` before the next attempt (less if shutdown's deadline comes
+        first); True when that deadline has passed."""
+        wake = time.monotonic() + delay_s
         with self._records_cv:
-            if self._give_up_at is None:
-                self._records_cv.wait_for(lambda: self._give_up_at is not None, delay_s)
-            if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
-                _log.error(
-                    "shutting down with %d records (%d bytes) not in ClickHouse: they stay "
-                    "in the write-ahead log and are inserted at the next start",
-                    len(self._records),
-                    self._wal.pending_bytes,
-                )
-                return True
-        return False
+            while True:
+                deadline = self._give_up_at
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    _log.error(
+                        "shutting down with %d records (%d bytes) not in ClickHouse: they "
+                        "stay in the write-ahead log and are inserted at the next start",
+                        len(self._records),
+                        self._wal.pending_bytes,
+                    )
+                    return True
+                until = wake if deadline is None else min(wake, deadline)
+                if now >= until:
+                    return False
+                self._records_cv.wait(until - now)  # shutdown's notify wakes it early
 
     def _drop_bad_record(self, record: _Record, exc: BaseException) -> None:
         """ClickHouse refuses the record's rows for good (or they cannot be rebuilt):

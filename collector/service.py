@@ -31,7 +31,7 @@ from .forward import ForwardConfig, OtlpForwarder
 from .otlp_grpc import OtlpGrpcConfig, OtlpGrpcReceiver
 from .otlp_http import OtlpHttpConfig, create_otlp_http_app
 from .pipeline import Pipeline, PipelineConfig
-from .store import Store, open_store
+from .store import Store, StoreError, open_store
 from .wal import WalConfig, WriteAheadLog
 
 __all__ = ["Collector", "CollectorConfig", "parse_hostport", "write_collector_file"]
@@ -207,7 +207,15 @@ class Collector:
 
     def _start(self) -> None:
         cfg = self.config
-        self.store = open_store(cfg.dsn)
+        self.store = open_store(cfg.dsn, connect=False)
+        try:
+            self.store.connect()
+        except StoreError as exc:
+            if not exc.transient or cfg.dsn.startswith("chdb://"):
+                raise
+            # A server that is not up yet (or down): accept spans into the log meanwhile;
+            # the pipeline connects and creates the tables when it answers.
+            _log.warning("%s; accepting spans into the write-ahead log until it answers", exc)
         self.wal = WriteAheadLog(cfg.wal)
         for target in cfg.forward:
             forwarder = OtlpForwarder(target)

@@ -143,7 +143,7 @@ class Store:
     """
 
     def __init__(self, client: Any, dsn: str, database: str) -> None:
-        self._client = client
+        self._client = client  # None until :meth:`connect` succeeds
         # Reads with readonly=True go through a second session whose settings are
         # readonly from the start: per-query readonly on a chDB session can stick after a
         # refused write (the client cannot SET it back), leaving the writer read-only.
@@ -179,9 +179,9 @@ class Store:
             "deduplicate_blocks_in_dependent_materialized_views": 1,
         }
         with self._lock:
-            self._check_open()
+            client = self._connected()
             try:
-                self._client.insert(
+                client.insert(
                     table,
                     data,
                     column_names=names,
@@ -206,9 +206,9 @@ class Store:
         ``readonly=2``: per-query settings allowed, ``readonly`` itself not).
         """
         with self._lock:
-            self._check_open()
+            writer = self._connected()
             try:
-                client = self._reader() if readonly else self._client
+                client = self._reader() if readonly else writer
                 result = client.query(
                     sql,
                     parameters=params,
@@ -255,9 +255,9 @@ class Store:
     def command(self, sql: str) -> None:
         """Run one statement that returns nothing (DDL)."""
         with self._lock:
-            self._check_open()
+            client = self._connected()
             try:
-                self._client.command(sql)
+                client.command(sql)
             except Exception as exc:
                 raise _classify(exc, "command failed") from exc
 
@@ -274,23 +274,52 @@ class Store:
                 except Exception:  # noqa: BLE001 - closing must not raise
                     pass
 
+    def connect(self) -> None:
+        """Connect and create tokentrace's tables if that has not happened yet; raises
+        :class:`StoreError` (transient if the server cannot be reached). Every other
+        method does this first, so a store opened while ClickHouse was down starts
+        working when ClickHouse does."""
+        with self._lock:
+            self._connected()
+
+    def _connected(self) -> Any:
+        self._check_open()
+        if self._client is not None:
+            return self._client
+        import clickhouse_connect
+
+        try:
+            client = clickhouse_connect.get_client(dsn=self.dsn)
+        except Exception as exc:
+            raise _classify(exc, f"cannot connect to {self.dsn}") from exc
+        try:
+            for statement in ddl_statements(self.database):
+                client.command(statement)
+        except Exception as exc:
+            client.close()
+            raise _classify(exc, f"creating tokentrace's tables in {self.dsn} failed") from exc
+        # Unqualified table names in queries mean tokentrace's tables.
+        client.database = self.database
+        _without_pandas()
+        self._client = client
+        return client
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"store {self.dsn} is closed", transient=False)
 
 
-def open_store(dsn: str, database: str = DATABASE) -> Store:
-    """Connect to ``dsn`` and create tokentrace's tables if they are missing.
+def open_store(dsn: str, database: str = DATABASE, *, connect: bool = True) -> Store:
+    """A store for ``dsn`` with tokentrace's tables created if they are missing.
 
     ``chdb:///abs/path`` creates the directory on first use. Raises :class:`StoreError`
-    (transient if the server cannot be reached).
+    (transient if the server cannot be reached); with ``connect=False`` nothing is
+    contacted yet and the first use connects (see :meth:`Store.connect`).
     """
     if not dsn or "://" not in dsn:
         raise ValueError(
             f"ClickHouse DSN must look like chdb:///path or http://host:8123, got {dsn!r}"
         )
-    import clickhouse_connect
-
     if dsn.startswith("chdb://"):
         import os
         from pathlib import Path
@@ -300,20 +329,13 @@ def open_store(dsn: str, database: str = DATABASE) -> Store:
         # in a collector under load is a few hundred MB of resident memory it is not
         # using. Read once, when chDB is first loaded; a value already set wins.
         os.environ.setdefault("JE_MALLOC_CONF", "dirty_decay_ms:1000,muzzy_decay_ms:0")
-    try:
-        client = clickhouse_connect.get_client(dsn=dsn)
-    except Exception as exc:
-        raise _classify(exc, f"cannot connect to {dsn}") from exc
-    store = Store(client, dsn, database)
-    try:
-        for statement in ddl_statements(database):
-            store.command(statement)
-    except BaseException:
-        store.close()
-        raise
-    # Unqualified table names in queries mean tokentrace's tables.
-    client.database = database
-    _without_pandas()
+    store = Store(None, dsn, database)
+    if connect:
+        try:
+            store.connect()
+        except BaseException:
+            store.close()
+            raise
     return store
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -23,6 +24,10 @@ def start_collector(
     printed its ready line; returns the process, its collector.json and that line.
     ``prefix`` runs it under another command (which must exec it). Fails the test if it
     does not start."""
+    # --clickhouse excludes --data-dir: the data directory (collector.json, the log)
+    # then comes from the environment.
+    env = {**os.environ, "TOKENTRACE_DATA_DIR": str(data_dir)}
+    store_args = () if "--clickhouse" in extra else ("--data-dir", str(data_dir))
     proc = subprocess.Popen(
         [
             *prefix,
@@ -30,8 +35,7 @@ def start_collector(
             "-m",
             "tokentrace",
             "collector",
-            "--data-dir",
-            str(data_dir),
+            *store_args,
             "--otlp-grpc",
             "127.0.0.1:0",
             "--otlp-http",
@@ -43,6 +47,7 @@ def start_collector(
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
+        env=env,
     )
     assert proc.stdout is not None
     stdout = proc.stdout

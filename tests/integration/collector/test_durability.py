@@ -334,3 +334,35 @@ def test_past_the_disk_budget_exporters_get_retryable_errors(
     assert sender.error is None and sender.acked == len(exports)
     collector.wait_for("backlog inserted", lambda h: h["wal_pending_records"] == 0)
     assert _stored(collector, run=3) == (15_000, 15_000, len(exports))
+
+
+def test_a_clickhouse_server_down_from_the_start_costs_nothing(
+    tmp_path: Path, collectors: list[Collector]
+) -> None:
+    """A collector whose ClickHouse server does not answer starts anyway and keeps what
+    it is sent in its log; SIGTERM leaves it there, and a collector started on the same
+    log with a store that works inserts all of it."""
+    (dead_port,) = _free_ports(1)
+    dsn = f"http://127.0.0.1:{dead_port}"
+    wal = tmp_path / "wal"
+    exports = _exports(run=4, n_exports=10, spans_per_export=100)
+    first = Collector(tmp_path / "first", "--clickhouse", dsn, "--wal-dir", str(wal))
+    collectors.append(first)
+    first.start()
+    sender = Sender(first.grpc, exports)
+    sender.run()
+    assert sender.error is None and sender.acked == len(exports) and sender.codes == {}
+    health = first.wait_for("an insert attempt failed", lambda h: h["store_errors"] > 0)
+    assert not health["store_ok"] and f"127.0.0.1:{dead_port}" in health["store_error"]
+    assert health["wal_pending_records"] > 0 and health["spans_stored"] == 0
+    response = httpx.post(f"{first.api}/query", json={"sql": "SELECT 1"}, timeout=10)
+    assert response.status_code == 503 and dsn in response.json()["error"]
+    first.stop()  # waits for ClickHouse a while, then leaves the spans in the log
+    assert first.proc is not None and first.proc.returncode == 0
+
+    second = Collector(tmp_path / "second", "--wal-dir", str(wal))
+    collectors.append(second)
+    second.start()
+    replayed = second.wait_for("log drained", lambda h: h["wal_pending_records"] == 0)
+    assert replayed["wal_replayed_records"] > 0
+    assert _stored(second, run=4) == (1000, 1000, len(exports))
