@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format
@@ -36,6 +38,8 @@ from tokentrace.schemas.packed import PackedTokens, PackedTokensError, decode_pa
 
 __all__ = [
     "DecodeError",
+    "EARLIEST_NS",
+    "MAX_FUTURE_NS",
     "OTEL_TRACES_COLUMNS",
     "PACKED_TOKENS_COLUMNS",
     "SpanBatch",
@@ -50,6 +54,16 @@ __all__ = [
 # Rejection messages beyond this many are summarised as a count, so one bad exporter
 # cannot make a response (or a log line) arbitrarily large.
 _MAX_ERROR_MESSAGES = 5
+
+#: A span (or event, or packed token emission) timed before 2000-01-01T00:00:00Z is
+#: rejected: no exporter of this system ran then, so such a time is a missing or
+#: corrupt clock, and it would land in a partition of its own.
+EARLIEST_NS = 946_684_800 * 1_000_000_000
+#: ... and so is one timed more than this far (24 h) after the collector's clock:
+#: generous for skewed clocks, but it keeps every stored time far below 2**63 ns
+#: (year 2262), past which ClickHouse's ``DateTime64(9)`` cannot hold it and the whole
+#: insert -- other exporters' spans with it -- would fail.
+MAX_FUTURE_NS = 24 * 3600 * 1_000_000_000
 
 _SPAN_KIND = {
     Span.SPAN_KIND_UNSPECIFIED: "Unspecified",
@@ -385,8 +399,14 @@ def _check_id(raw: bytes, size: int, field_name: str, *, required: bool) -> str 
     return None
 
 
-def _packed_tokens(span: Span) -> tuple[str | None, PackedTokens | None]:
-    """``(problem, tokens)`` for an ``llm.decode`` span's packed attribute, if it has one."""
+def _packed_tokens(
+    span: Span, latest_ns: int | None = None
+) -> tuple[str | None, PackedTokens | None]:
+    """``(problem, tokens)`` for an ``llm.decode`` span's packed attribute, if it has one.
+
+    With ``latest_ns``, the token spans it expands to must also lie in the accepted time
+    window (times never decrease, so the first and last bound them all).
+    """
     if span.name != attrs.SPAN_DECODE:
         return None, None
     for kv in span.attributes:
@@ -394,13 +414,50 @@ def _packed_tokens(span: Span) -> tuple[str | None, PackedTokens | None]:
             if kv.value.WhichOneof("value") != "string_value":
                 return f"{attrs.TOKEN_PACKED} must be a string", None
             try:
-                return None, decode_packed(kv.value.string_value)
+                tokens = decode_packed(kv.value.string_value)
             except PackedTokensError as exc:
                 return f"{attrs.TOKEN_PACKED}: {exc}", None
+            if latest_ns is not None:
+                start = span.start_time_unix_nano
+                problem = _time_problem(
+                    f"{attrs.TOKEN_PACKED}: first token span start",
+                    start + tokens.times[0],
+                    latest_ns,
+                ) or _time_problem(
+                    f"{attrs.TOKEN_PACKED}: last emission", start + tokens.times[-1], latest_ns
+                )
+                if problem:
+                    return problem, None
+            return None, tokens
     return None, None
 
 
-def _span_problem(span: Span) -> str | None:
+def _utc(ns: int) -> str:
+    """``ns`` since the epoch as an ISO 8601 UTC time, for rejection messages."""
+    try:
+        return datetime.fromtimestamp(ns // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return "out of range"
+
+
+def _time_problem(field_name: str, ns: int, latest_ns: int) -> str | None:
+    """None if ``ns`` lies in the accepted window, else what is wrong with it."""
+    if ns < EARLIEST_NS:
+        return f"{field_name} {ns} ({_utc(ns)}) is before {_utc(EARLIEST_NS)}"
+    if ns > latest_ns:
+        return (
+            f"{field_name} {ns} ({_utc(ns)}) is more than 24 h after the collector's clock "
+            f"({_utc(latest_ns - MAX_FUTURE_NS)})"
+        )
+    return None
+
+
+def _span_problem(
+    span: Span, events: Sequence[Span.Event], links: Sequence[Span.Link], latest_ns: int
+) -> str | None:
+    """What is wrong with ``span`` (None if nothing), ``events`` and ``links`` being its
+    repeated fields: the caller fetches them once per span, because each fetch of a
+    repeated field builds a new wrapper, which costs as much as the checks here."""
     for problem in (
         _check_id(span.trace_id, 16, "trace_id", required=True),
         _check_id(span.span_id, 8, "span_id", required=True),
@@ -408,30 +465,49 @@ def _span_problem(span: Span) -> str | None:
     ):
         if problem:
             return problem
-    if span.start_time_unix_nano == 0:
+    start = span.start_time_unix_nano
+    end = span.end_time_unix_nano
+    if start == 0:
         return "start_time_unix_nano is 0 (missing)"
-    if span.end_time_unix_nano < span.start_time_unix_nano:
-        return (
-            f"end_time_unix_nano {span.end_time_unix_nano} < "
-            f"start_time_unix_nano {span.start_time_unix_nano}"
-        )
-    for k, link in enumerate(span.links):
-        problem = _check_id(link.trace_id, 16, f"links[{k}].trace_id", required=True) or (
-            _check_id(link.span_id, 8, f"links[{k}].span_id", required=True)
-        )
-        if problem:
-            return problem
+    if end < start:
+        return f"end_time_unix_nano {end} < start_time_unix_nano {start}"
+    # end >= start, so these two bound both.
+    if start < EARLIEST_NS:
+        return _time_problem("start_time_unix_nano", start, latest_ns)
+    if end > latest_ns:
+        return _time_problem("end_time_unix_nano", end, latest_ns)
+    if events:
+        for k, event in enumerate(events):
+            problem = _time_problem(f"events[{k}].time_unix_nano", event.time_unix_nano, latest_ns)
+            if problem:
+                return problem
+    if links:
+        for k, link in enumerate(links):
+            problem = _check_id(link.trace_id, 16, f"links[{k}].trace_id", required=True) or (
+                _check_id(link.span_id, 8, f"links[{k}].span_id", required=True)
+            )
+            if problem:
+                return problem
     return None
 
 
-def decode_request(request: ExportTraceServiceRequest) -> SpanBatch:
+def _latest_ns(now_ns: int | None) -> int:
+    return (time.time_ns() if now_ns is None else now_ns) + MAX_FUTURE_NS
+
+
+def decode_request(request: ExportTraceServiceRequest, *, now_ns: int | None = None) -> SpanBatch:
     """Validate and lay out every span of ``request``; never raises for bad spans.
 
     A span with a wrong-length or all-zero trace/span id, a wrong-length parent id or
-    link id, a missing start time, or an end before its start is dropped; the batch
-    counts it in ``rejected_spans`` and says why in ``errors`` (naming the field, the
-    span's position, name and id).
+    link id, a missing start time, an end before its start, or a start, end, event or
+    packed token time before :data:`EARLIEST_NS` or more than :data:`MAX_FUTURE_NS`
+    after ``now_ns`` (the collector's clock, ``time.time_ns()`` when None) is dropped;
+    the batch counts it in ``rejected_spans`` and says why in ``errors`` (naming the
+    field, the span's position, name and id). The result depends on nothing but
+    ``request`` and ``now_ns``, so replaying an export with the ``now_ns`` it was first
+    accepted at decodes it the same way.
     """
+    latest_ns = _latest_ns(now_ns)
     batch = SpanBatch()
     for r, resource_spans in enumerate(request.resource_spans):
         resource_attrs = _attr_map(resource_spans.resource.attributes)
@@ -440,10 +516,12 @@ def decode_request(request: ExportTraceServiceRequest) -> SpanBatch:
             scope_name = scope_spans.scope.name
             scope_version = scope_spans.scope.version
             for i, span in enumerate(scope_spans.spans):
-                problem = _span_problem(span)
+                events = span.events
+                links = span.links
+                problem = _span_problem(span, events, links, latest_ns)
                 tokens = None
                 if not problem:
-                    problem, tokens = _packed_tokens(span)
+                    problem, tokens = _packed_tokens(span, latest_ns)
                 if problem:
                     batch.rejected_spans += 1
                     if len(batch.errors) < _MAX_ERROR_MESSAGES:
@@ -452,16 +530,29 @@ def decode_request(request: ExportTraceServiceRequest) -> SpanBatch:
                             f"name={span.name!r} span_id={span.span_id.hex() or '-'}: {problem}"
                         )
                     continue
-                _append_span(batch, span, resource_attrs, service_name, scope_name, scope_version)
+                _append_span(
+                    batch,
+                    span,
+                    events,
+                    links,
+                    resource_attrs,
+                    service_name,
+                    scope_name,
+                    scope_version,
+                )
                 if tokens is not None:
                     del batch.attributes[-1][attrs.TOKEN_PACKED]
                     _append_packed(batch, tokens)
     return batch
 
 
-def accepted_request(request: ExportTraceServiceRequest) -> ExportTraceServiceRequest:
-    """A copy of ``request`` without the spans :func:`decode_request` rejects (scopes and
-    resources left empty are removed too); ``request`` itself is not modified."""
+def accepted_request(
+    request: ExportTraceServiceRequest, *, now_ns: int | None = None
+) -> ExportTraceServiceRequest:
+    """A copy of ``request`` without the spans :func:`decode_request` rejects at the same
+    ``now_ns`` (scopes and resources left empty are removed too); ``request`` itself is
+    not modified."""
+    latest_ns = _latest_ns(now_ns)
     out = ExportTraceServiceRequest()
     out.CopyFrom(request)
     for r in range(len(out.resource_spans) - 1, -1, -1):
@@ -469,7 +560,11 @@ def accepted_request(request: ExportTraceServiceRequest) -> ExportTraceServiceRe
         for s in range(len(resource_spans.scope_spans) - 1, -1, -1):
             spans = resource_spans.scope_spans[s].spans
             for i in range(len(spans) - 1, -1, -1):
-                if _span_problem(spans[i]) or _packed_tokens(spans[i])[0]:
+                span = spans[i]
+                if (
+                    _span_problem(span, span.events, span.links, latest_ns)
+                    or _packed_tokens(span, latest_ns)[0]
+                ):
                     del spans[i]
             if not spans:
                 del resource_spans.scope_spans[s]
@@ -481,6 +576,8 @@ def accepted_request(request: ExportTraceServiceRequest) -> ExportTraceServiceRe
 def _append_span(
     batch: SpanBatch,
     span: Span,
+    events: Sequence[Span.Event],
+    links: Sequence[Span.Link],
     resource_attrs: dict[str, str],
     service_name: str,
     scope_name: str,
@@ -502,7 +599,6 @@ def _append_span(
     status = span.status
     batch.status_code.append(_STATUS_CODE.get(status.code, "Unset"))
     batch.status_message.append(status.message)
-    events = span.events
     if events:
         batch.event_timestamps_ns.append([e.time_unix_nano for e in events])
         batch.event_names.append([e.name for e in events])
@@ -511,7 +607,6 @@ def _append_span(
         batch.event_timestamps_ns.append([])
         batch.event_names.append([])
         batch.event_attributes.append([])
-    links = span.links
     if links:
         batch.link_trace_ids.append([link.trace_id.hex() for link in links])
         batch.link_span_ids.append([link.span_id.hex() for link in links])

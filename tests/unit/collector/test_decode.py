@@ -9,7 +9,10 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from otlp_builders import T0_NS, TRACE_ID, packed_and_unpacked, request, span
 
 from tokentrace.collector.decode import (
+    EARLIEST_NS,
+    MAX_FUTURE_NS,
     DecodeError,
+    accepted_request,
     decode_request,
     parse_json,
     parse_protobuf,
@@ -67,6 +70,15 @@ def test_root_span_has_empty_parent() -> None:
         (dict(span_id=b"\x01" * 9), "span_id must be 8 bytes, got 9"),
         (dict(span_id=bytes(8)), "span_id is all zeros"),
         (dict(end_time_unix_nano=T0_NS - 1), "end_time_unix_nano"),
+        (
+            dict(start_time_unix_nano=1, end_time_unix_nano=2),
+            "start_time_unix_nano 1 (1970-01-01T00:00:00Z) is before 2000-01-01T00:00:00Z",
+        ),
+        (
+            dict(end_time_unix_nano=2**64 - 1),
+            "end_time_unix_nano 18446744073709551615 (2554-07-21T23:34:33Z) is more than 24 h "
+            "after the collector's clock",
+        ),
     ],
 )
 def test_invalid_spans_are_rejected_and_the_rest_kept(bad: dict, field: str) -> None:
@@ -80,6 +92,77 @@ def test_invalid_spans_are_rejected_and_the_rest_kept(bad: dict, field: str) -> 
     message = batch.error_message
     assert field in message
     assert "llm.broken" in message and "spans[1]" in message
+
+
+def test_the_time_window_runs_from_2000_to_24_h_after_the_given_clock() -> None:
+    """Bounds are inclusive, and the future one moves only with ``now_ns``, so decoding
+    the same request at the same ``now_ns`` (a replay) gives the same answer."""
+    now = T0_NS
+    edge = now + MAX_FUTURE_NS
+    spans = [
+        span("at.earliest", 1, EARLIEST_NS, EARLIEST_NS + 10),
+        span("before.earliest", 2, EARLIEST_NS - 1, EARLIEST_NS + 10),
+        span("at.latest", 3, edge - 10, edge),
+        span("after.latest", 4, edge - 10, edge + 1),
+    ]
+    batch = decode_request(request(RESOURCE, spans), now_ns=now)
+    assert batch.name == ["at.earliest", "at.latest"]
+    assert batch.rejected_spans == 2
+    assert "is before 2000-01-01T00:00:00Z" in batch.errors[0]
+    assert "before.earliest" in batch.errors[0]
+    assert "after.latest" in batch.errors[1]
+    assert "more than 24 h after the collector's clock (2023-11-14T22:13:20Z)" in batch.errors[1]
+    # With the clock 1 ns later, the same span is in the window.
+    later = decode_request(request(RESOURCE, spans), now_ns=now + 1)
+    assert later.name == ["at.earliest", "at.latest", "after.latest"]
+
+
+def test_an_event_outside_the_time_window_rejects_its_span() -> None:
+    good = span("llm.token", 1, T0_NS, T0_NS + 10)
+    good.events.add(name="ok", time_unix_nano=T0_NS + 5)
+    unset = span("unset.event", 2, T0_NS, T0_NS + 10)
+    unset.events.add(name="no time")
+    future = span("future.event", 3, T0_NS, T0_NS + 10)
+    future.events.add(name="ok", time_unix_nano=T0_NS)
+    future.events.add(name="far", time_unix_nano=2**63)
+    batch = decode_request(request(RESOURCE, [good, unset, future]), now_ns=T0_NS)
+    assert batch.name == ["llm.token"] and batch.event_names == [["ok"]]
+    assert batch.rejected_spans == 2
+    assert "events[0].time_unix_nano 0 (1970-01-01T00:00:00Z) is before" in batch.errors[0]
+    assert "events[1].time_unix_nano 9223372036854775808" in batch.errors[1]
+
+
+def test_packed_token_times_outside_the_window_reject_the_decode_span() -> None:
+    from array import array
+
+    from tokentrace.schemas.packed import encode_packed
+
+    def decode_span(span_id: int, times: list[int]) -> object:
+        n = len(times) - 1
+        value = encode_packed(
+            array("q", times), array("q", range(n)), array("H", [1] * n), array("H", [1] * n)
+        )
+        return span(A.SPAN_DECODE, span_id, T0_NS, T0_NS + 10, {A.TOKEN_PACKED: value})
+
+    spans = [
+        decode_span(1, [0, 5, 10]),
+        decode_span(2, [-T0_NS, 5]),  # the first token span would start in 1970
+        decode_span(3, [0, MAX_FUTURE_NS + 1]),  # the last emission a day ahead
+    ]
+    batch = decode_request(request(RESOURCE, spans), now_ns=T0_NS)
+    assert batch.span_id == ["0000000000000001"] and batch.packed_tokens == 2
+    assert batch.rejected_spans == 2
+    assert "tokentrace.token.packed: first token span start 0 " in batch.errors[0]
+    assert "tokentrace.token.packed: last emission" in batch.errors[1]
+    assert "more than 24 h after" in batch.errors[1]
+
+
+def test_accepted_request_rejects_what_decode_rejects_at_the_same_clock() -> None:
+    edge = T0_NS + MAX_FUTURE_NS
+    req = request(RESOURCE, [span("in", 1, T0_NS, edge), span("out", 2, T0_NS, edge + 1)])
+    kept = accepted_request(req, now_ns=T0_NS)
+    assert [s.name for s in kept.resource_spans[0].scope_spans[0].spans] == ["in"]
+    assert decode_request(kept, now_ns=T0_NS).rejected_spans == 0
 
 
 def test_truncated_protobuf_is_a_decode_error() -> None:
