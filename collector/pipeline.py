@@ -169,7 +169,10 @@ class Pipeline:
         """
         if isinstance(request, bytes | bytearray | memoryview):
             request = parse_protobuf(bytes(request))
-        batch = decode_request(request)
+        # One clock reading for both decode and the forwarded copy, so the spans
+        # forwarded are exactly the spans stored.
+        now_ns = time.time_ns()
+        batch = decode_request(request, now_ns=now_ns)
         with self._counter_lock:
             self._received += len(batch) + batch.packed_tokens + batch.rejected_spans
             self._rejected += batch.rejected_spans
@@ -180,7 +183,9 @@ class Pipeline:
         self._enqueue(pending)
         pending.future.result()
         if self._forward:
-            accepted = request if batch.rejected_spans == 0 else accepted_request(request)
+            accepted = (
+                request if batch.rejected_spans == 0 else accepted_request(request, now_ns=now_ns)
+            )
             if batch.packed_spans:
                 accepted = expanded_request(accepted)  # forward what was stored
             for forward in self._forward:
