@@ -4,7 +4,9 @@ Parses OTLP/protobuf (:func:`parse_protobuf`) and OTLP/JSON (:func:`parse_json`)
 ``ExportTraceServiceRequest``, then :func:`decode_request` validates every span and lays
 the good ones out column by column in the OpenTelemetry Collector ClickHouse exporter's
 ``otel_traces`` layout, plus what derivation needs. Invalid spans are dropped and counted
-(OTLP partial success); the rest of the request is kept.
+(OTLP partial success); the rest of the request is kept. So are spans past the limits
+below (times, attribute counts, value lengths and depth), which keep one hostile
+exporter from storing unbounded rows or failing other exporters' inserts.
 
 An ``llm.decode`` span in packed mode (:mod:`tokentrace.schemas.packed`) is stored
 without its packed attribute, and its emissions become one ``packed_tokens`` row (four
@@ -31,7 +33,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span, Status
 
 from tokentrace.schemas import attributes as attrs
 from tokentrace.schemas.packed import PackedTokens, PackedTokensError, decode_packed
@@ -39,7 +41,12 @@ from tokentrace.schemas.packed import PackedTokens, PackedTokensError, decode_pa
 __all__ = [
     "DecodeError",
     "EARLIEST_NS",
+    "MAX_ATTRIBUTES",
+    "MAX_EVENTS",
     "MAX_FUTURE_NS",
+    "MAX_LINKS",
+    "MAX_VALUE_CHARS",
+    "MAX_VALUE_DEPTH",
     "OTEL_TRACES_COLUMNS",
     "PACKED_TOKENS_COLUMNS",
     "SpanBatch",
@@ -325,12 +332,43 @@ def _rewrite_ids(obj: Any, where: str, *keys: tuple[str, str]) -> None:
 
 # -- attribute values ----------------------------------------------------------------
 
+#: Attributes on one span, resource, event or link; and events, and links, on one span:
+#: eight times the OpenTelemetry SDKs' default limits (128), so no span an SDK made
+#: comes near them, while one span cannot carry unbounded maps into every row.
+MAX_ATTRIBUTES = 1024
+MAX_EVENTS = 1024
+MAX_LINKS = 1024
+#: Characters of an attribute value as stored: a string as is (the packed token
+#: attribute of an ``llm.decode`` span excepted: it has its own format and checks),
+#: bytes as base64, an array or key-value list as compact JSON.
+MAX_VALUE_CHARS = 65_536
+#: Levels of an attribute value: a scalar is 1, an array of scalars 2, and so on. Well
+#: below the protobuf parser's own limit of 100 message levels, which refuses the whole
+#: request (binary or JSON) when key-value lists nest 33 levels deep or arrays 49 on a
+#: span: up to there, a deep value costs only its own span.
+MAX_VALUE_DEPTH = 16
+
+
+class _Rejected(ValueError):
+    """An attribute breaks a limit; the message names the attribute and the limit."""
+
+
+def _quoted(text: str, limit: int = 64) -> str:
+    """``text`` quoted for a rejection message, cut short if it is long: whatever an
+    exporter sent, the message stays small."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
 
 def any_value_to_str(value: AnyValue) -> str:
     """An attribute value as the string the ``Map(..., String)`` columns hold.
 
     str as is, int as decimal, double as ``repr``, bool as ``true``/``false``, bytes as
-    base64, arrays and key-value lists as compact JSON, unset as ''.
+    base64, arrays and key-value lists as compact JSON, unset as ''. Raises ValueError
+    for an array or key-value list nested deeper than :data:`MAX_VALUE_DEPTH`, or
+    holding more than :data:`MAX_VALUE_CHARS` values in all (its JSON could not be
+    shorter than that): both found before any JSON is built.
     """
     which = value.WhichOneof("value")
     if which == "string_value":
@@ -344,11 +382,20 @@ def any_value_to_str(value: AnyValue) -> str:
     if which == "bytes_value":
         return base64.b64encode(value.bytes_value).decode("ascii")
     if which in ("array_value", "kvlist_value"):
-        return json.dumps(_any_value_to_json(value), separators=(",", ":"), ensure_ascii=False)
+        # Every value becomes at least one character of JSON, so more values than
+        # characters allowed is too long whatever they hold.
+        budget = [MAX_VALUE_CHARS]
+        doc = _any_value_to_json(value, 1, budget)
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
     return ""
 
 
-def _any_value_to_json(value: AnyValue) -> Any:
+def _any_value_to_json(value: AnyValue, depth: int, budget: list[int]) -> Any:
+    if depth > MAX_VALUE_DEPTH:
+        raise _Rejected(f"value nested more than {MAX_VALUE_DEPTH} levels deep")
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _Rejected(f"value longer than {MAX_VALUE_CHARS} characters as JSON")
     which = value.WhichOneof("value")
     if which == "string_value":
         return value.string_value
@@ -362,26 +409,51 @@ def _any_value_to_json(value: AnyValue) -> Any:
     if which == "bytes_value":
         return base64.b64encode(value.bytes_value).decode("ascii")
     if which == "array_value":
-        return [_any_value_to_json(v) for v in value.array_value.values]
+        return [_any_value_to_json(v, depth + 1, budget) for v in value.array_value.values]
     if which == "kvlist_value":
-        return {kv.key: _any_value_to_json(kv.value) for kv in value.kvlist_value.values}
+        return {
+            kv.key: _any_value_to_json(kv.value, depth + 1, budget)
+            for kv in value.kvlist_value.values
+        }
     return None
 
 
-def _attr_map(key_values: Any) -> dict[str, str]:
+def _attr_map(key_values: Any, where: str, skip: str | None = None) -> dict[str, str]:
+    """``key_values`` as a dict of strings; :class:`_Rejected` (naming ``where``) if
+    they break a limit. ``skip`` names a key exempt from the length limit."""
     # The hot loop of decoding (every attribute of every span): strings and ints, by far
-    # the most common values, without a call per attribute.
+    # the most common values, without a call per attribute, and the limits checked at
+    # the cost of one len() per string.
+    if len(key_values) > MAX_ATTRIBUTES:
+        raise _Rejected(
+            f"{where}: {len(key_values)} attributes, more than the limit of {MAX_ATTRIBUTES}"
+        )
     out: dict[str, str] = {}
     kv: KeyValue
     for kv in key_values:
         value = kv.value
         which = value.WhichOneof("value")
         if which == "string_value":
-            out[kv.key] = value.string_value
+            text = value.string_value
+            if len(text) > MAX_VALUE_CHARS and kv.key != skip:
+                raise _Rejected(
+                    f"{where}[{_quoted(kv.key)}]: value of {len(text)} characters, more than "
+                    f"the limit of {MAX_VALUE_CHARS}"
+                )
+            out[kv.key] = text
         elif which == "int_value":
             out[kv.key] = str(value.int_value)
         else:
-            out[kv.key] = any_value_to_str(value)
+            try:
+                text = any_value_to_str(value)
+            except _Rejected as exc:
+                raise _Rejected(f"{where}[{_quoted(kv.key)}]: {exc}") from None
+            if len(text) > MAX_VALUE_CHARS:
+                raise _Rejected(
+                    f"{where}[{_quoted(kv.key)}]: value of {len(text)} characters "
+                    f"({which}), more than the limit of {MAX_VALUE_CHARS}"
+                )
+            out[kv.key] = text
     return out
 
 
@@ -477,11 +549,15 @@ def _span_problem(
     if end > latest_ns:
         return _time_problem("end_time_unix_nano", end, latest_ns)
     if events:
+        if len(events) > MAX_EVENTS:
+            return f"{len(events)} events, more than the limit of {MAX_EVENTS}"
         for k, event in enumerate(events):
             problem = _time_problem(f"events[{k}].time_unix_nano", event.time_unix_nano, latest_ns)
             if problem:
                 return problem
     if links:
+        if len(links) > MAX_LINKS:
+            return f"{len(links)} links, more than the limit of {MAX_LINKS}"
         for k, link in enumerate(links):
             problem = _check_id(link.trace_id, 16, f"links[{k}].trace_id", required=True) or (
                 _check_id(link.span_id, 8, f"links[{k}].span_id", required=True)
@@ -491,6 +567,58 @@ def _span_problem(
     return None
 
 
+# A span's attributes, its events' and its links', as dicts of strings.
+_AttributeMaps = tuple[dict[str, str], list[dict[str, str]], list[dict[str, str]]]
+
+
+def _checked_span(
+    span: Span, latest_ns: int
+) -> tuple[str | None, PackedTokens | None, _AttributeMaps | None]:
+    """``(problem, None, None)`` for a span to reject, else ``(None, packed tokens or
+    None, attribute maps)``: the one verdict decode and forwarding both follow. A
+    packed decode span's packed attribute is left out of its map: it is stored as rows.
+    """
+    # Each fetch of a repeated field builds a new wrapper, costing as much as the
+    # checks: fetch events and links once per span.
+    events = span.events
+    links = span.links
+    problem = _span_problem(span, events, links, latest_ns)
+    if problem:
+        return problem, None, None
+    tokens = None
+    if span.name == attrs.SPAN_DECODE:
+        problem, tokens = _packed_tokens(span, latest_ns)
+        if problem:
+            return problem, None, None
+    try:
+        if tokens is None:
+            span_attrs = _attr_map(span.attributes, "attributes")
+        else:
+            span_attrs = _attr_map(span.attributes, "attributes", attrs.TOKEN_PACKED)
+            span_attrs.pop(attrs.TOKEN_PACKED, None)
+        event_attrs = (
+            [_attr_map(e.attributes, f"events[{k}].attributes") for k, e in enumerate(events)]
+            if events
+            else []
+        )
+        link_attrs = (
+            [_attr_map(x.attributes, f"links[{k}].attributes") for k, x in enumerate(links)]
+            if links
+            else []
+        )
+    except _Rejected as exc:
+        return str(exc), None, None
+    return None, tokens, (span_attrs, event_attrs, link_attrs)
+
+
+def _resource_attributes(resource_spans: ResourceSpans) -> tuple[str | None, dict[str, str]]:
+    """``(problem, attributes)`` of a resource: a problem rejects all its spans."""
+    try:
+        return None, _attr_map(resource_spans.resource.attributes, "resource.attributes")
+    except _Rejected as exc:
+        return str(exc), {}
+
+
 def _latest_ns(now_ns: int | None) -> int:
     return (time.time_ns() if now_ns is None else now_ns) + MAX_FUTURE_NS
 
@@ -498,50 +626,48 @@ def _latest_ns(now_ns: int | None) -> int:
 def decode_request(request: ExportTraceServiceRequest, *, now_ns: int | None = None) -> SpanBatch:
     """Validate and lay out every span of ``request``; never raises for bad spans.
 
-    A span with a wrong-length or all-zero trace/span id, a wrong-length parent id or
-    link id, a missing start time, an end before its start, or a start, end, event or
-    packed token time before :data:`EARLIEST_NS` or more than :data:`MAX_FUTURE_NS`
-    after ``now_ns`` (the collector's clock, ``time.time_ns()`` when None) is dropped;
-    the batch counts it in ``rejected_spans`` and says why in ``errors`` (naming the
-    field, the span's position, name and id). The result depends on nothing but
-    ``request`` and ``now_ns``, so replaying an export with the ``now_ns`` it was first
-    accepted at decodes it the same way.
+    A span is dropped when it has a wrong-length or all-zero trace/span id, a
+    wrong-length parent id or link id, a missing start time, or an end before its
+    start; a start, end, event or packed token time before :data:`EARLIEST_NS` or more
+    than :data:`MAX_FUTURE_NS` after ``now_ns`` (the collector's clock,
+    ``time.time_ns()`` when None); more than :data:`MAX_EVENTS` events or
+    :data:`MAX_LINKS` links; more than :data:`MAX_ATTRIBUTES` attributes on it, an
+    event or a link, or on its resource; or an attribute value longer than
+    :data:`MAX_VALUE_CHARS` or nested deeper than :data:`MAX_VALUE_DEPTH`. The batch
+    counts it in ``rejected_spans`` and says why in ``errors`` (naming the field, the
+    span's position, name and id). The result depends on nothing but ``request`` and
+    ``now_ns``, so replaying an export with the ``now_ns`` it was first accepted at
+    decodes it the same way.
     """
     latest_ns = _latest_ns(now_ns)
     batch = SpanBatch()
+    problem: str | None
+    tokens: PackedTokens | None
+    maps: _AttributeMaps | None
     for r, resource_spans in enumerate(request.resource_spans):
-        resource_attrs = _attr_map(resource_spans.resource.attributes)
+        resource_problem, resource_attrs = _resource_attributes(resource_spans)
         service_name = resource_attrs.get(attrs.SERVICE_NAME, "")
         for s, scope_spans in enumerate(resource_spans.scope_spans):
             scope_name = scope_spans.scope.name
             scope_version = scope_spans.scope.version
             for i, span in enumerate(scope_spans.spans):
-                events = span.events
-                links = span.links
-                problem = _span_problem(span, events, links, latest_ns)
-                tokens = None
-                if not problem:
-                    problem, tokens = _packed_tokens(span, latest_ns)
-                if problem:
+                if resource_problem:
+                    problem, tokens, maps = resource_problem, None, None
+                else:
+                    problem, tokens, maps = _checked_span(span, latest_ns)
+                if maps is None:
                     batch.rejected_spans += 1
                     if len(batch.errors) < _MAX_ERROR_MESSAGES:
                         batch.errors.append(
                             f"span resource_spans[{r}].scope_spans[{s}].spans[{i}] "
-                            f"name={span.name!r} span_id={span.span_id.hex() or '-'}: {problem}"
+                            f"name={_quoted(span.name)} span_id={span.span_id.hex() or '-'}: "
+                            f"{problem}"
                         )
                     continue
                 _append_span(
-                    batch,
-                    span,
-                    events,
-                    links,
-                    resource_attrs,
-                    service_name,
-                    scope_name,
-                    scope_version,
+                    batch, span, maps, resource_attrs, service_name, scope_name, scope_version
                 )
                 if tokens is not None:
-                    del batch.attributes[-1][attrs.TOKEN_PACKED]
                     _append_packed(batch, tokens)
     return batch
 
@@ -557,14 +683,13 @@ def accepted_request(
     out.CopyFrom(request)
     for r in range(len(out.resource_spans) - 1, -1, -1):
         resource_spans = out.resource_spans[r]
+        if _resource_attributes(resource_spans)[0]:
+            del out.resource_spans[r]
+            continue
         for s in range(len(resource_spans.scope_spans) - 1, -1, -1):
             spans = resource_spans.scope_spans[s].spans
             for i in range(len(spans) - 1, -1, -1):
-                span = spans[i]
-                if (
-                    _span_problem(span, span.events, span.links, latest_ns)
-                    or _packed_tokens(span, latest_ns)[0]
-                ):
+                if _checked_span(spans[i], latest_ns)[0]:
                     del spans[i]
             if not spans:
                 del resource_spans.scope_spans[s]
@@ -576,8 +701,7 @@ def accepted_request(
 def _append_span(
     batch: SpanBatch,
     span: Span,
-    events: Sequence[Span.Event],
-    links: Sequence[Span.Link],
+    maps: _AttributeMaps,
     resource_attrs: dict[str, str],
     service_name: str,
     scope_name: str,
@@ -595,23 +719,26 @@ def _append_span(
     batch.resource_attributes.append(resource_attrs)
     batch.scope_name.append(scope_name)
     batch.scope_version.append(scope_version)
-    batch.attributes.append(_attr_map(span.attributes))
+    span_attrs, event_attrs, link_attrs = maps
+    batch.attributes.append(span_attrs)
     status = span.status
     batch.status_code.append(_STATUS_CODE.get(status.code, "Unset"))
     batch.status_message.append(status.message)
-    if events:
+    if event_attrs:
+        events = span.events
         batch.event_timestamps_ns.append([e.time_unix_nano for e in events])
         batch.event_names.append([e.name for e in events])
-        batch.event_attributes.append([_attr_map(e.attributes) for e in events])
+        batch.event_attributes.append(event_attrs)
     else:
         batch.event_timestamps_ns.append([])
         batch.event_names.append([])
         batch.event_attributes.append([])
-    if links:
+    if link_attrs:
+        links = span.links
         batch.link_trace_ids.append([link.trace_id.hex() for link in links])
         batch.link_span_ids.append([link.span_id.hex() for link in links])
         batch.link_trace_states.append([link.trace_state for link in links])
-        batch.link_attributes.append([_attr_map(link.attributes) for link in links])
+        batch.link_attributes.append(link_attrs)
     else:
         batch.link_trace_ids.append([])
         batch.link_span_ids.append([])

@@ -6,12 +6,26 @@ import json
 
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
-from otlp_builders import T0_NS, TRACE_ID, packed_and_unpacked, request, span
+from otlp_builders import (
+    T0_NS,
+    TRACE_ID,
+    fill_nested,
+    key_values,
+    packed_and_unpacked,
+    request,
+    span,
+)
 
 from tokentrace.collector.decode import (
     EARLIEST_NS,
+    MAX_ATTRIBUTES,
+    MAX_EVENTS,
     MAX_FUTURE_NS,
+    MAX_LINKS,
+    MAX_VALUE_CHARS,
+    MAX_VALUE_DEPTH,
     DecodeError,
+    SpanBatch,
     accepted_request,
     decode_request,
     parse_json,
@@ -278,3 +292,154 @@ def test_a_malformed_packed_span_is_rejected_by_name() -> None:
     assert len(batch) == 0 and batch.rejected_spans == 1
     assert "tokentrace.token.packed" in batch.error_message
     assert "base64" in batch.error_message
+
+
+# -- limits on attributes, events and links ----------------------------------------------
+
+
+def _one_good_one_bad(bad: Span, *, resource: dict | None = None) -> SpanBatch:
+    """Decode a request holding a good span then ``bad``; forwarding must drop the same."""
+    good = span("llm.token", 1, T0_NS, T0_NS + 10, {"k": "v"})
+    req = request(RESOURCE if resource is None else resource, [good, bad])
+    batch = decode_request(req)
+    kept = accepted_request(req)
+    kept_names = [s.name for rs in kept.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert kept_names == batch.name
+    return batch
+
+
+def _many(count: int) -> dict[str, int]:
+    return {f"a{k}": k for k in range(count)}
+
+
+def test_attribute_counts_up_to_the_limit_are_kept() -> None:
+    full = span("full", 2, T0_NS, T0_NS + 10, _many(MAX_ATTRIBUTES))
+    full.events.add(name="e", time_unix_nano=T0_NS, attributes=key_values(_many(MAX_ATTRIBUTES)))
+    batch = _one_good_one_bad(full, resource=_many(MAX_ATTRIBUTES))
+    assert batch.name == ["llm.token", "full"] and batch.rejected_spans == 0
+    assert len(batch.attributes[1]) == MAX_ATTRIBUTES
+    assert len(batch.event_attributes[1][0]) == MAX_ATTRIBUTES
+
+
+def test_ten_thousand_attributes_reject_the_span_naming_the_limit() -> None:
+    batch = _one_good_one_bad(span("crowded", 2, T0_NS, T0_NS + 10, _many(10_000)))
+    assert batch.name == ["llm.token"] and batch.rejected_spans == 1
+    assert "'crowded'" in batch.error_message
+    assert "attributes: 10000 attributes, more than the limit of 1024" in batch.error_message
+
+
+@pytest.mark.parametrize("where", ["events", "links"])
+def test_too_many_attributes_on_an_event_or_link_reject_the_span(where: str) -> None:
+    bad = span("crowded", 2, T0_NS, T0_NS + 10)
+    if where == "events":
+        bad.events.add(name="ok", time_unix_nano=T0_NS)
+        bad.events.add(name="e", time_unix_nano=T0_NS, attributes=key_values(_many(1025)))
+    else:
+        bad.links.add(trace_id=TRACE_ID, span_id=b"\x01" * 8)
+        bad.links.add(trace_id=TRACE_ID, span_id=b"\x02" * 8, attributes=key_values(_many(1025)))
+    batch = _one_good_one_bad(bad)
+    assert batch.name == ["llm.token"]
+    assert f"{where}[1].attributes: 1025 attributes, more than the limit" in batch.error_message
+
+
+def test_too_many_events_or_links_reject_the_span() -> None:
+    events = span("events", 2, T0_NS, T0_NS + 10)
+    for _ in range(MAX_EVENTS + 1):
+        events.events.add(name="e", time_unix_nano=T0_NS)
+    links = span("links", 3, T0_NS, T0_NS + 10)
+    for _ in range(MAX_LINKS + 1):
+        links.links.add(trace_id=TRACE_ID, span_id=b"\x01" * 8)
+    batch = decode_request(request(RESOURCE, [events, links]))
+    assert len(batch) == 0 and batch.rejected_spans == 2
+    assert "1025 events, more than the limit of 1024" in batch.errors[0]
+    assert "1025 links, more than the limit of 1024" in batch.errors[1]
+
+
+def test_a_crowded_resource_rejects_each_of_its_spans_and_no_other() -> None:
+    crowded = request(_many(MAX_ATTRIBUTES + 1), [span("a", 1, T0_NS, T0_NS + 1)] * 3)
+    fine = request(RESOURCE, [span("b", 2, T0_NS, T0_NS + 1)])
+    crowded.resource_spans.extend(fine.resource_spans)
+    batch = decode_request(crowded)
+    assert batch.name == ["b"] and batch.rejected_spans == 3
+    assert "resource.attributes: 1025 attributes" in batch.errors[0]
+    kept = accepted_request(crowded)
+    assert [rs.scope_spans[0].spans[0].name for rs in kept.resource_spans] == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        ("x" * (MAX_VALUE_CHARS + 1), "65537 characters"),
+        (b"\x00" * (MAX_VALUE_CHARS // 4 * 3 + 1), "65540 characters (bytes_value)"),
+        (["y" * 40_000, "z" * 40_000], "80007 characters (array_value)"),
+        (list(range(MAX_VALUE_CHARS)), "longer than 65536 characters as JSON"),
+    ],
+)
+def test_a_value_too_long_to_store_rejects_the_span(value: object, kind: str) -> None:
+    batch = _one_good_one_bad(span("long", 2, T0_NS, T0_NS + 10, {"big": value}))
+    assert batch.name == ["llm.token"] and batch.rejected_spans == 1
+    assert "attributes['big']: " in batch.error_message and kind in batch.error_message
+
+
+def test_values_up_to_the_length_limit_are_kept() -> None:
+    at_limit = {"s": "x" * MAX_VALUE_CHARS, "b": b"\x00" * (MAX_VALUE_CHARS // 4 * 3)}
+    batch = decode_request(request(RESOURCE, [span("long", 2, T0_NS, T0_NS + 10, at_limit)]))
+    assert batch.rejected_spans == 0
+    assert [len(v) for v in batch.attributes[0].values()] == [MAX_VALUE_CHARS] * 2
+
+
+def test_the_packed_attribute_of_a_decode_span_is_exempt_from_the_length_limit() -> None:
+    from array import array
+
+    from tokentrace.schemas.packed import encode_packed
+
+    n = 4000
+    packed = encode_packed(
+        array("q", range(n + 1)), array("q", range(n)), array("H", [1] * n), array("H", [1] * n)
+    )
+    assert len(packed) > MAX_VALUE_CHARS
+    decode = span(A.SPAN_DECODE, 1, T0_NS, T0_NS + n, {A.TOKEN_PACKED: packed, "k": "v"})
+    elsewhere = span("not.decode", 2, T0_NS, T0_NS + n, {A.TOKEN_PACKED: packed})
+    batch = decode_request(request(RESOURCE, [decode, elsewhere]))
+    assert batch.name == [A.SPAN_DECODE] and batch.packed_tokens == n
+    assert batch.attributes == [{"k": "v"}]
+    assert "tokentrace.token.packed']: value of" in batch.error_message
+
+
+@pytest.mark.parametrize("kind", ["array", "kvlist"])
+def test_values_nested_past_the_depth_limit_reject_the_span(kind: str) -> None:
+    deepest = span("deepest", 2, T0_NS, T0_NS + 10)
+    fill_nested(deepest.attributes.add(key="d").value, MAX_VALUE_DEPTH, kind)
+    too_deep = span("too.deep", 3, T0_NS, T0_NS + 10)
+    fill_nested(too_deep.attributes.add(key="d").value, MAX_VALUE_DEPTH + 1, kind)
+    in_event = span("in.event", 4, T0_NS, T0_NS + 10)
+    event = in_event.events.add(name="e", time_unix_nano=T0_NS)
+    fill_nested(event.attributes.add(key="d").value, MAX_VALUE_DEPTH + 1, kind)
+    # Both parse: the protobuf runtime's own nesting limit is deeper.
+    req = parse_protobuf(request(RESOURCE, [deepest, too_deep, in_event]).SerializeToString())
+    batch = decode_request(req)
+    assert batch.name == ["deepest"] and batch.rejected_spans == 2
+    assert "leaf" in batch.attributes[0]["d"]
+    assert "attributes['d']: value nested more than 16 levels deep" in batch.errors[0]
+    assert "events[0].attributes['d']: value nested more than 16" in batch.errors[1]
+
+
+def test_nesting_no_parser_would_accept_is_still_a_span_rejection_not_a_recursion_error() -> None:
+    """Requests built in memory (not parsed) have no nesting limit of their own."""
+    req = request(
+        RESOURCE, [span("good", 1, T0_NS, T0_NS + 10), span("deep", 2, T0_NS, T0_NS + 10)]
+    )
+    deep = req.resource_spans[0].scope_spans[0].spans[1]
+    fill_nested(deep.attributes.add(key="d").value, 5_000)
+    batch = decode_request(req)
+    assert batch.name == ["good"] and batch.rejected_spans == 1
+    assert "nested more than 16" in batch.error_message
+    kept = accepted_request(req)
+    assert [s.name for s in kept.resource_spans[0].scope_spans[0].spans] == ["good"]
+
+
+def test_a_huge_span_name_is_cut_short_in_the_rejection_message() -> None:
+    batch = decode_request(request(RESOURCE, [span("n" * 1_000_000, 1, T0_NS, T0_NS - 1)]))
+    assert batch.rejected_spans == 1
+    assert "... (1000000 characters)" in batch.error_message
+    assert len(batch.error_message) < 500
