@@ -241,14 +241,37 @@ _LIST_FIELDS = tuple(
 # -- parsing -------------------------------------------------------------------------
 
 
+# What the protobuf runtime's (upb's) terse parse errors mean, for the sender.
+_PARSE_HINTS = (
+    (
+        "bad UTF-8",
+        "a string field (a name, key or string value) holds bytes that are not UTF-8; "
+        "OTLP strings must be UTF-8 (send arbitrary bytes as bytes_value)",
+    ),
+    (
+        "MaxDepth",
+        "messages nested more than 100 levels deep, such as key-value lists inside "
+        "key-value lists more than 32 levels deep in an attribute value",
+    ),
+)
+
+
 def parse_protobuf(data: bytes) -> ExportTraceServiceRequest:
-    """Parse OTLP/protobuf bytes; :class:`DecodeError` names what is wrong."""
+    """Parse OTLP/protobuf bytes; :class:`DecodeError` names what is wrong.
+
+    The whole request is refused when it is not a valid ``ExportTraceServiceRequest``:
+    truncated or garbage bytes, a string that is not UTF-8 (proto3 requires it), or
+    messages nested deeper than the protobuf runtime allows (100 levels).
+    """
     request = ExportTraceServiceRequest()
     try:
         request.ParseFromString(data)
     except (_ProtobufDecodeError, ValueError) as exc:
+        detail = str(exc)
+        hints = [hint for marker, hint in _PARSE_HINTS if marker in detail]
         raise DecodeError(
-            f"invalid OTLP protobuf ExportTraceServiceRequest ({len(data)} bytes): {exc}"
+            f"invalid OTLP protobuf ExportTraceServiceRequest ({len(data)} bytes): {detail}"
+            + "".join(f" ({hint})" for hint in hints)
         ) from exc
     return request
 
@@ -264,6 +287,10 @@ def parse_json(data: bytes | str) -> ExportTraceServiceRequest:
         doc = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DecodeError(f"invalid JSON: {exc}") from exc
+    except RecursionError:
+        # The parser recurses per level of arrays and objects; past Python's recursion
+        # limit (~1,000 levels) it gives up. Nothing of OTLP nests that deep.
+        raise DecodeError("invalid OTLP/JSON: arrays or objects nested too deeply") from None
     if not isinstance(doc, dict):
         raise DecodeError(
             f"invalid OTLP/JSON: expected an object at the top level, got {type(doc).__name__}"

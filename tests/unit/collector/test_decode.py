@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from otlp_builders import (
     T0_NS,
@@ -216,6 +219,55 @@ def _json_doc(trace_id: str, span_id: str, **extra: object) -> dict:
             }
         ]
     }
+
+
+@pytest.mark.parametrize("where", ["name", "key", "value"])
+def test_a_string_that_is_not_utf8_refuses_the_request_by_name(where: str) -> None:
+    """proto3 strings must be UTF-8 and the protobuf runtime refuses the whole request
+    otherwise: it says so, and what to do instead."""
+    marked = span("MARK" if where == "name" else "x", 1, T0_NS, T0_NS + 1)
+    marked.attributes.extend(key_values({"MARK" if where == "key" else "k": "MARK"}))
+    data = request(RESOURCE, [marked]).SerializeToString()
+    if where == "value":
+        data = data.replace(b"\x12\x06\x0a\x04MARK", b"\x12\x06\x0a\x04M\xff\xfeK")
+    else:
+        data = data.replace(b"MARK", b"M\xc3\x28K", 1)
+    assert data.count(b"\xff\xfe") + data.count(b"\xc3\x28") == 1
+    with pytest.raises(
+        DecodeError, match="bad UTF-8.*not UTF-8.*send arbitrary bytes as bytes_value"
+    ):
+        parse_protobuf(data)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (b'"M\xff\xfeK"', "invalid JSON: 'utf-8' codec can't decode byte 0xff"),
+        (b'"M\\ud800K"', "Unpaired surrogate"),
+    ],
+)
+def test_json_strings_that_are_not_utf8_refuse_the_request_by_name(text: bytes, match: str) -> None:
+    body = json.dumps(_json_doc("11" * 16, "22" * 8, name="PLACEHOLDER")).encode()
+    with pytest.raises(DecodeError, match=match):
+        parse_json(body.replace(b'"PLACEHOLDER"', text))
+
+
+def test_nesting_past_the_parsers_limit_refuses_the_whole_request_by_name() -> None:
+    req = request(RESOURCE, [span("deep", 2, T0_NS, T0_NS + 10)])
+    deep = req.resource_spans[0].scope_spans[0].spans[0]
+    fill_nested(deep.attributes.add(key="d").value, 40, "kvlist")
+    with pytest.raises(DecodeError, match="nested more than 100 levels deep"):
+        parse_protobuf(req.SerializeToString())
+
+
+@pytest.mark.parametrize("levels", [40, 100_000])
+def test_deep_json_refuses_the_whole_request_not_a_recursion_error(levels: int) -> None:
+    value = b'{"kvlistValue":{"values":[{"key":"k","value":' * levels
+    value += b'{"stringValue":"leaf"}' + b"}]}}" * levels
+    body = json.dumps(_json_doc("11" * 16, "22" * 8, attributes=[{"key": "d", "value": 0}]))
+    body_bytes = body.encode().replace(b'"value": 0', b'"value": ' + value)
+    with pytest.raises(DecodeError, match="too deep|nested too deeply"):
+        parse_json(body_bytes)
 
 
 def test_json_ids_are_hex_and_enums_may_be_names_or_ints() -> None:
@@ -443,3 +495,83 @@ def test_a_huge_span_name_is_cut_short_in_the_rejection_message() -> None:
     assert batch.rejected_spans == 1
     assert "... (1000000 characters)" in batch.error_message
     assert len(batch.error_message) < 500
+
+
+# -- whatever arrives ----------------------------------------------------------------------
+
+_VALID = request(
+    RESOURCE,
+    [
+        span("a", 1, T0_NS, T0_NS + 10, {"s": "x", "i": 7, "arr": [1, "a", [True, 0.5]]}),
+        span("b", 2, T0_NS, T0_NS + 20, {"m": {"k": [b"\x00", {"n": 1}]}}, parent_id=1),
+    ],
+).SerializeToString()
+
+
+def _decodes_or_refuses(parse: Any, data: bytes) -> None:
+    """``data`` is refused with a DecodeError, or decodes: every span stored or counted
+    as rejected, and forwarding agrees with decode."""
+    try:
+        req = parse(data)
+    except DecodeError:
+        return
+    batch = decode_request(req, now_ns=T0_NS)
+    spans = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+    assert len(batch) + batch.rejected_spans == spans
+    kept = accepted_request(req, now_ns=T0_NS)
+    assert decode_request(kept, now_ns=T0_NS).span_id == batch.span_id
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2_000))
+def test_any_bytes_parse_or_are_refused_with_a_decode_error(data: bytes) -> None:
+    _decodes_or_refuses(parse_protobuf, data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8
+    ),
+    st.integers(0, len(_VALID)),
+)
+def test_corrupted_requests_parse_or_are_refused_with_a_decode_error(
+    flips: list[tuple[int, int]], cut: int
+) -> None:
+    data = bytearray(_VALID)
+    for position, byte in flips:
+        data[position] = byte
+    _decodes_or_refuses(parse_protobuf, bytes(data[:cut]))
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=12,
+)
+_JSON_FIELDS = st.sampled_from(
+    [
+        "traceId",
+        "spanId",
+        "parentSpanId",
+        "name",
+        "kind",
+        "startTimeUnixNano",
+        "endTimeUnixNano",
+        "attributes",
+        "events",
+        "links",
+        "status",
+        "droppedAttributesCount",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_JSON_FIELDS, _JSON_VALUES, max_size=4))
+def test_any_json_in_a_span_parses_or_is_refused_with_a_decode_error(
+    fields: dict[str, Any],
+) -> None:
+    doc = _json_doc("5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174")
+    doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0].update(fields)
+    _decodes_or_refuses(parse_json, json.dumps(doc).encode())
