@@ -256,7 +256,7 @@ _PARSE_HINTS = (
 )
 
 
-def parse_protobuf(data: bytes) -> ExportTraceServiceRequest:
+def parse_protobuf(data: bytes | bytearray) -> ExportTraceServiceRequest:
     """Parse OTLP/protobuf bytes; :class:`DecodeError` names what is wrong.
 
     The whole request is refused when it is not a valid ``ExportTraceServiceRequest``:
@@ -276,7 +276,7 @@ def parse_protobuf(data: bytes) -> ExportTraceServiceRequest:
     return request
 
 
-def parse_json(data: bytes | str) -> ExportTraceServiceRequest:
+def parse_json(data: bytes | bytearray | str) -> ExportTraceServiceRequest:
     """Parse OTLP/JSON; :class:`DecodeError` names what is wrong.
 
     Per the OTLP spec, trace and span ids are hex strings (not base64 as in proto3
