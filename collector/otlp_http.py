@@ -95,17 +95,13 @@ def create_otlp_http_app(pipeline: Pipeline, config: OtlpHttpConfig | None = Non
             return _error(400, _INVALID_ARGUMENT, "client disconnected before the whole body")
         if received is None:
             return _error(413, _RESOURCE_EXHAUSTED, f"request body exceeds {limit} bytes")
-        body: bytes | bytearray = received
-        if encoding == "gzip":
-            try:
-                body = _gunzip(body, limit)
-            except _TooLarge as exc:
-                return _error(413, _RESOURCE_EXHAUSTED, str(exc))
-            except ValueError as exc:
-                return _error(400, _INVALID_ARGUMENT, str(exc))
         try:
-            result = await asyncio.to_thread(_consume, pipeline, body, content_type)
-        except DecodeError as exc:
+            result = await asyncio.to_thread(
+                _consume, pipeline, received, content_type, encoding == "gzip", limit
+            )
+        except _TooLarge as exc:
+            return _error(413, _RESOURCE_EXHAUSTED, str(exc))
+        except (DecodeError, _BadGzip) as exc:
             return _error(400, _INVALID_ARGUMENT, str(exc))
         except PipelineUnavailable as exc:
             return _error(503, _UNAVAILABLE, str(exc))
@@ -128,9 +124,18 @@ async def _read_body(request: Request, limit: int) -> bytearray | None:
     return body
 
 
-def _consume(pipeline: Pipeline, body: bytes | bytearray, content_type: str) -> ExportResult:
-    parsed = parse_json(body) if content_type == _JSON else parse_protobuf(body)
+def _consume(
+    pipeline: Pipeline, body: bytes | bytearray, content_type: str, gzipped: bool, limit: int
+) -> ExportResult:
+    """Inflate, parse and consume one export, on a worker thread: a 64 MiB body takes
+    long enough to stall every other request if the event loop did it."""
+    data = _gunzip(body, limit) if gzipped else body
+    parsed = parse_json(data) if content_type == _JSON else parse_protobuf(data)
     return pipeline.consume(parsed)
+
+
+class _BadGzip(ValueError):
+    """The body is not valid gzip (400)."""
 
 
 class _TooLarge(ValueError):
@@ -142,9 +147,9 @@ def _gunzip(body: bytes | bytearray, limit: int) -> bytes:
     try:
         out = decompressor.decompress(body, limit + 1)
     except (zlib.error, gzip.BadGzipFile) as exc:
-        raise ValueError(f"invalid gzip body: {exc}") from exc
+        raise _BadGzip(f"invalid gzip body: {exc}") from exc
     if len(out) > limit:
         raise _TooLarge(f"gzip body inflates beyond {limit} bytes")
     if not decompressor.eof:
-        raise ValueError("invalid gzip body: truncated")
+        raise _BadGzip("invalid gzip body: truncated")
     return out
