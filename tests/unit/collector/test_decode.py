@@ -86,6 +86,7 @@ def test_root_span_has_empty_parent() -> None:
         (dict(trace_id=bytes(16)), "trace_id is all zeros"),
         (dict(span_id=b"\x01" * 9), "span_id must be 8 bytes, got 9"),
         (dict(span_id=bytes(8)), "span_id is all zeros"),
+        (dict(parent_span_id=b"\x01" * 7), "parent_span_id must be 8 bytes, got 7"),
         (dict(end_time_unix_nano=T0_NS - 1), "end_time_unix_nano"),
         (
             dict(start_time_unix_nano=1, end_time_unix_nano=2),
@@ -180,6 +181,20 @@ def test_accepted_request_rejects_what_decode_rejects_at_the_same_clock() -> Non
     kept = accepted_request(req, now_ns=T0_NS)
     assert [s.name for s in kept.resource_spans[0].scope_spans[0].spans] == ["in"]
     assert decode_request(kept, now_ns=T0_NS).rejected_spans == 0
+
+
+def test_a_wrong_length_or_zero_link_id_rejects_its_span() -> None:
+    good = span("llm.token", 1, T0_NS, T0_NS + 10)
+    good.links.add(trace_id=TRACE_ID, span_id=b"\x05" * 8)
+    short = span("short.link", 2, T0_NS, T0_NS + 10)
+    short.links.add(trace_id=TRACE_ID[:15], span_id=b"\x05" * 8)
+    zero = span("zero.link", 3, T0_NS, T0_NS + 10)
+    zero.links.add(trace_id=TRACE_ID, span_id=b"\x05" * 8)
+    zero.links.add(trace_id=TRACE_ID, span_id=bytes(8))
+    batch = decode_request(request(RESOURCE, [good, short, zero]))
+    assert batch.name == ["llm.token"] and batch.link_span_ids == [["0505050505050505"]]
+    assert "links[0].trace_id must be 16 bytes, got 15" in batch.errors[0]
+    assert "links[1].span_id is all zeros" in batch.errors[1]
 
 
 def test_truncated_protobuf_is_a_decode_error() -> None:
