@@ -417,6 +417,13 @@ def any_value_to_str(value: AnyValue) -> str:
     return ""
 
 
+def _hex_id(raw: bytes) -> str:
+    """An id in hex for a rejection message, cut short if it is far too long."""
+    if not raw:
+        return "-"
+    return raw.hex() if len(raw) <= 32 else f"{raw[:32].hex()}... ({len(raw)} bytes)"
+
+
 def _any_value_to_json(value: AnyValue, depth: int, budget: list[int]) -> Any:
     if depth > MAX_VALUE_DEPTH:
         raise _Rejected(f"value nested more than {MAX_VALUE_DEPTH} levels deep")
@@ -554,9 +561,8 @@ def _time_problem(field_name: str, ns: int, latest_ns: int) -> str | None:
 def _span_problem(
     span: Span, events: Sequence[Span.Event], links: Sequence[Span.Link], latest_ns: int
 ) -> str | None:
-    """What is wrong with ``span`` (None if nothing), ``events`` and ``links`` being its
-    repeated fields: the caller fetches them once per span, because each fetch of a
-    repeated field builds a new wrapper, which costs as much as the checks here."""
+    """What is wrong with ``span`` (None if nothing); ``events`` and ``links`` are its
+    repeated fields, fetched once by the caller."""
     for problem in (
         _check_id(span.trace_id, 16, "trace_id", required=True),
         _check_id(span.span_id, 8, "span_id", required=True),
@@ -687,7 +693,7 @@ def decode_request(request: ExportTraceServiceRequest, *, now_ns: int | None = N
                     if len(batch.errors) < _MAX_ERROR_MESSAGES:
                         batch.errors.append(
                             f"span resource_spans[{r}].scope_spans[{s}].spans[{i}] "
-                            f"name={_quoted(span.name)} span_id={span.span_id.hex() or '-'}: "
+                            f"name={_quoted(span.name)} span_id={_hex_id(span.span_id)}: "
                             f"{problem}"
                         )
                     continue

@@ -505,11 +505,14 @@ def test_nesting_no_parser_would_accept_is_still_a_span_rejection_not_a_recursio
     assert [s.name for s in kept.resource_spans[0].scope_spans[0].spans] == ["good"]
 
 
-def test_a_huge_span_name_is_cut_short_in_the_rejection_message() -> None:
-    batch = decode_request(request(RESOURCE, [span("n" * 1_000_000, 1, T0_NS, T0_NS - 1)]))
-    assert batch.rejected_spans == 1
-    assert "... (1000000 characters)" in batch.error_message
-    assert len(batch.error_message) < 500
+def test_a_huge_span_name_or_id_is_cut_short_in_the_rejection_message() -> None:
+    long_id = span("x", 1, T0_NS, T0_NS + 1)
+    long_id.span_id = b"\x01" * 1_000_000
+    batch = decode_request(request(RESOURCE, [span("n" * 1_000_000, 1, T0_NS, T0_NS - 1), long_id]))
+    assert batch.rejected_spans == 2
+    assert "... (1000000 characters)" in batch.errors[0]
+    assert "... (1000000 bytes): span_id must be 8 bytes, got 1000000" in batch.errors[1]
+    assert len(batch.error_message) < 1_000
 
 
 # -- whatever arrives ----------------------------------------------------------------------
