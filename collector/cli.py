@@ -304,6 +304,7 @@ def _run_collector(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _on_signal)
 
     info_path = collector_file(data_dir)
+    _large_buffers_straight_back_to_the_os()
     try:
         collector.start()
     except (StoreError, WalError, OSError) as exc:
@@ -338,6 +339,27 @@ def _api_url(info: dict[str, Any]) -> str:
     """The API's base URL from collector.json (one written before TLS existed has no
     ``http_url``: plaintext)."""
     return str(info.get("http_url") or f"http://{info['http']}")
+
+
+def _large_buffers_straight_back_to_the_os(threshold_bytes: int = 1 << 20) -> None:
+    """Have glibc's malloc map every buffer of ``threshold_bytes`` or more on its own and
+    unmap it when freed.
+
+    By default glibc raises that threshold (to as much as 32 MiB) as big buffers are
+    freed, after which they come from per-thread arenas that keep freed memory: every
+    burst of large exports -- or of 64 MiB bodies refused for what they hold -- would
+    ratchet resident memory up by tens of MB. Mapping costs a system call per buffer,
+    nothing next to filling one. A no-op where malloc is not glibc's.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    mallopt(m_mmap_threshold, threshold_bytes)
 
 
 def _running_collector(path: Path) -> dict[str, Any] | None:

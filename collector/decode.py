@@ -4,7 +4,9 @@ Parses OTLP/protobuf (:func:`parse_protobuf`) and OTLP/JSON (:func:`parse_json`)
 ``ExportTraceServiceRequest``, then :func:`decode_request` validates every span and lays
 the good ones out column by column in the OpenTelemetry Collector ClickHouse exporter's
 ``otel_traces`` layout, plus what derivation needs. Invalid spans are dropped and counted
-(OTLP partial success); the rest of the request is kept.
+(OTLP partial success); the rest of the request is kept. So are spans past the limits
+below (times, attribute counts, value lengths and depth), which keep one hostile
+exporter from storing unbounded rows or failing other exporters' inserts.
 
 An ``llm.decode`` span in packed mode (:mod:`tokentrace.schemas.packed`) is stored
 without its packed attribute, and its emissions become one ``packed_tokens`` row (four
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format
@@ -29,13 +33,20 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span, Status
 
 from tokentrace.schemas import attributes as attrs
 from tokentrace.schemas.packed import PackedTokens, PackedTokensError, decode_packed
 
 __all__ = [
     "DecodeError",
+    "EARLIEST_NS",
+    "MAX_ATTRIBUTES",
+    "MAX_EVENTS",
+    "MAX_FUTURE_NS",
+    "MAX_LINKS",
+    "MAX_VALUE_CHARS",
+    "MAX_VALUE_DEPTH",
     "OTEL_TRACES_COLUMNS",
     "PACKED_TOKENS_COLUMNS",
     "SpanBatch",
@@ -50,6 +61,16 @@ __all__ = [
 # Rejection messages beyond this many are summarised as a count, so one bad exporter
 # cannot make a response (or a log line) arbitrarily large.
 _MAX_ERROR_MESSAGES = 5
+
+#: A span (or event, or packed token emission) timed before 2000-01-01T00:00:00Z is
+#: rejected: no exporter of this system ran then, so such a time is a missing or
+#: corrupt clock, and it would land in a partition of its own.
+EARLIEST_NS = 946_684_800 * 1_000_000_000
+#: ... and so is one timed more than this far (24 h) after the collector's clock:
+#: generous for skewed clocks, but it keeps every stored time far below 2**63 ns
+#: (year 2262), past which ClickHouse's ``DateTime64(9)`` cannot hold it and the whole
+#: insert -- other exporters' spans with it -- would fail.
+MAX_FUTURE_NS = 24 * 3600 * 1_000_000_000
 
 _SPAN_KIND = {
     Span.SPAN_KIND_UNSPECIFIED: "Unspecified",
@@ -220,19 +241,42 @@ _LIST_FIELDS = tuple(
 # -- parsing -------------------------------------------------------------------------
 
 
-def parse_protobuf(data: bytes) -> ExportTraceServiceRequest:
-    """Parse OTLP/protobuf bytes; :class:`DecodeError` names what is wrong."""
+# What the protobuf runtime's (upb's) terse parse errors mean, for the sender.
+_PARSE_HINTS = (
+    (
+        "bad UTF-8",
+        "a string field (a name, key or string value) holds bytes that are not UTF-8; "
+        "OTLP strings must be UTF-8 (send arbitrary bytes as bytes_value)",
+    ),
+    (
+        "MaxDepth",
+        "messages nested more than 100 levels deep, such as key-value lists inside "
+        "key-value lists more than 32 levels deep in an attribute value",
+    ),
+)
+
+
+def parse_protobuf(data: bytes | bytearray) -> ExportTraceServiceRequest:
+    """Parse OTLP/protobuf bytes; :class:`DecodeError` names what is wrong.
+
+    The whole request is refused when it is not a valid ``ExportTraceServiceRequest``:
+    truncated or garbage bytes, a string that is not UTF-8 (proto3 requires it), or
+    messages nested deeper than the protobuf runtime allows (100 levels).
+    """
     request = ExportTraceServiceRequest()
     try:
         request.ParseFromString(data)
     except (_ProtobufDecodeError, ValueError) as exc:
+        detail = str(exc)
+        hints = [hint for marker, hint in _PARSE_HINTS if marker in detail]
         raise DecodeError(
-            f"invalid OTLP protobuf ExportTraceServiceRequest ({len(data)} bytes): {exc}"
+            f"invalid OTLP protobuf ExportTraceServiceRequest ({len(data)} bytes): {detail}"
+            + "".join(f" ({hint})" for hint in hints)
         ) from exc
     return request
 
 
-def parse_json(data: bytes | str) -> ExportTraceServiceRequest:
+def parse_json(data: bytes | bytearray | str) -> ExportTraceServiceRequest:
     """Parse OTLP/JSON; :class:`DecodeError` names what is wrong.
 
     Per the OTLP spec, trace and span ids are hex strings (not base64 as in proto3
@@ -243,6 +287,10 @@ def parse_json(data: bytes | str) -> ExportTraceServiceRequest:
         doc = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DecodeError(f"invalid JSON: {exc}") from exc
+    except RecursionError:
+        # The parser recurses per level of arrays and objects; past Python's recursion
+        # limit (~1,000 levels) it gives up. Nothing of OTLP nests that deep.
+        raise DecodeError("invalid OTLP/JSON: arrays or objects nested too deeply") from None
     if not isinstance(doc, dict):
         raise DecodeError(
             f"invalid OTLP/JSON: expected an object at the top level, got {type(doc).__name__}"
@@ -311,12 +359,43 @@ def _rewrite_ids(obj: Any, where: str, *keys: tuple[str, str]) -> None:
 
 # -- attribute values ----------------------------------------------------------------
 
+#: Attributes on one span, resource, event or link; and events, and links, on one span:
+#: eight times the OpenTelemetry SDKs' default limits (128), so no span an SDK made
+#: comes near them, while one span cannot carry unbounded maps into every row.
+MAX_ATTRIBUTES = 1024
+MAX_EVENTS = 1024
+MAX_LINKS = 1024
+#: Characters of an attribute value as stored: a string as is (the packed token
+#: attribute of an ``llm.decode`` span excepted: it has its own format and checks),
+#: bytes as base64, an array or key-value list as compact JSON.
+MAX_VALUE_CHARS = 65_536
+#: Levels of an attribute value: a scalar is 1, an array of scalars 2, and so on. Well
+#: below the protobuf parser's own limit of 100 message levels, which refuses the whole
+#: request (binary or JSON) when key-value lists nest 33 levels deep or arrays 49 on a
+#: span: up to there, a deep value costs only its own span.
+MAX_VALUE_DEPTH = 16
+
+
+class _Rejected(ValueError):
+    """An attribute breaks a limit; the message names the attribute and the limit."""
+
+
+def _quoted(text: str, limit: int = 64) -> str:
+    """``text`` quoted for a rejection message, cut short if it is long: whatever an
+    exporter sent, the message stays small."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
 
 def any_value_to_str(value: AnyValue) -> str:
     """An attribute value as the string the ``Map(..., String)`` columns hold.
 
     str as is, int as decimal, double as ``repr``, bool as ``true``/``false``, bytes as
-    base64, arrays and key-value lists as compact JSON, unset as ''.
+    base64, arrays and key-value lists as compact JSON, unset as ''. Raises ValueError
+    for an array or key-value list nested deeper than :data:`MAX_VALUE_DEPTH`, or
+    holding more than :data:`MAX_VALUE_CHARS` values in all (its JSON could not be
+    shorter than that): both found before any JSON is built.
     """
     which = value.WhichOneof("value")
     if which == "string_value":
@@ -330,11 +409,27 @@ def any_value_to_str(value: AnyValue) -> str:
     if which == "bytes_value":
         return base64.b64encode(value.bytes_value).decode("ascii")
     if which in ("array_value", "kvlist_value"):
-        return json.dumps(_any_value_to_json(value), separators=(",", ":"), ensure_ascii=False)
+        # Every value becomes at least one character of JSON, so more values than
+        # characters allowed is too long whatever they hold.
+        budget = [MAX_VALUE_CHARS]
+        doc = _any_value_to_json(value, 1, budget)
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
     return ""
 
 
-def _any_value_to_json(value: AnyValue) -> Any:
+def _hex_id(raw: bytes) -> str:
+    """An id in hex for a rejection message, cut short if it is far too long."""
+    if not raw:
+        return "-"
+    return raw.hex() if len(raw) <= 32 else f"{raw[:32].hex()}... ({len(raw)} bytes)"
+
+
+def _any_value_to_json(value: AnyValue, depth: int, budget: list[int]) -> Any:
+    if depth > MAX_VALUE_DEPTH:
+        raise _Rejected(f"value nested more than {MAX_VALUE_DEPTH} levels deep")
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _Rejected(f"value longer than {MAX_VALUE_CHARS} characters as JSON")
     which = value.WhichOneof("value")
     if which == "string_value":
         return value.string_value
@@ -348,26 +443,51 @@ def _any_value_to_json(value: AnyValue) -> Any:
     if which == "bytes_value":
         return base64.b64encode(value.bytes_value).decode("ascii")
     if which == "array_value":
-        return [_any_value_to_json(v) for v in value.array_value.values]
+        return [_any_value_to_json(v, depth + 1, budget) for v in value.array_value.values]
     if which == "kvlist_value":
-        return {kv.key: _any_value_to_json(kv.value) for kv in value.kvlist_value.values}
+        return {
+            kv.key: _any_value_to_json(kv.value, depth + 1, budget)
+            for kv in value.kvlist_value.values
+        }
     return None
 
 
-def _attr_map(key_values: Any) -> dict[str, str]:
+def _attr_map(key_values: Any, where: str, skip: str | None = None) -> dict[str, str]:
+    """``key_values`` as a dict of strings; :class:`_Rejected` (naming ``where``) if
+    they break a limit. ``skip`` names a key exempt from the length limit."""
     # The hot loop of decoding (every attribute of every span): strings and ints, by far
-    # the most common values, without a call per attribute.
+    # the most common values, without a call per attribute, and the limits checked at
+    # the cost of one len() per string.
+    if len(key_values) > MAX_ATTRIBUTES:
+        raise _Rejected(
+            f"{where}: {len(key_values)} attributes, more than the limit of {MAX_ATTRIBUTES}"
+        )
     out: dict[str, str] = {}
     kv: KeyValue
     for kv in key_values:
         value = kv.value
         which = value.WhichOneof("value")
         if which == "string_value":
-            out[kv.key] = value.string_value
+            text = value.string_value
+            if len(text) > MAX_VALUE_CHARS and kv.key != skip:
+                raise _Rejected(
+                    f"{where}[{_quoted(kv.key)}]: value of {len(text)} characters, more than "
+                    f"the limit of {MAX_VALUE_CHARS}"
+                )
+            out[kv.key] = text
         elif which == "int_value":
             out[kv.key] = str(value.int_value)
         else:
-            out[kv.key] = any_value_to_str(value)
+            try:
+                text = any_value_to_str(value)
+            except _Rejected as exc:
+                raise _Rejected(f"{where}[{_quoted(kv.key)}]: {exc}") from None
+            if len(text) > MAX_VALUE_CHARS:
+                raise _Rejected(
+                    f"{where}[{_quoted(kv.key)}]: value of {len(text)} characters "
+                    f"({which}), more than the limit of {MAX_VALUE_CHARS}"
+                )
+            out[kv.key] = text
     return out
 
 
@@ -385,8 +505,14 @@ def _check_id(raw: bytes, size: int, field_name: str, *, required: bool) -> str 
     return None
 
 
-def _packed_tokens(span: Span) -> tuple[str | None, PackedTokens | None]:
-    """``(problem, tokens)`` for an ``llm.decode`` span's packed attribute, if it has one."""
+def _packed_tokens(
+    span: Span, latest_ns: int | None = None
+) -> tuple[str | None, PackedTokens | None]:
+    """``(problem, tokens)`` for an ``llm.decode`` span's packed attribute, if it has one.
+
+    With ``latest_ns``, the token spans it expands to must also lie in the accepted time
+    window (times never decrease, so the first and last bound them all).
+    """
     if span.name != attrs.SPAN_DECODE:
         return None, None
     for kv in span.attributes:
@@ -394,13 +520,49 @@ def _packed_tokens(span: Span) -> tuple[str | None, PackedTokens | None]:
             if kv.value.WhichOneof("value") != "string_value":
                 return f"{attrs.TOKEN_PACKED} must be a string", None
             try:
-                return None, decode_packed(kv.value.string_value)
+                tokens = decode_packed(kv.value.string_value)
             except PackedTokensError as exc:
                 return f"{attrs.TOKEN_PACKED}: {exc}", None
+            if latest_ns is not None:
+                start = span.start_time_unix_nano
+                problem = _time_problem(
+                    f"{attrs.TOKEN_PACKED}: first token span start",
+                    start + tokens.times[0],
+                    latest_ns,
+                ) or _time_problem(
+                    f"{attrs.TOKEN_PACKED}: last emission", start + tokens.times[-1], latest_ns
+                )
+                if problem:
+                    return problem, None
+            return None, tokens
     return None, None
 
 
-def _span_problem(span: Span) -> str | None:
+def _utc(ns: int) -> str:
+    """``ns`` since the epoch as an ISO 8601 UTC time, for rejection messages."""
+    try:
+        return datetime.fromtimestamp(ns // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return "out of range"
+
+
+def _time_problem(field_name: str, ns: int, latest_ns: int) -> str | None:
+    """None if ``ns`` lies in the accepted window, else what is wrong with it."""
+    if ns < EARLIEST_NS:
+        return f"{field_name} {ns} ({_utc(ns)}) is before {_utc(EARLIEST_NS)}"
+    if ns > latest_ns:
+        return (
+            f"{field_name} {ns} ({_utc(ns)}) is more than 24 h after the collector's clock "
+            f"({_utc(latest_ns - MAX_FUTURE_NS)})"
+        )
+    return None
+
+
+def _span_problem(
+    span: Span, events: Sequence[Span.Event], links: Sequence[Span.Link], latest_ns: int
+) -> str | None:
+    """What is wrong with ``span`` (None if nothing); ``events`` and ``links`` are its
+    repeated fields, fetched once by the caller."""
     for problem in (
         _check_id(span.trace_id, 16, "trace_id", required=True),
         _check_id(span.span_id, 8, "span_id", required=True),
@@ -408,68 +570,159 @@ def _span_problem(span: Span) -> str | None:
     ):
         if problem:
             return problem
-    if span.start_time_unix_nano == 0:
+    start = span.start_time_unix_nano
+    end = span.end_time_unix_nano
+    if start == 0:
         return "start_time_unix_nano is 0 (missing)"
-    if span.end_time_unix_nano < span.start_time_unix_nano:
-        return (
-            f"end_time_unix_nano {span.end_time_unix_nano} < "
-            f"start_time_unix_nano {span.start_time_unix_nano}"
-        )
-    for k, link in enumerate(span.links):
-        problem = _check_id(link.trace_id, 16, f"links[{k}].trace_id", required=True) or (
-            _check_id(link.span_id, 8, f"links[{k}].span_id", required=True)
-        )
-        if problem:
-            return problem
+    if end < start:
+        return f"end_time_unix_nano {end} < start_time_unix_nano {start}"
+    # end >= start, so these two bound both.
+    if start < EARLIEST_NS:
+        return _time_problem("start_time_unix_nano", start, latest_ns)
+    if end > latest_ns:
+        return _time_problem("end_time_unix_nano", end, latest_ns)
+    if events:
+        if len(events) > MAX_EVENTS:
+            return f"{len(events)} events, more than the limit of {MAX_EVENTS}"
+        for k, event in enumerate(events):
+            problem = _time_problem(f"events[{k}].time_unix_nano", event.time_unix_nano, latest_ns)
+            if problem:
+                return problem
+    if links:
+        if len(links) > MAX_LINKS:
+            return f"{len(links)} links, more than the limit of {MAX_LINKS}"
+        for k, link in enumerate(links):
+            problem = _check_id(link.trace_id, 16, f"links[{k}].trace_id", required=True) or (
+                _check_id(link.span_id, 8, f"links[{k}].span_id", required=True)
+            )
+            if problem:
+                return problem
     return None
 
 
-def decode_request(request: ExportTraceServiceRequest) -> SpanBatch:
+# A span's attributes, its events' and its links', as dicts of strings.
+_AttributeMaps = tuple[dict[str, str], list[dict[str, str]], list[dict[str, str]]]
+
+
+def _checked_span(
+    span: Span, latest_ns: int
+) -> tuple[str | None, PackedTokens | None, _AttributeMaps | None]:
+    """``(problem, None, None)`` for a span to reject, else ``(None, packed tokens or
+    None, attribute maps)``: the one verdict decode and forwarding both follow. A
+    packed decode span's packed attribute is left out of its map: it is stored as rows.
+    """
+    # Each fetch of a repeated field builds a new wrapper, costing as much as the
+    # checks: fetch events and links once per span.
+    events = span.events
+    links = span.links
+    problem = _span_problem(span, events, links, latest_ns)
+    if problem:
+        return problem, None, None
+    tokens = None
+    if span.name == attrs.SPAN_DECODE:
+        problem, tokens = _packed_tokens(span, latest_ns)
+        if problem:
+            return problem, None, None
+    try:
+        if tokens is None:
+            span_attrs = _attr_map(span.attributes, "attributes")
+        else:
+            span_attrs = _attr_map(span.attributes, "attributes", attrs.TOKEN_PACKED)
+            span_attrs.pop(attrs.TOKEN_PACKED, None)
+        event_attrs = (
+            [_attr_map(e.attributes, f"events[{k}].attributes") for k, e in enumerate(events)]
+            if events
+            else []
+        )
+        link_attrs = (
+            [_attr_map(x.attributes, f"links[{k}].attributes") for k, x in enumerate(links)]
+            if links
+            else []
+        )
+    except _Rejected as exc:
+        return str(exc), None, None
+    return None, tokens, (span_attrs, event_attrs, link_attrs)
+
+
+def _resource_attributes(resource_spans: ResourceSpans) -> tuple[str | None, dict[str, str]]:
+    """``(problem, attributes)`` of a resource: a problem rejects all its spans."""
+    try:
+        return None, _attr_map(resource_spans.resource.attributes, "resource.attributes")
+    except _Rejected as exc:
+        return str(exc), {}
+
+
+def _latest_ns(now_ns: int | None) -> int:
+    return (time.time_ns() if now_ns is None else now_ns) + MAX_FUTURE_NS
+
+
+def decode_request(request: ExportTraceServiceRequest, *, now_ns: int | None = None) -> SpanBatch:
     """Validate and lay out every span of ``request``; never raises for bad spans.
 
-    A span with a wrong-length or all-zero trace/span id, a wrong-length parent id or
-    link id, a missing start time, or an end before its start is dropped; the batch
+    A span is dropped when it has a wrong-length or all-zero trace/span id, a
+    wrong-length parent id or link id, a missing start time, or an end before its
+    start; a start, end, event or packed token time before :data:`EARLIEST_NS` or more
+    than :data:`MAX_FUTURE_NS` after ``now_ns`` (the collector's clock,
+    ``time.time_ns()`` when None); more than :data:`MAX_EVENTS` events or
+    :data:`MAX_LINKS` links; more than :data:`MAX_ATTRIBUTES` attributes on it, an
+    event or a link, or on its resource; or an attribute value longer than
+    :data:`MAX_VALUE_CHARS` or nested deeper than :data:`MAX_VALUE_DEPTH`. The batch
     counts it in ``rejected_spans`` and says why in ``errors`` (naming the field, the
-    span's position, name and id).
+    span's position, name and id). The result depends on nothing but ``request`` and
+    ``now_ns``, so replaying an export with the ``now_ns`` it was first accepted at
+    decodes it the same way.
     """
+    latest_ns = _latest_ns(now_ns)
     batch = SpanBatch()
+    problem: str | None
+    tokens: PackedTokens | None
+    maps: _AttributeMaps | None
     for r, resource_spans in enumerate(request.resource_spans):
-        resource_attrs = _attr_map(resource_spans.resource.attributes)
+        resource_problem, resource_attrs = _resource_attributes(resource_spans)
         service_name = resource_attrs.get(attrs.SERVICE_NAME, "")
         for s, scope_spans in enumerate(resource_spans.scope_spans):
             scope_name = scope_spans.scope.name
             scope_version = scope_spans.scope.version
             for i, span in enumerate(scope_spans.spans):
-                problem = _span_problem(span)
-                tokens = None
-                if not problem:
-                    problem, tokens = _packed_tokens(span)
-                if problem:
+                if resource_problem:
+                    problem, tokens, maps = resource_problem, None, None
+                else:
+                    problem, tokens, maps = _checked_span(span, latest_ns)
+                if maps is None:
                     batch.rejected_spans += 1
                     if len(batch.errors) < _MAX_ERROR_MESSAGES:
                         batch.errors.append(
                             f"span resource_spans[{r}].scope_spans[{s}].spans[{i}] "
-                            f"name={span.name!r} span_id={span.span_id.hex() or '-'}: {problem}"
+                            f"name={_quoted(span.name)} span_id={_hex_id(span.span_id)}: "
+                            f"{problem}"
                         )
                     continue
-                _append_span(batch, span, resource_attrs, service_name, scope_name, scope_version)
+                _append_span(
+                    batch, span, maps, resource_attrs, service_name, scope_name, scope_version
+                )
                 if tokens is not None:
-                    del batch.attributes[-1][attrs.TOKEN_PACKED]
                     _append_packed(batch, tokens)
     return batch
 
 
-def accepted_request(request: ExportTraceServiceRequest) -> ExportTraceServiceRequest:
-    """A copy of ``request`` without the spans :func:`decode_request` rejects (scopes and
-    resources left empty are removed too); ``request`` itself is not modified."""
+def accepted_request(
+    request: ExportTraceServiceRequest, *, now_ns: int | None = None
+) -> ExportTraceServiceRequest:
+    """A copy of ``request`` without the spans :func:`decode_request` rejects at the same
+    ``now_ns`` (scopes and resources left empty are removed too); ``request`` itself is
+    not modified."""
+    latest_ns = _latest_ns(now_ns)
     out = ExportTraceServiceRequest()
     out.CopyFrom(request)
     for r in range(len(out.resource_spans) - 1, -1, -1):
         resource_spans = out.resource_spans[r]
+        if _resource_attributes(resource_spans)[0]:
+            del out.resource_spans[r]
+            continue
         for s in range(len(resource_spans.scope_spans) - 1, -1, -1):
             spans = resource_spans.scope_spans[s].spans
             for i in range(len(spans) - 1, -1, -1):
-                if _span_problem(spans[i]) or _packed_tokens(spans[i])[0]:
+                if _checked_span(spans[i], latest_ns)[0]:
                     del spans[i]
             if not spans:
                 del resource_spans.scope_spans[s]
@@ -481,6 +734,7 @@ def accepted_request(request: ExportTraceServiceRequest) -> ExportTraceServiceRe
 def _append_span(
     batch: SpanBatch,
     span: Span,
+    maps: _AttributeMaps,
     resource_attrs: dict[str, str],
     service_name: str,
     scope_name: str,
@@ -498,25 +752,26 @@ def _append_span(
     batch.resource_attributes.append(resource_attrs)
     batch.scope_name.append(scope_name)
     batch.scope_version.append(scope_version)
-    batch.attributes.append(_attr_map(span.attributes))
+    span_attrs, event_attrs, link_attrs = maps
+    batch.attributes.append(span_attrs)
     status = span.status
     batch.status_code.append(_STATUS_CODE.get(status.code, "Unset"))
     batch.status_message.append(status.message)
-    events = span.events
-    if events:
+    if event_attrs:
+        events = span.events
         batch.event_timestamps_ns.append([e.time_unix_nano for e in events])
         batch.event_names.append([e.name for e in events])
-        batch.event_attributes.append([_attr_map(e.attributes) for e in events])
+        batch.event_attributes.append(event_attrs)
     else:
         batch.event_timestamps_ns.append([])
         batch.event_names.append([])
         batch.event_attributes.append([])
-    links = span.links
-    if links:
+    if link_attrs:
+        links = span.links
         batch.link_trace_ids.append([link.trace_id.hex() for link in links])
         batch.link_span_ids.append([link.span_id.hex() for link in links])
         batch.link_trace_states.append([link.trace_state for link in links])
-        batch.link_attributes.append([_attr_map(link.attributes) for link in links])
+        batch.link_attributes.append(link_attrs)
     else:
         batch.link_trace_ids.append([])
         batch.link_span_ids.append([])

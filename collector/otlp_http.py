@@ -3,9 +3,14 @@
 Accepts ``application/x-protobuf`` and ``application/json`` (optionally gzip-encoded)
 and answers in the request's encoding. Errors carry a JSON body ``{"code": <gRPC status
 code>, "message": ...}``: 400 for a malformed request (never retry), 413 for an oversized
-one, 415 for another content type, 429 with ``Retry-After`` when the collector's disk budget
-for spans not yet in ClickHouse is full, 503 with ``Retry-After`` when the spans could not
-be logged (both: retry).
+one, 415 for another content type or encoding, 429 with ``Retry-After`` when the
+collector's disk budget for spans not yet in ClickHouse is full, 503 with ``Retry-After``
+when the spans could not be logged (both: retry).
+
+A body larger than ``max_body_bytes`` -- on the wire, or once inflated -- is never held
+in memory: a ``Content-Length`` above the limit is answered 413 before any of the body
+is read, and a body without one is read only up to the limit. (uvicorn then reads and
+discards the rest of the body, so the client, still sending, gets to see the 413.)
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
+from starlette.requests import ClientDisconnect
 
 from .decode import DecodeError, parse_json, parse_protobuf
 from .otlp_grpc import MAX_MESSAGE_BYTES, RETRY_AFTER_S, export_response
@@ -69,28 +75,34 @@ def create_otlp_http_app(pipeline: Pipeline, config: OtlpHttpConfig | None = Non
                 f"unsupported Content-Type {content_type or '(none)'!r}: "
                 f"use {_PROTOBUF} or {_JSON}",
             )
-        body = await request.body()
         encoding = request.headers.get("content-encoding", "").strip().lower()
-        if encoding == "gzip":
-            try:
-                body = _gunzip(body, config.max_body_bytes)
-            except ValueError as exc:
-                return _error(400, _INVALID_ARGUMENT, str(exc))
-        elif encoding not in ("", "identity"):
+        if encoding not in ("", "identity", "gzip"):
             return _error(
                 415,
                 _INVALID_ARGUMENT,
                 f"unsupported Content-Encoding {encoding!r}: use gzip or none",
             )
-        if len(body) > config.max_body_bytes:
+        limit = config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             return _error(
                 413,
                 _RESOURCE_EXHAUSTED,
-                f"request body of {len(body)} bytes exceeds {config.max_body_bytes}",
+                f"request body of {int(declared)} bytes (Content-Length) exceeds {limit}",
             )
         try:
-            result = await asyncio.to_thread(_consume, pipeline, body, content_type)
-        except DecodeError as exc:
+            received = await _read_body(request, limit)
+        except ClientDisconnect:
+            return _error(400, _INVALID_ARGUMENT, "client disconnected before the whole body")
+        if received is None:
+            return _error(413, _RESOURCE_EXHAUSTED, f"request body exceeds {limit} bytes")
+        try:
+            result = await asyncio.to_thread(
+                _consume, pipeline, received, content_type, encoding == "gzip", limit
+            )
+        except _TooLarge as exc:
+            return _error(413, _RESOURCE_EXHAUSTED, str(exc))
+        except (DecodeError, _BadGzip) as exc:
             return _error(400, _INVALID_ARGUMENT, str(exc))
         except PipelineFull as exc:
             return _error(429, _RESOURCE_EXHAUSTED, str(exc))
@@ -104,19 +116,43 @@ def create_otlp_http_app(pipeline: Pipeline, config: OtlpHttpConfig | None = Non
     return app
 
 
-def _consume(pipeline: Pipeline, body: bytes, content_type: str) -> ExportResult:
-    parsed = parse_json(body) if content_type == _JSON else parse_protobuf(body)
+async def _read_body(request: Request, limit: int) -> bytearray | None:
+    """The request body, or None as soon as it exceeds ``limit`` bytes: what was read
+    so far is dropped, and the rest is never read here."""
+    body = bytearray()
+    async for chunk in request.stream():
+        if len(body) + len(chunk) > limit:
+            return None
+        body += chunk
+    return body
+
+
+def _consume(
+    pipeline: Pipeline, body: bytes | bytearray, content_type: str, gzipped: bool, limit: int
+) -> ExportResult:
+    """Inflate, parse and consume one export, on a worker thread: a 64 MiB body takes
+    long enough to stall every other request if the event loop did it."""
+    data = _gunzip(body, limit) if gzipped else body
+    parsed = parse_json(data) if content_type == _JSON else parse_protobuf(data)
     return pipeline.consume(parsed)
 
 
-def _gunzip(body: bytes, limit: int) -> bytes:
+class _BadGzip(ValueError):
+    """The body is not valid gzip (400)."""
+
+
+class _TooLarge(ValueError):
+    """The body inflates past the limit (413, not 400: it may be valid, just too big)."""
+
+
+def _gunzip(body: bytes | bytearray, limit: int) -> bytes:
     decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     try:
         out = decompressor.decompress(body, limit + 1)
     except (zlib.error, gzip.BadGzipFile) as exc:
-        raise ValueError(f"invalid gzip body: {exc}") from exc
+        raise _BadGzip(f"invalid gzip body: {exc}") from exc
     if len(out) > limit:
-        raise ValueError(f"gzip body inflates beyond {limit} bytes")
+        raise _TooLarge(f"gzip body inflates beyond {limit} bytes")
     if not decompressor.eof:
-        raise ValueError("invalid gzip body: truncated")
+        raise _BadGzip("invalid gzip body: truncated")
     return out

@@ -329,7 +329,10 @@ class Pipeline:
             wire = bytes(request)
             request = parse_protobuf(wire)
         digest = export_digest(wire if wire is not None else request.SerializeToString())
-        batch = decode_request(request)
+        # One clock reading for decoding and for the accepted copy the log keeps, so the
+        # spans logged are exactly the spans decoded.
+        now_ns = time.time_ns()
+        batch = decode_request(request, now_ns=now_ns)
         with self._counter_lock:
             self._received += len(batch) + batch.packed_tokens + batch.rejected_spans
             self._rejected += batch.rejected_spans
@@ -352,7 +355,7 @@ class Pipeline:
                 f"are waiting for ClickHouse (limit {self._wal.config.max_bytes}); retry later"
             )
         if batch.rejected_spans:
-            request = accepted_request(request)
+            request = accepted_request(request, now_ns=now_ns)
             wire = None
         if wire is None:
             wire = request.SerializeToString()
@@ -526,14 +529,15 @@ class Pipeline:
         batch, rows, requests = SpanBatch(), DerivedRows(), []
         for _digest, wire in exports:
             request = parse_protobuf(wire)
-            part = decode_request(request)
+            # The time bounds as they were when these spans were accepted: a replay a
+            # day later must not reject what was acknowledged.
+            part = decode_request(request, now_ns=written_ns)
             batch.extend(part)
             rows.extend(derive_rows(part))
             requests.append(request)
         record.batch, record.rows = batch, rows
         record.requests = requests if self._forward else None
         record.spans = len(batch) + batch.packed_tokens
-        del written_ns  # the accepted spans were checked when they were accepted
 
     def _on_stored(self, record: _Record) -> None:
         self._wal.commit(record.seq)

@@ -7,7 +7,12 @@ from typing import Any
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import (
+    AnyValue,
+    ArrayValue,
+    KeyValue,
+    KeyValueList,
+)
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 TRACE_ID = bytes.fromhex("0af7651916cd43dd8448eb211c80319c")
@@ -25,7 +30,23 @@ def any_value(value: Any) -> AnyValue:
         return AnyValue(bytes_value=value)
     if isinstance(value, list):
         return AnyValue(array_value=ArrayValue(values=[any_value(v) for v in value]))
+    if isinstance(value, dict):
+        return AnyValue(kvlist_value=KeyValueList(values=key_values(value)))
     return AnyValue(string_value=str(value))
+
+
+def fill_nested(target: AnyValue, levels: int, kind: str = "array") -> AnyValue:
+    """Make ``target`` a string inside arrays (``kind="array"``) or key-value lists
+    (``"kvlist"``), ``levels`` levels deep in all (a bare string is 1), and return it.
+    Built in place, never copied: copying parses, and the parser refuses deep nesting."""
+    value = target
+    for _ in range(levels - 1):
+        if kind == "array":
+            value = value.array_value.values.add()
+        else:
+            value = value.kvlist_value.values.add(key="k").value
+    value.string_value = "leaf"
+    return target
 
 
 def key_values(attrs: dict[str, Any]) -> list[KeyValue]:

@@ -98,7 +98,10 @@ def test_retry_after() -> None:
     assert retry_after_s(email.utils.formatdate(now - 5, usegmt=True), now_s=now) == 0.0
 
 
-def _span(span_id: int, name: str, *, start: int = 10, end: int = 20) -> Span:
+T0_NS = 1_700_000_000_000_000_000  # inside the accepted time window (2000 .. now + 24 h)
+
+
+def _span(span_id: int, name: str, *, start: int = T0_NS + 10, end: int = T0_NS + 20) -> Span:
     return Span(
         trace_id=bytes.fromhex("0af7651916cd43dd8448eb211c80319c"),
         span_id=span_id.to_bytes(8, "big"),
@@ -113,7 +116,9 @@ def test_accepted_request_strips_exactly_the_rejected_spans() -> None:
         resource_spans=[
             ResourceSpans(
                 scope_spans=[
-                    ScopeSpans(spans=[_span(1, "good"), _span(2, "bad", start=30, end=20)]),
+                    ScopeSpans(
+                        spans=[_span(1, "good"), _span(2, "bad", start=T0_NS + 30, end=T0_NS + 20)]
+                    ),
                     ScopeSpans(spans=[_span(0, "zero id")]),
                 ]
             ),
