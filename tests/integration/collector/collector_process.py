@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,3 +63,37 @@ def start_collector(
         err = proc.stderr.read() if proc.stderr is not None else "(see its stderr file)"
         pytest.fail(f"collector did not become ready: {line} {err}")
     return proc, json.loads((data_dir / "collector.json").read_text()), line[0]
+
+
+@dataclass
+class Running:
+    """A collector process started by :func:`running_collector`."""
+
+    proc: subprocess.Popen[str]
+    data_dir: Path
+    info: dict[str, Any]
+    ready: str  # the line it printed once listening
+
+    @property
+    def api(self) -> str:
+        return f"http://{self.info['http']}"
+
+    @property
+    def otlp_http(self) -> str:
+        return f"http://{self.info['otlp_http']}/v1/traces"
+
+    @property
+    def otlp_grpc(self) -> str:
+        return str(self.info["otlp_grpc"])
+
+
+@contextmanager
+def running_collector(data_dir: Path, *extra: str) -> Iterator[Running]:
+    """A collector for the block (a module fixture's lifetime); SIGTERM'd after it."""
+    proc, info, ready = start_collector(data_dir, *extra)
+    try:
+        yield Running(proc, data_dir, info, ready)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)

@@ -12,14 +12,13 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import pytest
-from collector_process import start_collector
+from collector_process import Running, running_collector
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -38,35 +37,17 @@ T0_NS = 1_700_000_000_000_000_123
 MS = 1_000_000
 
 
-@dataclass
-class Running:
-    proc: subprocess.Popen[str]
-    data_dir: Path
-    info: dict[str, Any]
-
-    @property
-    def api(self) -> str:
-        return f"http://{self.info['http']}"
-
-    @property
-    def otlp_http(self) -> str:
-        return f"http://{self.info['otlp_http']}/v1/traces"
-
-
 def _tokentrace(*args: str) -> list[str]:
     return [sys.executable, "-m", "tokentrace", *args]
 
 
 @pytest.fixture(scope="module")
 def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    data_dir = tmp_path_factory.mktemp("collector-data")
-    proc, info, ready = start_collector(data_dir)
-    assert f"otlp-grpc={info['otlp_grpc']}" in ready and f"http={info['http']}" in ready
-    assert info["pid"] == proc.pid
-    yield Running(proc, data_dir, info)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    with running_collector(tmp_path_factory.mktemp("collector-data")) as running:
+        info, ready = running.info, running.ready
+        assert f"otlp-grpc={info['otlp_grpc']}" in ready and f"http={info['http']}" in ready
+        assert info["pid"] == running.proc.pid
+        yield running
 
 
 def _api_query(running: Running, sql: str) -> list[dict[str, Any]]:

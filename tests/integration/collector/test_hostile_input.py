@@ -10,19 +10,15 @@ the last one checks a fresh export is still stored.
 from __future__ import annotations
 
 import gzip
-import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import pytest
-from collector_process import start_collector
+from collector_process import Running, running_collector
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from otlp_payloads import (
@@ -51,32 +47,10 @@ BIG_BYTES = 100 * MIB  # past the receivers' 64 MiB limit
 JSON = "application/json"
 
 
-@dataclass
-class Running:
-    proc: subprocess.Popen[str]
-    info: dict[str, Any]
-
-    @property
-    def api(self) -> str:
-        return f"http://{self.info['http']}"
-
-    @property
-    def otlp_http(self) -> str:
-        return f"http://{self.info['otlp_http']}/v1/traces"
-
-    @property
-    def otlp_grpc(self) -> str:
-        return str(self.info["otlp_grpc"])
-
-
 @pytest.fixture(scope="module")
 def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    data_dir: Path = tmp_path_factory.mktemp("hostile")
-    proc, info, _ = start_collector(data_dir)
-    yield Running(proc, info)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    with running_collector(tmp_path_factory.mktemp("hostile")) as running:
+        yield running
 
 
 # -- requests refused as a whole ---------------------------------------------------------

@@ -15,18 +15,15 @@ attributes expand to) under the example's fresh trace ids.
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import time
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from collector_process import start_collector
+from collector_process import Running, running_collector
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -61,20 +58,10 @@ T0_NS = 1_700_000_000_000_000_000
 MS = 1_000_000
 
 
-@dataclass
-class Running:
-    proc: subprocess.Popen[str]
-    info: dict[str, Any]
-
-
 @pytest.fixture(scope="module")
 def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    data_dir: Path = tmp_path_factory.mktemp("otlp-properties")
-    proc, info, _ = start_collector(data_dir)
-    yield Running(proc, info)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    with running_collector(tmp_path_factory.mktemp("otlp-properties")) as running:
+        yield running
 
 
 # -- what to draw ------------------------------------------------------------------------
