@@ -207,6 +207,7 @@ def test_asks_for_the_token_once_and_keeps_it(stack: LocalStack, browser: Browse
         assert page.evaluate("document.body.dataset.ready") == "false"
         page.fill("#token", TOKEN)
         page.click("#token-form button")
+        # Listening only now: the browser logs the 401 that made the page ask.
         o = Opened(page)
         o.wait_ready()
         assert page.locator("tr.slow-request").count() > 0
