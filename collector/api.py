@@ -1,5 +1,6 @@
-"""The collector's own HTTP API: ``GET /health``, read-only ``POST /query`` and the
-Jaeger-compatible query API (``/api/...``, ``/api/v3/...``; see :mod:`.jaeger`).
+"""The collector's own HTTP API: ``GET /health``, read-only ``POST /query``, the
+Jaeger-compatible query API (``/api/...``, ``/api/v3/...``; see :mod:`.jaeger`) and the
+latency page that reads them (``GET /ui``; see :mod:`.ui`).
 
 ``/query`` is how other processes read a chDB store this collector owns (chDB lets
 one process open a data path).
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse
 from .jaeger import jaeger_router
 from .sqlguard import QueryLimits, UnsafeQuery, guarded_query
 from .store import QueryResult, Store, StoreError
+from .ui import ui_router
 
 __all__ = ["ApiConfig", "create_api_app", "json_safe", "result_to_json"]
 
@@ -111,4 +113,6 @@ def create_api_app(
 
     # Jaeger's query API (v1 JSON and v3) for Grafana and the Jaeger UI.
     app.include_router(jaeger_router(store))
+    # The built-in latency page (GET /ui), which reads the two APIs above.
+    app.include_router(ui_router())
     return app

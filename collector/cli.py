@@ -1,4 +1,4 @@
-"""``tokentrace collector`` and ``tokentrace query``.
+"""``tokentrace collector``, ``query``, ``trace``, ``traces`` and ``ui``.
 
 Registration imports nothing heavy; each command imports what it needs when it runs.
 """
@@ -56,8 +56,9 @@ def register(subparsers: Any) -> None:
         "--http",
         default="127.0.0.1:4320",
         metavar="HOST:PORT",
-        help="collector API listen address: GET /health, POST /query, and Jaeger's query "
-        "API under /api/ (v1) and /api/v3/ (default: %(default)s)",
+        help="collector API listen address: GET /health, POST /query, Jaeger's query "
+        "API under /api/ (v1) and /api/v3/, and the latency page GET /ui "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--forward-otlp",
@@ -177,6 +178,27 @@ def register(subparsers: Any) -> None:
     _add_store_args(ts)
     _add_ca_arg(ts)
     ts.set_defaults(func=_run_traces)
+
+    u = subparsers.add_parser(
+        "ui",
+        help="print (or open) the URL of the running collector's latency page",
+        description=(
+            "Find the collector running on DATA_DIR (through DATA_DIR/collector.json) and "
+            "print the URL of its built-in latency page: TTFT and ITL percentiles per node "
+            "over time, an ITL heatmap per decode node, KV transfer bandwidth per source → "
+            "destination, the slowest requests and each one's clock-aligned waterfall. The "
+            "page reads only that collector's query and Jaeger APIs. If the collector "
+            "requires a bearer token, the page asks for it once and keeps it in the "
+            "browser's localStorage."
+        ),
+    )
+    u.add_argument("--data-dir", type=Path, default=None, metavar="DIR", help=_DATA_DIR_HELP)
+    u.add_argument(
+        "--open",
+        action="store_true",
+        help="also open the page in this machine's default web browser",
+    )
+    u.set_defaults(func=_run_ui)
 
 
 def _add_store_args(parser: argparse.ArgumentParser) -> None:
@@ -586,4 +608,32 @@ def _run_traces(args: argparse.Namespace) -> int:
     console.print(table)
     if rows:
         console.print(f"see one: tokentrace trace {rows[0]['trace_id']}")
+    return 0
+
+
+# -- tokentrace ui --------------------------------------------------------------------
+
+
+def _run_ui(args: argparse.Namespace) -> int:
+    from tokentrace.schemas.layout import collector_file
+
+    data_dir = _data_dir(args)
+    info = _running_collector(collector_file(data_dir))
+    if info is None:
+        print(
+            f"tokentrace ui: no collector is running on {data_dir} (no answering "
+            f"{collector_file(data_dir)}); start one with `tokentrace collector`",
+            file=sys.stderr,
+        )
+        return 1
+    url = f"{_api_url(info)}/ui/"
+    print(url, flush=True)
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            print(
+                "tokentrace ui: found no web browser to open; open the URL above", file=sys.stderr
+            )
+            return 1
     return 0

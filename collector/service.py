@@ -32,6 +32,7 @@ from .otlp_grpc import OtlpGrpcConfig, OtlpGrpcReceiver
 from .otlp_http import OtlpHttpConfig, create_otlp_http_app
 from .pipeline import Pipeline, PipelineConfig
 from .store import Store, StoreError, open_store
+from .ui import UI_PATHS
 from .wal import WalConfig, WriteAheadLog
 
 __all__ = ["Collector", "CollectorConfig", "parse_hostport", "write_collector_file"]
@@ -229,7 +230,10 @@ class Collector:
         api_app: Any = create_api_app(self.store, self.counters)
         otlp_http_app: Any = create_otlp_http_app(self.pipeline, cfg.otlp_http)
         if cfg.auth_token:
-            api_app = BearerAuthMiddleware(api_app, cfg.auth_token)
+            # The page's HTML and scripts hold no data; its API calls carry the token.
+            api_app = BearerAuthMiddleware(
+                api_app, cfg.auth_token, open_paths=("/health", *UI_PATHS)
+            )
             otlp_http_app = BearerAuthMiddleware(otlp_http_app, cfg.auth_token)
         api_port = self._http.serve("API", api_app, cfg.api.host, cfg.api.port, cfg.tls)
         self.api_address = _hostport(cfg.api.host, api_port)

@@ -69,3 +69,76 @@ def test_services_point_at_each_other(compose: dict[str, Any]) -> None:
         gpus += device["device_ids"]
     assert len(set(gpus)) == 2  # prefill and decode on different GPUs
     assert "vllm.general_plugins" in (ROOT / "pyproject.toml").read_text()
+
+
+GRAFANA = ROOT / "deploy/grafana"
+
+
+def _yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def _dashboard() -> dict[str, Any]:
+    return dict(json.loads((GRAFANA / "dashboards/tokentrace.json").read_text()))
+
+
+def test_grafana_gets_its_plugin_and_provisioning(compose: dict[str, Any]) -> None:
+    grafana = compose["services"]["grafana"]
+    assert "grafana-clickhouse-datasource" in grafana["environment"]["GF_INSTALL_PLUGINS"]
+    mounts = {}
+    for volume in grafana["volumes"]:
+        source, target, *_ = volume.split(":")
+        assert (ROOT / source).is_dir(), f"{source} is mounted but not in the repository"
+        mounts[target] = ROOT / source
+    provisioning = mounts["/etc/grafana/provisioning"]
+    (provider,) = _yaml(provisioning / "dashboards/tokentrace.yaml")["providers"]
+    # The provider loads the directory the dashboards are mounted at.
+    assert (mounts[provider["options"]["path"]] / "tokentrace.json").is_file()
+
+
+def test_grafana_data_sources_point_at_the_store_and_the_collector(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    collector = build_parser().parse_args(_tokentrace_services(compose)["collector"])
+    sources = {
+        s["uid"]: s
+        for s in _yaml(GRAFANA / "provisioning/datasources/tokentrace.yaml")["datasources"]
+    }
+    clickhouse = sources["tokentrace-clickhouse"]
+    assert clickhouse["type"] == "grafana-clickhouse-datasource"
+    dsn = urlparse(collector.clickhouse)
+    assert clickhouse["jsonData"]["host"] == dsn.hostname
+    assert clickhouse["jsonData"]["port"] == dsn.port
+    assert clickhouse["jsonData"]["protocol"] == dsn.scheme
+    assert clickhouse["jsonData"]["defaultDatabase"] == "tokentrace"
+    assert clickhouse["jsonData"]["host"] in services
+    jaeger = sources["tokentrace-jaeger"]
+    assert jaeger["type"] == "jaeger"
+    url = urlparse(jaeger["url"])
+    # The collector's own Jaeger API (its --http port), not the Jaeger container's.
+    assert url.hostname == "collector" and url.port == int(collector.http.rsplit(":", 1)[1])
+    assert url.path in ("", "/")
+    assert services["grafana"]["environment"]["TOKENTRACE_AUTH_TOKEN"].startswith(
+        "${TOKENTRACE_AUTH_TOKEN"
+    )
+    assert "$TOKENTRACE_AUTH_TOKEN" in jaeger["secureJsonData"]["httpHeaderValue1"]
+
+
+def test_every_panel_uses_a_provisioned_data_source() -> None:
+    sources = {
+        s["uid"]: s["type"]
+        for s in _yaml(GRAFANA / "provisioning/datasources/tokentrace.yaml")["datasources"]
+    }
+    dashboard = _dashboard()
+    used = [v["datasource"] for v in dashboard["templating"]["list"] if "datasource" in v]
+    for panel in dashboard["panels"]:
+        used.append(panel["datasource"])
+        used += [t["datasource"] for t in panel["targets"]]
+    for ref in used:
+        assert sources.get(ref["uid"]) == ref["type"], ref
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    # The views of the collector's page, each a panel.
+    types = {p["type"] for p in dashboard["panels"]}
+    assert {"timeseries", "heatmap", "barchart", "table", "traces"} <= types
