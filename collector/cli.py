@@ -56,8 +56,8 @@ def register(subparsers: Any) -> None:
         "--http",
         default="127.0.0.1:4320",
         metavar="HOST:PORT",
-        help="collector API listen address: GET /health, POST /query, and Jaeger's query "
-        "API under /api/ (v1) and /api/v3/ (default: %(default)s)",
+        help="collector API listen address: GET /health, GET /metrics (Prometheus), POST "
+        "/query, and Jaeger's query API under /api/ (v1) and /api/v3/ (default: %(default)s)",
     )
     p.add_argument(
         "--forward-otlp",
