@@ -54,6 +54,10 @@ GAUGES: dict[str, tuple[str, str]] = {
         "wal_max_bytes",
         "The disk budget for those bytes; past it exports are refused.",
     ),
+    "queued_exports": (
+        "queued_exports",
+        "Decoded exports waiting for the write-ahead log writer (a bounded queue).",
+    ),
     "store_lag_s": (
         "store_lag_seconds",
         "Age of the oldest write-ahead log record not yet in ClickHouse (0 when none).",

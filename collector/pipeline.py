@@ -306,10 +306,11 @@ class Pipeline:
         ``packed_decode_spans``, ``exports_deduplicated`` (exports sent again after
         being accepted, acknowledged without storing them twice), and the log's state:
         ``wal_pending_records``, ``wal_pending_bytes``, ``wal_max_bytes``,
-        ``wal_replayed_records`` (found at start), ``store_lag_s`` (how long the oldest
-        record not yet in ClickHouse has waited, 0 when none waits; a record found in
-        the log at start counts from the start), ``store_errors`` and ``store_ok`` (the
-        last insert worked; else ``store_error`` says what failed)."""
+        ``wal_replayed_records`` (found at start), ``queued_exports`` (decoded exports
+        waiting for the log writer, at most ``queue_exports``), ``store_lag_s`` (how
+        long the oldest record not yet in ClickHouse has waited, 0 when none waits; a
+        record found in the log at start counts from the start), ``store_errors`` and
+        ``store_ok`` (the last insert worked; else ``store_error`` says what failed)."""
         with self._counter_lock:
             out: dict[str, Any] = {
                 "spans_received": self._received,
@@ -330,6 +331,7 @@ class Pipeline:
         out["store_lag_s"] = 0.0 if oldest is None else max(0.0, time.monotonic() - oldest)
         out["wal_pending_bytes"] = self._wal.pending_bytes
         out["wal_max_bytes"] = self._wal.config.max_bytes
+        out["queued_exports"] = self._queue.qsize()
         if last_error:
             out["store_error"] = last_error
         return out
