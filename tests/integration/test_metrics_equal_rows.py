@@ -178,4 +178,5 @@ def test_collector_spans_stored_equals_otel_traces_rows(stack: LocalStack, run: 
     assert _total(samples, "tokentrace_collector_store_ok") == 1
     assert _total(samples, "tokentrace_collector_insert_duration_seconds_count") >= 1
     assert _total(samples, "tokentrace_collector_wal_pending_records") == 0
+    assert _total(samples, "tokentrace_collector_queued_exports") == 0
     assert _total(samples, "tokentrace_collector_store_lag_seconds") == 0
