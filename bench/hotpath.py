@@ -78,8 +78,9 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _worker_callback(recorder: TokenRecorder | None) -> OnTokens:
-    """The worker's ``on_tokens`` tracing part: record if there is a recorder (there
-    is none when tracing is off)."""
+    """The worker's ``on_tokens`` tracing part: record if there is a recorder (None:
+    the floor. The worker itself records with tracing off too, for its ITL histogram,
+    so there it pays the recorder's cost either way)."""
 
     def on_tokens(token_ids: list[int], step: int, batch_size: int) -> None:
         if recorder is not None:
@@ -89,7 +90,7 @@ def _worker_callback(recorder: TokenRecorder | None) -> OnTokens:
 
 
 def no_tracing(tokens: int) -> OnTokens:
-    """Tracing off: the same callback with nothing to record."""
+    """The floor: the same callback with nothing to record."""
     return _worker_callback(None)
 
 

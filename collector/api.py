@@ -1,6 +1,7 @@
-"""The collector's own HTTP API: ``GET /health``, read-only ``POST /query``, the
-Jaeger-compatible query API (``/api/...``, ``/api/v3/...``; see :mod:`.jaeger`) and the
-latency page that reads them (``GET /ui``; see :mod:`.ui`).
+"""The collector's own HTTP API: ``GET /health``, ``GET /metrics`` (Prometheus; see
+:mod:`.metrics`), read-only ``POST /query``, the Jaeger-compatible query API
+(``/api/...``, ``/api/v3/...``; see :mod:`.jaeger`) and the latency page that reads them
+(``GET /ui``; see :mod:`.ui`).
 
 ``/query`` is how other processes read a chDB store this collector owns (chDB lets
 one process open a data path).
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .jaeger import jaeger_router
 from .sqlguard import QueryLimits, UnsafeQuery, guarded_query
@@ -76,16 +78,27 @@ def result_to_json(result: QueryResult) -> dict[str, Any]:
 
 
 def create_api_app(
-    store: Store, counters: Callable[[], dict[str, Any]], limits: QueryLimits | None = None
+    store: Store,
+    counters: Callable[[], dict[str, Any]],
+    limits: QueryLimits | None = None,
+    metrics: CollectorRegistry | None = None,
 ) -> FastAPI:
     """The ASGI app; queries run on worker threads (the store serialises them).
-    ``/health`` answers ``{"status": "ok", **counters()}``. ``POST /query`` runs one read
-    statement, refused unless :mod:`.sqlguard` lets it through, under ``limits``."""
+    ``/health`` answers ``{"status": "ok", **counters()}``; ``/metrics`` serves
+    ``metrics`` (when given) in the Prometheus text format. ``POST /query`` runs one
+    read statement, refused unless :mod:`.sqlguard` lets it through, under ``limits``."""
     app = FastAPI(title="tokentrace collector", openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", **counters()}
+
+    if metrics is not None:
+        registry = metrics
+
+        @app.get("/metrics")
+        async def prometheus_metrics() -> Response:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/query")
     async def query(request: Request) -> JSONResponse:

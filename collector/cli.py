@@ -56,9 +56,9 @@ def register(subparsers: Any) -> None:
         "--http",
         default="127.0.0.1:4320",
         metavar="HOST:PORT",
-        help="collector API listen address: GET /health, POST /query, Jaeger's query "
-        "API under /api/ (v1) and /api/v3/, and the latency page GET /ui "
-        "(default: %(default)s)",
+        help="collector API listen address: GET /health, GET /metrics (Prometheus), POST "
+        "/query, Jaeger's query API under /api/ (v1) and /api/v3/, and the latency page "
+        "GET /ui (default: %(default)s)",
     )
     p.add_argument(
         "--forward-otlp",

@@ -38,6 +38,7 @@ from typing import Any
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
+from prometheus_client import Histogram
 
 from .decode import (
     SpanBatch,
@@ -134,6 +135,8 @@ class _Record:
     rows: DerivedRows | None
     requests: list[ExportTraceServiceRequest] | None
     futures: list[Future[None]]
+    # time.monotonic() when logged (for records found at start: the start), for the lag
+    logged_s: float = field(default_factory=time.monotonic)
 
 
 _STOP = object()
@@ -147,6 +150,10 @@ _DIGEST_BYTES = 16
 _RECENT_EXPORTS = 16_384
 # While backlogged, records beyond this many keep only their sequence number in memory.
 _IN_MEMORY_RECORDS = 64
+# One record's inserts into every table: a few ms embedded, up to seconds on a busy server.
+INSERT_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
 
 
 #: A next stage after storage: takes the stored request, must not block or raise.
@@ -231,6 +238,15 @@ class Pipeline:
         self._store_errors = 0
         self._replayed = 0
         self._last_store_error = ""
+        # Not registered anywhere: whoever serves metrics collects it (service.py).
+        self.insert_duration = Histogram(
+            "tokentrace_collector_insert_duration_seconds",
+            "Time to insert one write-ahead log record (one group commit) into every "
+            "ClickHouse table it has rows for (reading it back from the log first when "
+            "it was not kept in memory); successful inserts only.",
+            buckets=INSERT_BUCKETS_S,
+            registry=None,
+        )
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -290,8 +306,11 @@ class Pipeline:
         ``packed_decode_spans``, ``exports_deduplicated`` (exports sent again after
         being accepted, acknowledged without storing them twice), and the log's state:
         ``wal_pending_records``, ``wal_pending_bytes``, ``wal_max_bytes``,
-        ``wal_replayed_records`` (found at start), ``store_errors`` and ``store_ok`` (the
-        last insert worked; else ``store_error`` says what failed)."""
+        ``wal_replayed_records`` (found at start), ``queued_exports`` (decoded exports
+        waiting for the log writer, at most ``queue_exports``), ``store_lag_s`` (how
+        long the oldest record not yet in ClickHouse has waited, 0 when none waits; a
+        record found in the log at start counts from the start), ``store_errors`` and
+        ``store_ok`` (the last insert worked; else ``store_error`` says what failed)."""
         with self._counter_lock:
             out: dict[str, Any] = {
                 "spans_received": self._received,
@@ -308,8 +327,11 @@ class Pipeline:
         with self._records_cv:
             out["store_ok"] = not last_error
             out["wal_pending_records"] = len(self._records)
+            oldest = self._records[0].logged_s if self._records else None
+        out["store_lag_s"] = 0.0 if oldest is None else max(0.0, time.monotonic() - oldest)
         out["wal_pending_bytes"] = self._wal.pending_bytes
         out["wal_max_bytes"] = self._wal.config.max_bytes
+        out["queued_exports"] = self._queue.qsize()
         if last_error:
             out["store_error"] = last_error
         return out
@@ -485,6 +507,7 @@ class Pipeline:
                 if not self._records:
                     return
                 record = self._records[0]
+            started = time.perf_counter()
             try:
                 self._insert(record)
             except StoreError as exc:
@@ -499,6 +522,7 @@ class Pipeline:
                 _log.exception("inserting write-ahead log record %d failed", record.seq)
                 self._drop_bad_record(record, exc)
             else:
+                self.insert_duration.observe(time.perf_counter() - started)
                 self._on_stored(record)
             backoff_s = self.config.retry_backoff_ms / 1000.0
             with self._records_cv:

@@ -28,6 +28,7 @@ from tokentrace.schemas.tls import TlsConfig
 
 from .api import ApiConfig, create_api_app
 from .forward import ForwardConfig, OtlpForwarder
+from .metrics import collector_registry
 from .otlp_grpc import OtlpGrpcConfig, OtlpGrpcReceiver
 from .otlp_http import OtlpHttpConfig, create_otlp_http_app
 from .pipeline import Pipeline, PipelineConfig
@@ -227,7 +228,9 @@ class Collector:
         )
         self.pipeline.start()
         self._http = _AsgiServers()
-        api_app: Any = create_api_app(self.store, self.counters)
+        # /metrics reads the same counters as /health, at scrape time.
+        metrics = collector_registry(self.counters, (self.pipeline.insert_duration,))
+        api_app: Any = create_api_app(self.store, self.counters, metrics=metrics)
         otlp_http_app: Any = create_otlp_http_app(self.pipeline, cfg.otlp_http)
         if cfg.auth_token:
             # The page's HTML and scripts hold no data; its API calls carry the token.

@@ -1,8 +1,10 @@
 """What runs inside serving processes: tracer set-up, span conventions, the token
-recorder and W3C context propagation. Never imports the collector or serving."""
+recorder, W3C context propagation and the Prometheus metrics. Never imports the
+collector or serving."""
 
 from tokentrace.instrument.asgi import ArrivalStampMiddleware, arrival_s, wall_ns
 from tokentrace.instrument.export import ExporterCounts
+from tokentrace.instrument.metrics import ServingMetrics
 from tokentrace.instrument.propagation import TRACEPARENT, extract, inject
 from tokentrace.instrument.recorder import TokenRecorder
 from tokentrace.instrument.tracing import (
@@ -17,6 +19,7 @@ __all__ = [
     "ExporterCounts",
     "arrival_s",
     "TRACEPARENT",
+    "ServingMetrics",
     "TokenRecorder",
     "Tracing",
     "extract",

@@ -115,6 +115,12 @@ class TokenRecorder:
             return None
         return (self._times[0] - self.start_mono_ns) / 1e9
 
+    def gaps_s(self) -> list[float]:
+        """Seconds between consecutive emissions (none before the first): the
+        ``itl_s`` of this request's ``token_latencies`` rows, for the ITL histogram."""
+        times = self._times
+        return [(times[i] - times[i - 1]) / 1e9 for i in range(1, self._n)]
+
     def pack(self, span_start_ns: int) -> str:
         """The packed-token attribute value, times relative to ``span_start_ns`` (the
         wall-clock start of the ``llm.decode`` span that will carry it)."""

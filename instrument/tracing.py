@@ -2,8 +2,9 @@
 
 Without an endpoint (argument, ``TOKENTRACE_OTLP_ENDPOINT`` or
 ``OTEL_EXPORTER_OTLP_ENDPOINT``) tracing is a no-op: the tracer is OpenTelemetry's
-no-op tracer and the token recorder records nothing, so instrumented code costs
-nothing when off.
+no-op tracer and no span is built or exported, so instrumented code costs nothing
+when off. (A worker's token recorder still runs: its times feed the ITL histogram at
+``/metrics``.)
 """
 
 from __future__ import annotations

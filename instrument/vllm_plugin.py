@@ -18,6 +18,12 @@ workers). What it does there:
   (monotonic, the same clock across processes), recorded into the per-request token
   recorder; spans are built on the span thread after the request finishes.
 
+No Prometheus metrics: vLLM's own ``/metrics`` already has TTFT, ITL and the
+NixlConnector's transfer histograms, and the KV reads happen in vLLM's worker
+processes, whose registries the API server does not serve; tokentrace's ITL histogram
+could join vLLM's global registry in the API server (``_end_spans`` has the recorder),
+but only with a model label the hooked internals do not carry.
+
 Without an endpoint the plugin starts no thread and wraps nothing for tracing. It
 follows vLLM internals only where no public hook exists, checks that each target
 exists, and logs one warning (never raises) on a vLLM version it was not built for.

@@ -33,6 +33,7 @@ from starlette.background import BackgroundTask
 
 from tokentrace.instrument import (
     ArrivalStampMiddleware,
+    ServingMetrics,
     Tracing,
     arrival_s,
     extract,
@@ -46,6 +47,7 @@ from tokentrace.instrument.clock import (
     now_ns,
     parse_clock_header,
 )
+from tokentrace.instrument.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tokentrace.schemas import attributes as A
 from tokentrace.schemas.auth import BearerAuthMiddleware
 from tokentrace.schemas.tls import TlsConfig
@@ -317,19 +319,29 @@ class _RequestState:
     finish_reasons: list[str] = field(default_factory=list)
     status: int = 200
     error: str | None = None
+    model: str = ""  # as the client named it: the metrics' model label
+    metrics: ServingMetrics | None = None
 
     def finish(self) -> None:
-        """Set the end-of-request attributes and end the span. Call exactly once."""
+        """Set the end-of-request attributes, observe the request's metrics and end the
+        span. Call exactly once."""
         span = self.span
         now = time.monotonic()
         if self.input_tokens is not None:
             span.set_attribute(A.GEN_AI_USAGE_INPUT_TOKENS, self.input_tokens)
         if self.output_tokens is not None:
             span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, self.output_tokens)
+        ttft_s = None
         if self.error is None:
             first = self.first_content_s if self.stream else now
             if first is not None:
-                span.set_attribute(A.GEN_AI_SERVER_TTFT, first - self.arrival_s)
+                ttft_s = first - self.arrival_s
+                span.set_attribute(A.GEN_AI_SERVER_TTFT, ttft_s)
+        if self.metrics is not None:
+            # Before the span ends, so a request whose row is stored is always counted.
+            self.metrics.observe_request(
+                self.model, self.error is None, now - self.arrival_s, ttft_s, self.output_tokens
+            )
         if self.finish_reasons:
             span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, self.finish_reasons)
         span.set_attribute(A.HTTP_STATUS, self.status)
@@ -342,6 +354,7 @@ class _Router:
     def __init__(self, config: RouterConfig, tracing: Tracing) -> None:
         self.config = config
         self.tracing = tracing
+        self.metrics = ServingMetrics(tracing.node_id, "router")
         window = config.clock_window_s
         self.prefill = _Pool(
             "prefill",
@@ -578,7 +591,7 @@ class _Router:
         )
         span.set_attribute(A.GEN_AI_OPERATION_NAME, "chat" if chat else "text_completion")
         span.set_attribute(A.REQUEST_ID, request_id)
-        state = _RequestState(request_id, span, arrival, stream=False)
+        state = _RequestState(request_id, span, arrival, stream=False, metrics=self.metrics)
         reply_headers = {REQUEST_ID_HEADER: request_id}
         try:
             body = await self._parse(request)
@@ -588,6 +601,7 @@ class _Router:
             span.set_attribute(A.GEN_AI_REQUEST_MAX_TOKENS, parsed.max_tokens)
             if parsed.model is not None:
                 span.set_attribute(A.GEN_AI_REQUEST_MODEL, parsed.model)
+                state.model = parsed.model
             await self._check_model(parsed.model)
 
             worker_headers = {REQUEST_ID_HEADER: request_id}
@@ -823,6 +837,12 @@ def create_app(config: RouterConfig, tracing: Tracing | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return router.health()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format: TTFT, TPOT, e2e and requests by status (see
+        :mod:`tokentrace.instrument.metrics` for who observes what)."""
+        return Response(router.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     return app
 

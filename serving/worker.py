@@ -40,6 +40,7 @@ from opentelemetry.context import Context
 
 from tokentrace.instrument import (
     ArrivalStampMiddleware,
+    ServingMetrics,
     TokenRecorder,
     Tracing,
     arrival_s,
@@ -48,6 +49,7 @@ from tokentrace.instrument import (
     setup_tracing,
     wall_ns,
 )
+from tokentrace.instrument.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tokentrace.schemas import attributes as A
 from tokentrace.schemas.layout import default_data_dir, models_dir
 from tokentrace.serving import openai_protocol as oai
@@ -134,6 +136,10 @@ class Worker:
         self.tokenizer = ByteTokenizer()
         self.pool = BlockPool(self.model_config, config.num_blocks)
         self.engine = Engine(self.model, self.pool)
+        self.metrics = ServingMetrics(self.node_id, config.role)
+        self.metrics.track_engine(
+            config.model, lambda: self.engine.num_waiting, lambda: self.engine.num_running
+        )
         self.kv = NixlKVEndpoint(f"{self.node_id}-{uuid.uuid4().hex[:8]}", self.pool.tensor)
         self._lock = threading.Lock()
         self._pinned: dict[str, _Pinned] = {}
@@ -400,6 +406,10 @@ class Worker:
         if error is not None:
             span.record_exception(error)
             span.set_status(trace.StatusCode.ERROR, str(error))
+        # Before the span ends, so a transfer whose row is stored is always counted.
+        self.metrics.observe_kv_transfer(
+            self.config.model, error is None, (end_ns - start_ns) / 1e9, int(attrs[A.KV_BYTES])
+        )
         span.end(end_time=end_ns)
         if error is not None:
             raise error
@@ -448,7 +458,8 @@ class Worker:
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[int] | _Finish] = asyncio.Queue()
-        recorder = TokenRecorder(parsed.max_tokens) if self.tracing.enabled else None
+        # The ITL histogram needs the emission times even when tracing is off.
+        recorder = TokenRecorder(parsed.max_tokens)
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
 
         def on_tokens(token_ids: list[int], step: int, batch_size: int) -> None:
@@ -483,7 +494,9 @@ class Worker:
         out = _Output()
 
         def finish_spans(end_ns: int) -> None:
-            if recorder is not None:
+            # Before the spans end, so an emission whose row is stored is always counted.
+            self.metrics.observe_emissions(self.config.model, recorder)
+            if self.tracing.enabled:
                 recorder.emit(self.tracing.tracer, span, self.tracing.packed)
                 first = recorder.first_emission_s()
                 if first is not None:
@@ -601,6 +614,12 @@ def create_app(config: WorkerConfig) -> FastAPI:
             "pinned_transfers": len(worker._pinned),
             "exporter": counts.to_dict() if counts is not None else None,
         }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format: ITL, KV transfers read here, queue depth and running
+        batch size (see :mod:`tokentrace.instrument.metrics` for who observes what)."""
+        return Response(worker.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

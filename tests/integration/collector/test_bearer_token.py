@@ -1,6 +1,6 @@
 """``--auth-token``: a real collector and a real router refuse requests without the
-bearer token on every endpoint but /health, and the project's own clients send it from
-``TOKENTRACE_AUTH_TOKEN``."""
+bearer token on every endpoint but /health (/metrics included), and the project's own
+clients send it from ``TOKENTRACE_AUTH_TOKEN``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from collector_process import start_collector
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from tokentrace.serving.procs import free_ports
 
@@ -35,6 +36,7 @@ def test_collector_requires_the_token_everywhere_but_health(tmp_path: Path) -> N
         assert httpx.get(f"{api}/health", timeout=10).status_code == 200
         for method, url in (
             ("POST", f"{api}/query"),
+            ("GET", f"{api}/metrics"),
             ("GET", f"{api}/api/services"),
             ("GET", f"{api}/api/v3/services"),
             ("POST", f"http://{info['otlp_http']}/v1/traces"),
@@ -45,6 +47,8 @@ def test_collector_requires_the_token_everywhere_but_health(tmp_path: Path) -> N
             f"{api}/query", json={"sql": "SELECT 1 AS x"}, headers=good, timeout=10
         ).json()["rows"] == [[1]]
         assert httpx.get(f"{api}/api/services", headers=good, timeout=10).status_code == 200
+        metrics = httpx.get(f"{api}/metrics", headers=good, timeout=10)
+        assert "tokentrace_collector_spans_stored_total" in metrics.text, metrics.text
 
         empty = ExportTraceServiceRequest().SerializeToString()
         with grpc.insecure_channel(info["otlp_grpc"]) as channel:
@@ -108,6 +112,24 @@ def test_router_requires_the_token_from_clients(tmp_path: Path) -> None:
             timeout=30,
         )
         assert let_in.status_code != 401  # past the check: no worker is there to answer
+        assert httpx.get(f"{url}/metrics", timeout=10).status_code == 401
+        # Only the request let in reached the router's handler (and failed there). It is
+        # counted when its span ends, just after its response: wait for that.
+        deadline = time.monotonic() + 10
+        while True:
+            metrics = httpx.get(
+                f"{url}/metrics", headers={"authorization": f"Bearer {TOKEN}"}, timeout=10
+            ).text
+            requests = {
+                s.labels["status"]: s.value
+                for f in text_string_to_metric_families(metrics)
+                for s in f.samples
+                if s.name == "tokentrace_requests_total"
+            }
+            if requests or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert requests == {"error": 1}, metrics
     finally:
         router.send_signal(signal.SIGTERM)
         router.wait(timeout=30)

@@ -33,6 +33,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+from prometheus_client.parser import text_string_to_metric_families
 
 from tokentrace.schemas import attributes as A
 
@@ -355,6 +356,13 @@ def test_a_clickhouse_server_down_from_the_start_costs_nothing(
     health = first.wait_for("an insert attempt failed", lambda h: h["store_errors"] > 0)
     assert not health["store_ok"] and f"127.0.0.1:{dead_port}" in health["store_error"]
     assert health["wal_pending_records"] > 0 and health["spans_stored"] == 0
+    # /metrics tells the same story, and how long the oldest unstored record has waited.
+    text = httpx.get(f"{first.api}/metrics", timeout=10).text
+    scraped = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert scraped["tokentrace_collector_wal_pending_records"] == health["wal_pending_records"]
+    assert scraped["tokentrace_collector_spans_stored_total"] == 0
+    assert scraped["tokentrace_collector_store_ok"] == 0
+    assert scraped["tokentrace_collector_store_lag_seconds"] > 0
     response = httpx.post(f"{first.api}/query", json={"sql": "SELECT 1"}, timeout=10)
     assert response.status_code == 503 and dsn in response.json()["error"]
     first.stop()  # waits for ClickHouse a while, then leaves the spans in the log

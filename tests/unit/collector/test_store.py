@@ -166,6 +166,11 @@ def test_pipeline_stores_spans_and_derived_rows(store: Store, wal: WriteAheadLog
     }
     assert counters["wal_pending_records"] == counters["wal_pending_bytes"] == 0
     assert counters["store_ok"] and counters["spans_lost"] == 0
+    assert counters["store_lag_s"] == 0.0 and counters["queued_exports"] == 0  # nothing waits
+    inserts = {s.name: s.value for s in pipeline.insert_duration.collect()[0].samples}
+    # One observation per group commit: the 8 concurrent exports took 1 to 8 of them.
+    assert 1 <= inserts["tokentrace_collector_insert_duration_seconds_count"] <= 8
+    assert inserts["tokentrace_collector_insert_duration_seconds_sum"] > 0
     with pytest.raises(PipelineUnavailable):
         pipeline.consume(request({}, [span("x", 1, T0_NS, T0_NS)]))
 
