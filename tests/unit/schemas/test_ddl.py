@@ -125,3 +125,84 @@ def test_ddl_upgrades_a_store_created_before_clock_columns(tmp_path: Path) -> No
         client.command(statement)
     (row,) = client.query("SELECT * FROM tokentrace.requests").named_results()
     assert row["request_id"] == "r0" and row["kv_handoff_s"] is None
+
+
+def test_a_store_made_before_step_prefill_counts_is_upgraded(tmp_path: Path) -> None:
+    """The first release's DDL, then today's: ``token_latencies`` gains
+    ``step_prefill_tokens`` (NULL in old rows), and packed emissions are expanded by the
+    new views exactly once (the old views are gone, not running beside them)."""
+    import subprocess
+    import types
+
+    import clickhouse_connect
+
+    old_source = subprocess.run(
+        ["git", "show", "4e2092c:schemas/ddl.py"],
+        cwd=Path(__file__).resolve().parents[3],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    old = types.ModuleType("old_ddl")
+    exec(compile(old_source, "old_ddl.py", "exec"), old.__dict__)
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'ch'}")
+    for statement in old.ddl_statements():
+        client.command(statement)
+    client.insert(
+        "tokentrace.token_latencies",
+        [[1_700_000_000_000_000_000, "old", "decode-0", 0, None, 1, 3]],
+        column_names=["ts", "trace_id", "node", "token_index", "itl_s", "tokens", "batch_size"],
+    )
+    for statement in ddl_statements():
+        client.command(statement)
+    views = {r[0] for r in client.query("SHOW TABLES FROM tokentrace LIKE '%_mv'").result_rows}
+    assert views == {
+        "otel_traces_trace_id_ts_mv",
+        "packed_tokens_spans_v2_mv",
+        "packed_tokens_rows_v2_mv",
+    }
+    client.insert(
+        "tokentrace.packed_tokens",
+        [
+            [
+                "new",
+                "00000000000000aa",
+                1_700_000_000_000_000_000,
+                "svc",
+                {},
+                "",
+                "",
+                "both-0",
+                [0, 10, 20],
+                [5, 6],
+                [1, 1],
+                [2, 2],
+                [64, 0],
+            ]
+        ],
+        column_names=[
+            "TraceId",
+            "DecodeSpanId",
+            "start_ns",
+            "ServiceName",
+            "ResourceAttributes",
+            "ScopeName",
+            "ScopeVersion",
+            "node",
+            "times",
+            "steps",
+            "counts",
+            "batch_sizes",
+            "prefill_tokens",
+        ],
+    )
+    rows = client.query(
+        "SELECT trace_id, token_index, step_prefill_tokens FROM tokentrace.token_latencies "
+        "ORDER BY trace_id, token_index"
+    ).result_rows
+    assert rows == [("new", 0, 64), ("new", 1, 0), ("old", 0, None)]
+    spans = client.query(
+        "SELECT SpanAttributes['tokentrace.step.prefill_tokens'] FROM tokentrace.otel_traces "
+        "WHERE TraceId = 'new' ORDER BY Timestamp"
+    ).result_rows
+    assert spans == [("64",), ("0",)]
