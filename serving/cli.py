@@ -62,16 +62,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     worker = sub.add_parser(
         "worker",
-        help="run a prefill or decode worker (OpenAI-compatible, vLLM's P/D protocol)",
+        help="run a prefill, decode or both worker (OpenAI-compatible, vLLM's P/D protocol)",
         description=(
             "A worker serving vLLM's OpenAI-compatible API over the reference engine. A prefill "
             "worker computes prompts' KV caches and keeps them for decode workers to read "
-            "through NIXL; a decode worker reads them and decodes with continuous batching."
+            "through NIXL; a decode worker reads them and decodes with continuous batching. "
+            "A both worker (an aggregated deployment: tokentrace router --worker URL) does "
+            "both in one engine, prefilling a new prompt inside an engine step shared with "
+            "the running decodes."
         ),
     )
-    worker.add_argument("--role", required=True, choices=["prefill", "decode"])
+    worker.add_argument(
+        "--role",
+        required=True,
+        choices=["prefill", "decode", "both"],
+        help="prefill, decode, or both in one engine (aggregated)",
+    )
     worker.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    worker.add_argument("--port", type=int, default=None, help="port (prefill 8100, decode 8200)")
+    worker.add_argument(
+        "--port", type=int, default=None, help="port (prefill 8100, decode and both 8200)"
+    )
     worker.add_argument("--node-id", default=None, help="node identity (default: host name)")
     worker.add_argument("--otlp-endpoint", default=None, help=OTLP_HELP)
     worker.add_argument("--data-dir", type=Path, default=None, help=DATA_DIR_HELP)
