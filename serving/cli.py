@@ -30,17 +30,37 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Start a collector (embedded ClickHouse), a router, prefill and decode workers as "
             "separate processes, drive streaming requests through the router, then print "
-            "per-node TTFT, prefill, KV transfer and ITL tables read back from ClickHouse."
+            "per-node TTFT, prefill, KV transfer and ITL tables read back from ClickHouse. "
+            "--mode aggregated runs workers doing both instead; --mode both runs the same "
+            "workload against both deployments and prints them side by side."
         ),
     )
     demo.add_argument("--requests", type=int, default=32, help="requests to send (default 32)")
     demo.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    demo.add_argument(
+        "--mode",
+        choices=["disaggregated", "aggregated", "both"],
+        default="disaggregated",
+        help="disaggregated: prefill and decode workers behind the P/D router (default); "
+        "aggregated: as many workers each doing both (--role both); both: the two "
+        "deployments side by side, the same seeded workload against each, one comparison "
+        "table",
+    )
     demo.add_argument("--prefill-workers", type=int, default=1, help="prefill workers (default 1)")
     demo.add_argument(
         "--decode-workers",
         type=int,
         default=None,
-        help="decode workers (default 2; 1 with --engine vllm)",
+        help="decode workers (default 2; 1 with --engine vllm or --mode both); an "
+        "aggregated deployment gets prefill + decode workers doing both",
+    )
+    demo.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        metavar="RPS",
+        help="start requests at seeded Poisson arrivals of this rate, at most --concurrency "
+        "in flight (default: as soon as a slot is free; 4/s with --mode both)",
     )
     demo.add_argument(
         "--engine",
@@ -105,22 +125,31 @@ def register(sub: argparse._SubParsersAction) -> None:
             "An OpenAI-compatible router that sends each request to a prefill worker "
             "(max_tokens 1, kv_transfer_params.do_remote_decode) and then to a decode worker "
             "with the kv_transfer_params prefill returned, like vLLM's disaggregated proxy. "
-            "Workers are picked by least outstanding requests."
+            "With --worker instead (an aggregated deployment), it sends each whole request "
+            "to one worker that does both. Workers are picked by least outstanding requests."
         ),
     )
     router.add_argument(
         "--prefill",
         action="append",
-        required=True,
+        default=[],
         metavar="URL",
-        help="prefill worker URL (repeatable)",
+        help="prefill worker URL (repeatable; with --decode)",
     )
     router.add_argument(
         "--decode",
         action="append",
-        required=True,
+        default=[],
         metavar="URL",
-        help="decode worker URL (repeatable)",
+        help="decode worker URL (repeatable; with --prefill)",
+    )
+    router.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="URL of a worker doing both prefill and decode (repeatable; instead of "
+        "--prefill/--decode: an aggregated deployment)",
     )
     router.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     router.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -207,6 +236,7 @@ def _router(args: argparse.Namespace) -> int:
         config = router.RouterConfig(
             prefill_urls=tuple(args.prefill),
             decode_urls=tuple(args.decode),
+            worker_urls=tuple(args.worker),
             host=args.host,
             port=args.port,
             node_id=args.node_id,
