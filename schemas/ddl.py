@@ -150,8 +150,11 @@ SELECT
     kv_bytes, status,
     (p_start - p_sent) / 1e9 - ifNull(p_off, 0) AS prefill_dispatch_s,
     (d_start - d_sent) / 1e9 - ifNull(d_off, 0) AS decode_dispatch_s,
-    (d_start - p_end) / 1e9 - (ifNull(d_off, 0) - ifNull(p_off, 0)) AS prefill_to_decode_s,
-    (kv_first - p_end) / 1e9 - (ifNull(d_off, 0) - ifNull(p_off, 0)) AS kv_handoff_s,
+    -- A worker that prefilled and decoded the request itself hands nothing over.
+    if(prefill_node = decode_node, NULL,
+        (d_start - p_end) / 1e9 - (ifNull(d_off, 0) - ifNull(p_off, 0))) AS prefill_to_decode_s,
+    if(prefill_node = decode_node, NULL,
+        (kv_first - p_end) / 1e9 - (ifNull(d_off, 0) - ifNull(p_off, 0))) AS kv_handoff_s,
     p_off AS prefill_clock_offset_s,
     d_off AS decode_clock_offset_s
 FROM (
