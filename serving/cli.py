@@ -36,7 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     demo.add_argument("--requests", type=int, default=32, help="requests to send (default 32)")
-    demo.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    demo.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="requests in flight at most (default 4; 16 with --mode both)",
+    )
     demo.add_argument(
         "--mode",
         choices=["disaggregated", "aggregated", "both"],
@@ -60,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="RPS",
         help="start requests at seeded Poisson arrivals of this rate, at most --concurrency "
-        "in flight (default: as soon as a slot is free; 4/s with --mode both)",
+        "in flight (default: as soon as a slot is free; 10/s with --mode both)",
     )
     demo.add_argument(
         "--engine",

@@ -241,7 +241,11 @@ def print_report(stack: LocalStack, since_epoch_s: float, console: Console) -> N
 MODES = ("disaggregated", "aggregated", "both")
 # --mode both paces the workload (seeded Poisson arrivals) unless --request-rate says
 # otherwise: a closed loop would let each deployment's speed change its own arrivals.
-BOTH_DEFAULT_REQUEST_RATE = 4.0
+# At 10/s the two workers of either deployment overlap requests on this small CPU
+# model, so steps with prefill work happen; the concurrency cap only guards.
+BOTH_DEFAULT_REQUEST_RATE = 10.0
+BOTH_DEFAULT_CONCURRENCY = 16
+DEFAULT_CONCURRENCY = 4
 
 
 def run_from_args(args: argparse.Namespace, data_dir: Path) -> int:
@@ -251,9 +255,12 @@ def run_from_args(args: argparse.Namespace, data_dir: Path) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     mode = getattr(args, "mode", "disaggregated")
     rate = getattr(args, "request_rate", None)
+    concurrency = args.concurrency or (
+        BOTH_DEFAULT_CONCURRENCY if mode == "both" else DEFAULT_CONCURRENCY
+    )
     for name, value in (
         ("--requests", args.requests),
-        ("--concurrency", args.concurrency),
+        ("--concurrency", concurrency),
         ("--input-len", args.input_len),
         ("--output-len", args.output_len),
         ("--prefill-workers", args.prefill_workers),
@@ -305,7 +312,7 @@ def run_from_args(args: argparse.Namespace, data_dir: Path) -> int:
         console.print(
             f"sending {args.requests} streaming requests ({args.input_len} prompt "
             f"{'characters' if engine == 'vllm' else 'tokens'}, "
-            f"{args.output_len} output tokens, {pacing}{args.concurrency} in flight)"
+            f"{args.output_len} output tokens, {pacing}{concurrency} in flight)"
             f"{' to each deployment' if mode == 'both' else ''}…"
         )
         since = time.time() - 1.0
@@ -317,7 +324,7 @@ def run_from_args(args: argparse.Namespace, data_dir: Path) -> int:
                 run_load(
                     url,
                     args.requests,
-                    args.concurrency,
+                    concurrency,
                     args.input_len,
                     args.output_len,
                     progress=True,
