@@ -131,6 +131,8 @@ WITH gaps AS (
 )
 SELECT router_node, count() AS gaps, any(p.itl) AS itl, avg(batch_size) AS batch,
     countIf(prefill_tokens > 0) AS on_prefill,
+    avgIf(itl_s, prefill_tokens > 0) AS itl_prefill_mean,
+    avgIf(itl_s, prefill_tokens = 0) AS itl_decode_mean,
     countIf(itl_s > p.itl[2]) AS tail,
     countIf(itl_s > p.itl[2] AND prefill_tokens > 0) AS tail_on_prefill
 FROM gaps
@@ -160,6 +162,11 @@ def _comparison_rows(numbers: dict[str, Any]) -> list[tuple[str, str]]:
         values = numbers.get(key)
         return "—" if not values else f"{values[i] * 1000:.2f}"
 
+    def mean(key: str) -> str:
+        value = numbers.get(key)
+        # avgIf over no rows is nan in ClickHouse (null through JSON): no such step.
+        return "—" if value is None or value != value else f"{value * 1000:.2f}"
+
     def share(part: str, whole: str) -> str:
         n, d = numbers.get(part), numbers.get(whole)
         return "—" if not d else f"{100 * (n or 0) / d:.0f}% ({n}/{d})"
@@ -173,6 +180,10 @@ def _comparison_rows(numbers: dict[str, Any]) -> list[tuple[str, str]]:
         ("output throughput tok/s", "—" if not wall_s else f"{(tokens or 0) / wall_s:.1f}"),
         ("mean batch size", "—" if numbers.get("batch") is None else f"{numbers['batch']:.2f}"),
         ("ITL gaps on steps with prefill", share("on_prefill", "gaps")),
+        (
+            "ITL mean ms, steps with / without prefill",
+            f"{mean('itl_prefill_mean')} / {mean('itl_decode_mean')}",
+        ),
         ("ITL tail (> p90) on steps with prefill", share("tail_on_prefill", "tail")),
     ]
     return rows

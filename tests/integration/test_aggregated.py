@@ -279,6 +279,11 @@ def test_comparison_numbers_equal_numpy_over_the_raw_rows(
         assert numbers["tail"] == len(tail)
         assert numbers["tail_on_prefill"] == sum(1 for r in tail if r["step_prefill_tokens"])
         assert numbers["on_prefill"] == sum(1 for r in gaps if r["step_prefill_tokens"])
+        with_prefill = [r["itl_s"] for r in gaps if r["step_prefill_tokens"]]
+        without = [r["itl_s"] for r in gaps if not r["step_prefill_tokens"]]
+        assert numbers["itl_decode_mean"] == pytest.approx(np.mean(without))
+        if with_prefill:
+            assert numbers["itl_prefill_mean"] == pytest.approx(np.mean(with_prefill))
         end = max(r["t0"] + r["e2e_s"] * 1e9 for r in requests)
         wall_s = (end - min(r["t0"] for r in requests)) / 1e9
         assert numbers["wall_s"] == pytest.approx(wall_s)
