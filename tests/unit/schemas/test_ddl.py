@@ -96,6 +96,29 @@ def test_requests_view_puts_cross_node_intervals_on_the_router_clock(tmp_path: P
     assert (row["prefill_clock_offset_s"], row["decode_clock_offset_s"]) == (-0.05, 0.08)
 
 
+def test_requests_view_has_no_handoff_when_one_worker_did_both(tmp_path: Path) -> None:
+    """An aggregated request: its worker's llm.prefill span ends after its llm.decode
+    span starts, and nothing crossed nodes, so the handoff intervals are NULL rather than
+    negative; the router's dispatch to the worker is still measured."""
+    import clickhouse_connect
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'ch'}")
+    for statement in ddl_statements():
+        client.command(statement)
+    ms, t0, n = 1_000_000, 1_700_000_000_000_000_000, None
+    cols = ["trace_id", "request_id", "prefill_node", "decode_node", "decode_sent"]
+    cols += ["decode_start", "prefill_start", "prefill_end"]
+    parts = [
+        ["t1", "r1", "both-0", "both-0", t0, n, n, n],
+        ["t1", n, n, "both-0", n, t0 + 1 * ms, n, n],
+        ["t1", n, "both-0", n, n, n, t0 + 1 * ms, t0 + 9 * ms],
+    ]
+    client.insert("tokentrace.request_parts", parts, column_names=cols)
+    (row,) = client.query("SELECT * FROM tokentrace.requests").named_results()
+    assert row["prefill_to_decode_s"] is None and row["kv_handoff_s"] is None
+    assert row["decode_dispatch_s"] == pytest.approx(0.001)
+
+
 def test_ddl_upgrades_a_store_created_before_clock_columns(tmp_path: Path) -> None:
     import clickhouse_connect
 
