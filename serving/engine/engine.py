@@ -10,9 +10,9 @@ contributing one token at its own position. Requests join and leave between step
 
 A request submitted with ``prefill_in_step`` (a worker doing both prefill and decode)
 brings no blocks: the decode loop prefills its prompt inside an engine step, together
-with that step's decode batch, which the request then joins at once — what vLLM's
-scheduler does with chunked prefill and what the seed article calls piggy-backed
-prefill. Every request decoding in that step waits for the prefill too: that cost is
+with that step's decode batch, which the request then joins at once — as vLLM's
+scheduler mixes prefill chunks into decode steps, and what the seed article calls
+piggy-backed prefill. Every request decoding in that step waits for the prefill too: that cost is
 what ``on_tokens`` reports as the step's ``prefill_tokens``. Prompts are prefilled
 whole (not chunked), in the same forward pass ``prefill`` runs, so the KV and the greedy
 output are those of the disaggregated path. On this CPU engine the prefill pass and the
@@ -144,10 +144,10 @@ class Engine:
     the growth still owed to running requests (or when nothing runs). A step prefills
     admitted ``prefill_in_step`` prompts in admission order while their tokens fit in
     ``max_prefill_tokens_per_step`` (always at least one); the rest wait for the next
-    step. Blocks are still
-    allocated lazily; if another pool user took them meanwhile, the request that cannot
-    grow fails with ``OutOfBlocksError`` (finish reason ``error``). ``eos_id`` defaults to
-    the last vocabulary id, which is ``ByteTokenizer.eos_id`` for the default config.
+    step. Blocks are still allocated lazily; if another pool user took them meanwhile,
+    the request that cannot grow fails with ``OutOfBlocksError`` (finish reason
+    ``error``). ``eos_id`` defaults to the last vocabulary id, which is
+    ``ByteTokenizer.eos_id`` for the default config.
     """
 
     def __init__(
