@@ -497,8 +497,6 @@ class Worker:
         out = _Output()
 
         def finish_spans(end_ns: int) -> None:
-            if prefilled:
-                self._in_step_prefill_span(ctx, attrs, arrival, *prefilled[0])
             if recorder is not None:
                 recorder.emit(self.tracing.tracer, span, self.tracing.packed)
                 first = recorder.first_emission_s()
@@ -506,6 +504,8 @@ class Worker:
                     span.set_attribute(
                         A.GEN_AI_SERVER_TTFT, recorder.start_mono_ns / 1e9 - arrival + first
                     )
+            if prefilled:
+                self._in_step_prefill_span(ctx, attrs, arrival, *prefilled[0])
             span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, out.tokens)
             span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, [out.reason or "abort"])
             if out.error is not None:
