@@ -1,7 +1,8 @@
 """Aggregated serving end to end: a worker with ``--role both`` behind a router with
 ``--worker``, beside a disaggregated pair (one prefill, one decode worker) on the same
-collector, all real processes on loopback. Token emissions go packed (the default),
-so ClickHouse's expansion of packed version 2 is what is checked.
+collector, all real processes on loopback. Once with token emissions packed (the
+default: ClickHouse expands packed version 2) and once as one span each (the collector
+derives the rows): every test here holds in both.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ LONG_PROMPT = "the first request decodes while the second is prefilled " * 2
 SHORT_PROMPT = "prefilled inside a running request's step"
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+@pytest.fixture(scope="module", params=["packed", "spans"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
     s = LocalStack(
-        tmp_path_factory.mktemp("aggregated"),
+        tmp_path_factory.mktemp(f"aggregated-{request.param}"),
         prefill_workers=1,
         decode_workers=1,
         both_workers=1,
+        token_spans=request.param,
     )
     s.start()
     try:
