@@ -177,6 +177,11 @@ def test_a_store_made_before_step_prefill_counts_is_upgraded(tmp_path: Path) -> 
         first_release.append(statement.replace("_v2_mv", "_mv"))
     for statement in first_release:
         client.command(statement)
+    views = {r[0] for r in client.query("SHOW TABLES FROM tokentrace LIKE '%_mv'").result_rows}
+    old_views = {"packed_tokens_spans_mv", "packed_tokens_rows_mv"}
+    assert views == {"otel_traces_trace_id_ts_mv", *old_views}
+    columns = client.query("DESCRIBE TABLE tokentrace.token_latencies").result_rows
+    assert "step_prefill_tokens" not in {c[0] for c in columns}
     client.insert(
         "tokentrace.token_latencies",
         [[1_700_000_000_000_000_000, "old", "decode-0", 0, None, 1, 3]],
