@@ -94,12 +94,12 @@ def _check(args: argparse.Namespace) -> None:
 # -- the simulated decode process (runs in the child) ---------------------------------
 
 
-def _on_tokens(recorder: TokenRecorder | None) -> Callable[[list[int], int, int], None]:
+def _on_tokens(recorder: TokenRecorder | None) -> Callable[[list[int], int, int, int], None]:
     """The worker's engine-thread callback (minus handing text to the event loop)."""
 
-    def on_tokens(token_ids: list[int], step: int, batch_size: int) -> None:
+    def on_tokens(token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
         if recorder is not None:
-            recorder.record(len(token_ids), step, batch_size)
+            recorder.record(len(token_ids), step, batch_size, prefill)
 
     return on_tokens
 
@@ -121,7 +121,7 @@ def _one_request(tracing: Tracing, index: int, tokens: int, first_step: int) -> 
         recorder.start()
     token_ids = [0]
     for step in range(first_step, first_step + tokens):
-        on_tokens(token_ids, step, BATCH_SIZE)
+        on_tokens(token_ids, step, BATCH_SIZE, 0)
     tracing.defer(
         functools.partial(
             finish_decode_span, tracing, span, recorder, tokens, "length", time.time_ns()

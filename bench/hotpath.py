@@ -38,7 +38,7 @@ TARGET_NS = 1000.0
 TARGET_RATIO = 20.0
 BATCH_SIZE = 8  # reported with every emission; its value does not change the cost
 
-OnTokens = Callable[[list[int], int, int], None]
+OnTokens = Callable[[list[int], int, int, int], None]
 CallbackFactory = Callable[[int], OnTokens]  # tokens per request → a fresh callback
 
 
@@ -82,9 +82,9 @@ def _worker_callback(recorder: TokenRecorder | None) -> OnTokens:
     the floor. The worker itself records with tracing off too, for its ITL histogram,
     so there it pays the recorder's cost either way)."""
 
-    def on_tokens(token_ids: list[int], step: int, batch_size: int) -> None:
+    def on_tokens(token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
         if recorder is not None:
-            recorder.record(len(token_ids), step, batch_size)
+            recorder.record(len(token_ids), step, batch_size, prefill)
 
     return on_tokens
 
@@ -109,7 +109,7 @@ def sdk_span_factory(tracer: trace.Tracer) -> CallbackFactory:
         parent = trace.set_span_in_context(tracer.start_span(A.SPAN_DECODE))
         index = 0
 
-        def on_tokens(token_ids: list[int], step: int, batch_size: int) -> None:
+        def on_tokens(token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
             nonlocal index
             span = tracer.start_span(
                 A.SPAN_TOKEN,
@@ -120,6 +120,7 @@ def sdk_span_factory(tracer: trace.Tracer) -> CallbackFactory:
                     A.TOKEN_COUNT: len(token_ids),
                     A.ENGINE_STEP: step,
                     A.BATCH_SIZE: batch_size,
+                    A.STEP_PREFILL_TOKENS: prefill,
                 },
             )
             span.end()
@@ -135,7 +136,7 @@ def _time_request(on_tokens: OnTokens, tokens: int) -> int:
     token_ids = [0]
     start = time.thread_time_ns()
     for step in range(tokens):
-        on_tokens(token_ids, step, BATCH_SIZE)
+        on_tokens(token_ids, step, BATCH_SIZE, 0)
     return time.thread_time_ns() - start
 
 

@@ -204,8 +204,13 @@ def build_template(requests: int, tokens: int, packed: bool, seed: int = 1) -> T
         if packed:
             times = array("q", [5 * MS] + [e - d_start for e in ends])
             steps = array("q", range(1000 + r, 1000 + r + tokens))
+            # Version 2, as tokentrace's workers send it (with each step's prefill count).
             decode_attrs[A.TOKEN_PACKED] = encode_packed(
-                times, steps, array("H", [1] * tokens), array("H", [8] * tokens)
+                times,
+                steps,
+                array("H", [1] * tokens),
+                array("H", [8] * tokens),
+                array("I", [0] * tokens),
             )
         decode_scope = scopes[id(decode)].spans
         decode_scope.append(

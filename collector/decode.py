@@ -9,7 +9,7 @@ below (times, attribute counts, value lengths and depth), which keep one hostile
 exporter from storing unbounded rows or failing other exporters' inserts.
 
 An ``llm.decode`` span in packed mode (:mod:`tokentrace.schemas.packed`) is stored
-without its packed attribute, and its emissions become one ``packed_tokens`` row (four
+without its packed attribute, and its emissions become one ``packed_tokens`` row (five
 arrays) that ClickHouse expands, by materialized views, into the ``llm.token`` spans
 and ``token_latencies`` rows the unpacked mode would have produced -- span ids derived
 from the decode span's (:func:`token_span_id`) -- so no per-token Python object is ever
@@ -128,6 +128,7 @@ PACKED_TOKENS_COLUMNS = (
     "steps",
     "counts",
     "batch_sizes",
+    "prefill_tokens",
 )
 
 
@@ -807,6 +808,9 @@ def _append_packed(batch: SpanBatch, tokens: PackedTokens) -> None:
     p["steps"].append(tokens.steps)
     p["counts"].append(tokens.counts)
     p["batch_sizes"].append(tokens.batch_sizes)
+    # A version 1 payload reported no prefill counts: NULL per emission, not 0.
+    prefill = tokens.prefill_tokens
+    p["prefill_tokens"].append([None] * len(tokens) if prefill is None else prefill)
     batch.packed_tokens += len(tokens)
 
 
@@ -861,6 +865,11 @@ def _token_spans(span: Span, tokens: PackedTokens) -> list[Span]:
             (attrs.BATCH_SIZE, tokens.batch_sizes[i]),
         ):
             token.attributes.add(key=key, value=AnyValue(int_value=value))
+        if tokens.prefill_tokens is not None:
+            token.attributes.add(
+                key=attrs.STEP_PREFILL_TOKENS,
+                value=AnyValue(int_value=tokens.prefill_tokens[i]),
+            )
         out.append(token)
         index += tokens.counts[i]
     return out

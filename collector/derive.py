@@ -65,6 +65,7 @@ TOKEN_LATENCIES_COLUMNS = (
     "itl_s",
     "tokens",
     "batch_size",
+    "step_prefill_tokens",
 )
 KV_TRANSFERS_COLUMNS = (
     "ts",
@@ -289,3 +290,6 @@ def _derive_token(rows: DerivedRows, batch: SpanBatch, i: int) -> None:
     t["itl_s"].append(_duration_s(batch, i) if token_index > 0 else None)
     t["tokens"].append(1 if tokens is None else tokens)
     t["batch_size"].append(batch_size or 0)
+    # NULL when the emitter did not report it (the vLLM plugin, older nodes): unknown
+    # prefill work is not the same as none.
+    t["step_prefill_tokens"].append(_uint(a.get(attrs.STEP_PREFILL_TOKENS), _UINT32_MAX))

@@ -1,11 +1,12 @@
 """The per-request token recorder: the only instrumentation on the engine's hot path.
 
 ``record()`` reads the monotonic clock and stores it with the emission's token count,
-engine step and batch size into arrays preallocated when the request starts. Spans are
-built once, off the hot path, when the request ends: one ``llm.token`` span per emission
-(``emit_spans``), or in packed mode one attribute on the ``llm.decode`` span that the
-collector expands into the same spans (``pack_into``, :mod:`tokentrace.schemas.packed`).
-One wall-clock anchor per request places the monotonic times on the timeline.
+engine step, batch size and the prompt tokens that step also prefilled into arrays
+preallocated when the request starts. Spans are built once, off the hot path, when the
+request ends: one ``llm.token`` span per emission (``emit_spans``), or in packed mode
+one attribute on the ``llm.decode`` span that the collector expands into the same
+spans (``pack_into``, :mod:`tokentrace.schemas.packed`). One wall-clock anchor per
+request places the monotonic times on the timeline.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ class TokenRecorder:
 
     Threading: ``start``/``record`` are called from the engine thread only;
     ``emit_spans`` after the request finished, from any one thread.
+
+    ``step_prefill=False`` is for emitters that cannot tell how many prompt tokens a
+    step prefilled (the vLLM plugin): their spans carry no
+    ``tokentrace.step.prefill_tokens`` and they pack version 1, so the count is stored
+    as unknown (NULL) rather than as 0.
     """
 
     __slots__ = (
@@ -36,6 +42,8 @@ class TokenRecorder:
         "_counts",
         "_steps",
         "_batch",
+        "_prefill",
+        "_step_prefill",
         "_n",
         "_capacity",
         "start_mono_ns",
@@ -43,7 +51,7 @@ class TokenRecorder:
         "anchor_mono_ns",
     )
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, step_prefill: bool = True) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity!r}")
         self._capacity = capacity
@@ -51,6 +59,8 @@ class TokenRecorder:
         self._counts = _zeros("H", capacity)
         self._steps = _zeros("q", capacity)
         self._batch = _zeros("H", capacity)
+        self._prefill = _zeros("I", capacity)
+        self._step_prefill = step_prefill
         self._n = 0
         self.anchor_wall_ns = time.time_ns()
         self.anchor_mono_ns = time.monotonic_ns()
@@ -60,8 +70,9 @@ class TokenRecorder:
         """Mark decode start: the first token span begins here."""
         self.start_mono_ns = time.monotonic_ns()
 
-    def record(self, tokens: int, step: int, batch_size: int) -> None:
-        """Hot path: one emission of ``tokens`` tokens in engine step ``step``."""
+    def record(self, tokens: int, step: int, batch_size: int, prefill_tokens: int = 0) -> None:
+        """Hot path: one emission of ``tokens`` tokens in engine step ``step``, which ran
+        ``batch_size`` requests and also prefilled ``prefill_tokens`` prompt tokens."""
         i = self._n
         if i == self._capacity:
             self._grow()
@@ -69,6 +80,7 @@ class TokenRecorder:
         self._counts[i] = tokens
         self._steps[i] = step
         self._batch[i] = batch_size
+        self._prefill[i] = prefill_tokens
         self._n = i + 1
 
     def record_at(self, t_mono_ns: int, tokens: int, step: int, batch_size: int) -> None:
@@ -86,7 +98,7 @@ class TokenRecorder:
     def _grow(self) -> None:
         # Off the common path: only when a request emits more often than its capacity.
         n = self._capacity
-        for name in ("_times", "_counts", "_steps", "_batch"):
+        for name in ("_times", "_counts", "_steps", "_batch", "_prefill"):
             buf = getattr(self, name)
             buf.extend(_zeros(buf.typecode, n))
         self._capacity = 2 * n
@@ -128,7 +140,8 @@ class TokenRecorder:
         base = self.anchor_wall_ns - self.anchor_mono_ns - span_start_ns
         times = array("q", [self.start_mono_ns + base])
         times.extend([t + base for t in self._times[:n]])
-        return encode_packed(times, self._steps[:n], self._counts[:n], self._batch[:n])
+        prefill = self._prefill[:n] if self._step_prefill else None
+        return encode_packed(times, self._steps[:n], self._counts[:n], self._batch[:n], prefill)
 
     def pack_into(self, span: trace.Span) -> int:
         """Packed mode: put every emission on ``span`` (the request's ``llm.decode``,
@@ -157,17 +170,20 @@ class TokenRecorder:
         times, counts, steps, batch = self._times, self._counts, self._steps, self._batch
         for i in range(self._n):
             end = self.wall_ns(times[i])
+            attributes = {
+                A.TOKEN_INDEX: index,
+                A.TOKEN_COUNT: counts[i],
+                A.ENGINE_STEP: steps[i],
+                A.BATCH_SIZE: batch[i],
+            }
+            if self._step_prefill:
+                attributes[A.STEP_PREFILL_TOKENS] = self._prefill[i]
             span = tracer.start_span(
                 A.SPAN_TOKEN,
                 context=parent,
                 kind=trace.SpanKind.INTERNAL,
                 start_time=prev,
-                attributes={
-                    A.TOKEN_INDEX: index,
-                    A.TOKEN_COUNT: counts[i],
-                    A.ENGINE_STEP: steps[i],
-                    A.BATCH_SIZE: batch[i],
-                },
+                attributes=attributes,
             )
             span.end(end_time=end)
             prev = end

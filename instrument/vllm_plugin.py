@@ -308,7 +308,9 @@ class _TraceState:
         self.requests[request.request_id] = _Request(
             span=span,
             prefill=prefill,
-            recorder=TokenRecorder(max(1, max_tokens or 16)),
+            # vLLM's output processor does not see how many prompt tokens a step
+            # scheduled, so its steps' prefill counts are stored as unknown, not 0.
+            recorder=TokenRecorder(max(1, max_tokens or 16), step_prefill=False),
             arrival_mono_s=arrival_mono_s,
             ctx=trace.set_span_in_context(span),
         )

@@ -55,6 +55,11 @@ TOKEN_INDEX = "tokentrace.token.index"  # 0-based index of the emission's first 
 TOKEN_COUNT = "tokentrace.token.count"  # tokens carried by this emission (>1 when speculating)
 ENGINE_STEP = "tokentrace.engine.step"  # the engine's step counter at this emission
 BATCH_SIZE = "tokentrace.batch.size"  # running requests in that step
+# Prompt tokens that same engine step also prefilled (piggy-backed prefill) beyond the
+# one token per running request: >0 only on a worker doing both prefill and decode. A
+# disaggregated decode's recompute of a request's last prompt token is an ordinary
+# batch row and counts 0. Absent when the engine does not report it (vLLM).
+STEP_PREFILL_TOKENS = "tokentrace.step.prefill_tokens"
 # On llm.decode in packed mode, instead of llm.token spans (schemas/packed.py); the
 # collector expands it and never stores or forwards it.
 TOKEN_PACKED = "tokentrace.token.packed"

@@ -150,8 +150,11 @@ SELECT
     kv_bytes, status,
     (p_start - p_sent) / 1e9 - ifNull(p_off, 0) AS prefill_dispatch_s,
     (d_start - d_sent) / 1e9 - ifNull(d_off, 0) AS decode_dispatch_s,
-    (d_start - p_end) / 1e9 - (ifNull(d_off, 0) - ifNull(p_off, 0)) AS prefill_to_decode_s,
-    (kv_first - p_end) / 1e9 - (ifNull(d_off, 0) - ifNull(p_off, 0)) AS kv_handoff_s,
+    -- A worker that prefilled and decoded the request itself hands nothing over.
+    if(prefill_node = decode_node, NULL,
+        (d_start - p_end) / 1e9 - (ifNull(d_off, 0) - ifNull(p_off, 0))) AS prefill_to_decode_s,
+    if(prefill_node = decode_node, NULL,
+        (kv_first - p_end) / 1e9 - (ifNull(d_off, 0) - ifNull(p_off, 0))) AS kv_handoff_s,
     p_off AS prefill_clock_offset_s,
     d_off AS decode_clock_offset_s
 FROM (
@@ -194,11 +197,20 @@ CREATE TABLE IF NOT EXISTS {db}.token_latencies{on_cluster} (
     token_index UInt32,
     itl_s Nullable(Float64),
     tokens UInt16,
-    batch_size UInt16
+    batch_size UInt16,
+    step_prefill_tokens Nullable(UInt32)
 ) ENGINE = {engine}
 PARTITION BY toDate(ts)
 ORDER BY (node, ts)
 {ttl_ts}SETTINGS index_granularity = 8192
+"""
+
+# Prompt tokens the emission's engine step also prefilled (piggy-backed prefill on a
+# worker doing both; 0 on a disaggregated decode worker); NULL where the emitter did
+# not report it (the vLLM plugin, rows stored before the column existed).
+_TOKEN_LATENCIES_ADD = """
+ALTER TABLE {db}.token_latencies{on_cluster}
+    ADD COLUMN IF NOT EXISTS step_prefill_tokens Nullable(UInt32)
 """
 
 _KV_TRANSFERS = """
@@ -247,8 +259,23 @@ CREATE TABLE IF NOT EXISTS {db}.packed_tokens{on_cluster} (
     times Array(Int64),
     steps Array(Int64),
     counts Array(UInt16),
-    batch_sizes Array(UInt16)
+    batch_sizes Array(UInt16),
+    prefill_tokens Array(Nullable(UInt32))
 ) ENGINE = Null
+"""
+
+_PACKED_TOKENS_ADD = """
+ALTER TABLE {db}.packed_tokens{on_cluster}
+    ADD COLUMN IF NOT EXISTS prefill_tokens Array(Nullable(UInt32))
+"""
+
+# The first release's views, without prefill counts. Their replacements below have new
+# names so that a store made by that release gets them (a materialized view cannot be
+# created over an existing one); dropping the old ones first means an insert that races
+# an upgrade is at worst expanded by neither, never twice. A lone collector runs this
+# DDL before its receivers start, so it never races itself.
+_PACKED_TOKENS_DROP_V1 = """
+DROP VIEW IF EXISTS {db}.{view}{on_cluster}
 """
 
 _PACKED_ARRAY_JOIN = """ARRAY JOIN
@@ -257,11 +284,12 @@ _PACKED_ARRAY_JOIN = """ARRAY JOIN
     steps AS step,
     counts AS cnt,
     batch_sizes AS bs,
+    prefill_tokens AS pf,
     arrayCumSum(counts) AS upto,
     arrayEnumerate(steps) AS i"""
 
 _PACKED_TOKENS_SPANS_MV = """
-CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.packed_tokens_spans_mv{on_cluster}
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.packed_tokens_spans_v2_mv{on_cluster}
 TO {db}.otel_traces
 AS SELECT
     fromUnixTimestamp64Nano(start_ns + t_start) AS Timestamp,
@@ -277,12 +305,14 @@ AS SELECT
     ResourceAttributes,
     ScopeName,
     ScopeVersion,
-    map(
+    -- a version 1 payload has no prefill counts: its spans carry no such attribute
+    mapFilter((k, v) -> v IS NOT NULL, map(
         'tokentrace.token.index', toString(upto - cnt),
         'tokentrace.token.count', toString(cnt),
         'tokentrace.engine.step', toString(step),
-        'tokentrace.batch.size', toString(bs)
-    ) AS SpanAttributes,
+        'tokentrace.batch.size', toString(bs),
+        'tokentrace.step.prefill_tokens', toString(pf)
+    )) AS SpanAttributes,
     toUInt64(t_end - t_start) AS Duration,
     'Unset' AS StatusCode
 FROM (
@@ -293,7 +323,7 @@ FROM (
 """
 
 _PACKED_TOKENS_ROWS_MV = """
-CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.packed_tokens_rows_mv{on_cluster}
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.packed_tokens_rows_v2_mv{on_cluster}
 TO {db}.token_latencies
 AS SELECT
     fromUnixTimestamp64Nano(start_ns + t_end) AS ts,
@@ -302,7 +332,8 @@ AS SELECT
     toUInt32(upto - cnt) AS token_index,
     if(upto - cnt > 0, (t_end - t_start) / 1e9, NULL) AS itl_s,
     cnt AS tokens,
-    bs AS batch_size
+    bs AS batch_size,
+    pf AS step_prefill_tokens
 FROM {db}.packed_tokens
 {array_join}
 """
@@ -371,12 +402,16 @@ def ddl_statements(
         _REQUEST_PARTS_ADD,
         _REQUESTS_VIEW,
         _TOKEN_LATENCIES,
+        _TOKEN_LATENCIES_ADD,
         _KV_TRANSFERS,
         _NODE_CLOCKS,
         _PACKED_TOKENS,
-        _PACKED_TOKENS_SPANS_MV,
-        _PACKED_TOKENS_ROWS_MV,
+        _PACKED_TOKENS_ADD,
     ):
+        statements.append(template.format(**fmt).strip())
+    for view in ("packed_tokens_spans_mv", "packed_tokens_rows_mv"):
+        statements.append(_PACKED_TOKENS_DROP_V1.format(view=view, **fmt).strip())
+    for template in (_PACKED_TOKENS_SPANS_MV, _PACKED_TOKENS_ROWS_MV):
         statements.append(template.format(**fmt).strip())
     if not cluster:
         # Replays of the collector's write-ahead log insert with the same deduplication

@@ -4,7 +4,7 @@ In packed mode a decode node sends no ``llm.token`` spans; its ``llm.decode`` sp
 carries :data:`tokentrace.schemas.attributes.TOKEN_PACKED` instead, and the collector
 expands it into the same ``llm.token`` spans and rows the unpacked mode produces.
 
-The value is ``"1:" + base64(payload)``; the payload, little-endian:
+The value is ``"2:" + base64(payload)``; the payload, little-endian:
 
     uint32  n                      emissions
     int64   times[n + 1]           ns from the llm.decode span's start: times[0] is where
@@ -13,9 +13,16 @@ The value is ``"1:" + base64(payload)``; the payload, little-endian:
     int64   steps[n]               the engine step of each emission
     uint16  counts[n]              tokens carried by each emission
     uint16  batch_sizes[n]         running requests in that step
+    uint32  prefill_tokens[n]      prompt tokens that step also prefilled
+                                   (``tokentrace.step.prefill_tokens``)
+
+Version ``"1:"`` is the same without ``prefill_tokens``: what nodes sent before steps
+reported their prefill work, and what an emitter that does not know it (the vLLM
+plugin) still sends. It stays decodable; its emissions have no prefill count (NULL in
+``token_latencies``), which is not the same as a count of 0.
 
 Times are relative to the span's start so whatever moves the span (a clock correction)
-moves its tokens with it. 20 bytes per emission before base64.
+moves its tokens with it. 24 bytes per emission before base64 (20 in version 1).
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from dataclasses import dataclass
 
 __all__ = ["PackedTokens", "PackedTokensError", "decode_packed", "encode_packed"]
 
-VERSION_PREFIX = "1:"
+VERSION_PREFIX = "2:"  # what encode_packed writes when it is given prefill_tokens
+V1_PREFIX = "1:"
 _LITTLE = sys.byteorder == "little"
 
 
@@ -43,6 +51,7 @@ class PackedTokens:
     steps: array  # int64, n
     counts: array  # uint16, n
     batch_sizes: array  # uint16, n
+    prefill_tokens: array | None = None  # uint32, n; None: version 1, not reported
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -56,19 +65,31 @@ def _le(values: array) -> bytes:
     return swapped.tobytes()
 
 
-def encode_packed(times: array, steps: array, counts: array, batch_sizes: array) -> str:
+def encode_packed(
+    times: array,
+    steps: array,
+    counts: array,
+    batch_sizes: array,
+    prefill_tokens: array | None = None,
+) -> str:
     """The attribute value for ``n`` emissions (``times`` has ``n + 1`` entries; typecodes
-    ``q``, ``q``, ``H``, ``H``)."""
+    ``q``, ``q``, ``H``, ``H``, ``I``): version 2, or version 1 without ``prefill_tokens``
+    (an emitter that does not know them)."""
     n = len(steps)
-    if not (len(times) == n + 1 and len(counts) == n and len(batch_sizes) == n):
+    prefill_n = n if prefill_tokens is None else len(prefill_tokens)
+    if not (len(times) == n + 1 and len(counts) == n and len(batch_sizes) == n and prefill_n == n):
         raise ValueError(
             f"packed tokens need n + 1 times and n of the rest, got {len(times)} times, "
-            f"{n} steps, {len(counts)} counts, {len(batch_sizes)} batch sizes"
+            f"{n} steps, {len(counts)} counts, {len(batch_sizes)} batch sizes, "
+            f"{prefill_n} prefill counts"
         )
-    payload = b"".join(
-        (struct.pack("<I", n), _le(times), _le(steps), _le(counts), _le(batch_sizes))
-    )
-    return VERSION_PREFIX + base64.b64encode(payload).decode("ascii")
+    parts = [struct.pack("<I", n), _le(times), _le(steps), _le(counts), _le(batch_sizes)]
+    if prefill_tokens is None:
+        return V1_PREFIX + base64.b64encode(b"".join(parts)).decode("ascii")
+    if prefill_tokens.typecode != "I":
+        prefill_tokens = array("I", prefill_tokens)
+    parts.append(_le(prefill_tokens))
+    return VERSION_PREFIX + base64.b64encode(b"".join(parts)).decode("ascii")
 
 
 def _take(payload: bytes, offset: int, typecode: str, count: int) -> tuple[array, int]:
@@ -83,29 +104,38 @@ def _take(payload: bytes, offset: int, typecode: str, count: int) -> tuple[array
 def decode_packed(value: str) -> PackedTokens:
     """Parse an attribute value; :class:`PackedTokensError` names what is wrong.
 
-    Checks the version, the length against the count, and that times never go
-    backwards (every token span ends at or after its start). ``times[0]`` may be
-    negative: a token span may start before its parent, as in the unpacked mode.
+    Checks the version (``"2:"``, or ``"1:"`` without prefill counts), the length
+    against the count, and that times never go backwards (every token span ends at or
+    after its start). ``times[0]`` may be negative: a token span may start before its
+    parent, as in the unpacked mode.
     """
-    if not value.startswith(VERSION_PREFIX):
-        raise PackedTokensError(f"packed tokens must start with {VERSION_PREFIX!r}")
+    if value.startswith(VERSION_PREFIX):
+        with_prefill = True
+    elif value.startswith(V1_PREFIX):
+        with_prefill = False
+    else:
+        raise PackedTokensError(
+            f"packed tokens must start with {VERSION_PREFIX!r} or {V1_PREFIX!r}"
+        )
     try:
-        payload = base64.b64decode(value[len(VERSION_PREFIX) :], validate=True)
+        payload = base64.b64decode(value[2:], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise PackedTokensError(f"packed tokens are not valid base64: {exc}") from None
     if len(payload) < 4 + 8:
         raise PackedTokensError(f"packed tokens too short: {len(payload)} bytes")
     (n,) = struct.unpack_from("<I", payload)
-    expected = 4 + 8 * (n + 1) + 8 * n + 2 * n + 2 * n
+    expected = 4 + 8 * (n + 1) + 8 * n + 2 * n + 2 * n + (4 * n if with_prefill else 0)
     if len(payload) != expected:
         raise PackedTokensError(
-            f"packed tokens hold {len(payload)} bytes, {expected} expected for {n} emissions"
+            f"packed tokens (version {value[0]}) hold {len(payload)} bytes, {expected} "
+            f"expected for {n} emissions"
         )
     times, offset = _take(payload, 4, "q", n + 1)
     steps, offset = _take(payload, offset, "q", n)
     counts, offset = _take(payload, offset, "H", n)
-    batch_sizes, _ = _take(payload, offset, "H", n)
+    batch_sizes, offset = _take(payload, offset, "H", n)
+    prefill_tokens = _take(payload, offset, "I", n)[0] if with_prefill else None
     for i in range(n):
         if times[i + 1] < times[i]:
             raise PackedTokensError(f"packed token {i} ends before it starts")
-    return PackedTokens(times, steps, counts, batch_sizes)
+    return PackedTokens(times, steps, counts, batch_sizes, prefill_tokens)

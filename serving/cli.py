@@ -30,17 +30,42 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Start a collector (embedded ClickHouse), a router, prefill and decode workers as "
             "separate processes, drive streaming requests through the router, then print "
-            "per-node TTFT, prefill, KV transfer and ITL tables read back from ClickHouse."
+            "per-node TTFT, prefill, KV transfer and ITL tables read back from ClickHouse. "
+            "--mode aggregated runs workers doing both instead; --mode both runs the same "
+            "workload against both deployments and prints them side by side."
         ),
     )
     demo.add_argument("--requests", type=int, default=32, help="requests to send (default 32)")
-    demo.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    demo.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="requests in flight at most (default 4; 16 with --mode both)",
+    )
+    demo.add_argument(
+        "--mode",
+        choices=["disaggregated", "aggregated", "both"],
+        default="disaggregated",
+        help="disaggregated: prefill and decode workers behind the P/D router (default); "
+        "aggregated: as many workers each doing both (--role both); both: the two "
+        "deployments side by side, the same seeded workload against each, one comparison "
+        "table",
+    )
     demo.add_argument("--prefill-workers", type=int, default=1, help="prefill workers (default 1)")
     demo.add_argument(
         "--decode-workers",
         type=int,
         default=None,
-        help="decode workers (default 2; 1 with --engine vllm)",
+        help="decode workers (default 2; 1 with --engine vllm or --mode both); an "
+        "aggregated deployment gets prefill + decode workers doing both",
+    )
+    demo.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        metavar="RPS",
+        help="start requests at seeded Poisson arrivals of this rate, at most --concurrency "
+        "in flight (default: as soon as a slot is free; 10/s with --mode both)",
     )
     demo.add_argument(
         "--engine",
@@ -62,16 +87,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     worker = sub.add_parser(
         "worker",
-        help="run a prefill or decode worker (OpenAI-compatible, vLLM's P/D protocol)",
+        help="run a prefill, decode or both worker (OpenAI-compatible, vLLM's P/D protocol)",
         description=(
             "A worker serving vLLM's OpenAI-compatible API over the reference engine. A prefill "
             "worker computes prompts' KV caches and keeps them for decode workers to read "
-            "through NIXL; a decode worker reads them and decodes with continuous batching."
+            "through NIXL; a decode worker reads them and decodes with continuous batching. "
+            "A both worker (an aggregated deployment: tokentrace router --worker URL) does "
+            "both in one engine, prefilling a new prompt inside an engine step shared with "
+            "the running decodes."
         ),
     )
-    worker.add_argument("--role", required=True, choices=["prefill", "decode"])
+    worker.add_argument(
+        "--role",
+        required=True,
+        choices=["prefill", "decode", "both"],
+        help="prefill, decode, or both in one engine (aggregated)",
+    )
     worker.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    worker.add_argument("--port", type=int, default=None, help="port (prefill 8100, decode 8200)")
+    worker.add_argument(
+        "--port", type=int, default=None, help="port (prefill 8100, decode and both 8200)"
+    )
     worker.add_argument("--node-id", default=None, help="node identity (default: host name)")
     worker.add_argument("--otlp-endpoint", default=None, help=OTLP_HELP)
     worker.add_argument("--data-dir", type=Path, default=None, help=DATA_DIR_HELP)
@@ -95,22 +130,31 @@ def register(sub: argparse._SubParsersAction) -> None:
             "An OpenAI-compatible router that sends each request to a prefill worker "
             "(max_tokens 1, kv_transfer_params.do_remote_decode) and then to a decode worker "
             "with the kv_transfer_params prefill returned, like vLLM's disaggregated proxy. "
-            "Workers are picked by least outstanding requests."
+            "With --worker instead (an aggregated deployment), it sends each whole request "
+            "to one worker that does both. Workers are picked by least outstanding requests."
         ),
     )
     router.add_argument(
         "--prefill",
         action="append",
-        required=True,
+        default=[],
         metavar="URL",
-        help="prefill worker URL (repeatable)",
+        help="prefill worker URL (repeatable; with --decode)",
     )
     router.add_argument(
         "--decode",
         action="append",
-        required=True,
+        default=[],
         metavar="URL",
-        help="decode worker URL (repeatable)",
+        help="decode worker URL (repeatable; with --prefill)",
+    )
+    router.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="URL of a worker doing both prefill and decode (repeatable; instead of "
+        "--prefill/--decode: an aggregated deployment)",
     )
     router.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     router.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -197,6 +241,7 @@ def _router(args: argparse.Namespace) -> int:
         config = router.RouterConfig(
             prefill_urls=tuple(args.prefill),
             decode_urls=tuple(args.decode),
+            worker_urls=tuple(args.worker),
             host=args.host,
             port=args.port,
             node_id=args.node_id,

@@ -7,6 +7,11 @@ chunks, E2E = the last chunk with choices − start, output tokens from the usag
 TPOT = (E2E − TTFT) / (output tokens − 1) when there is more than one output token.
 Percentiles are ``numpy.percentile`` over successful requests; ITL percentiles are over
 all gaps of all requests.
+
+Requests start as soon as a concurrency slot is free, or, with a request rate, at
+arrival times drawn from a Poisson process (exponential gaps, as vLLM's benchmark's
+``--request-rate``) seeded like the prompts: the same seed gives two deployments the
+same prompts arriving at the same offsets from the run's start.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ __all__ = [
     "RequestRecord",
     "StreamTimeline",
     "add_arguments",
+    "arrival_offsets_s",
     "make_prompt",
     "run_from_args",
     "run_load",
@@ -193,6 +199,7 @@ class LoadResult:
     seed: int
     records: list[RequestRecord]
     summary: LoadSummary
+    request_rate: float | None = None  # None: closed loop (concurrency slots only)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -206,6 +213,22 @@ class LoadResult:
 def make_prompt(rng: random.Random, length: int) -> str:
     """``length`` random printable ASCII characters (= tokens for a byte-level tokenizer)."""
     return "".join(rng.choices(_PRINTABLE, k=length))
+
+
+def arrival_offsets_s(seed: int, requests: int, request_rate: float | None) -> list[float]:
+    """Each request's start, in seconds from the run's start: all 0 without a rate, else
+    a Poisson process of ``request_rate`` per second from its own seeded generator (so
+    the prompts of a seed are the same with or without a rate)."""
+    if request_rate is None:
+        return [0.0] * requests
+    if not (request_rate > 0 and request_rate != float("inf")):
+        raise ValueError(f"request_rate must be positive and finite, got {request_rate!r}")
+    rng = random.Random(f"tokentrace-arrivals-{seed}")
+    offsets, t = [], 0.0
+    for _ in range(requests):
+        offsets.append(t)
+        t += rng.expovariate(request_rate)
+    return offsets
 
 
 async def _default_model(client: httpx.AsyncClient, url: str) -> str:
@@ -284,12 +307,14 @@ async def run_load(
     seed: int = 0,
     progress: bool = True,
     ca_file: Path | None = None,
+    request_rate: float | None = None,
 ) -> LoadResult:
     """Send ``requests`` streaming completions with at most ``concurrency`` in flight and
-    measure each. An ``https://`` server is verified against ``ca_file`` (else the
-    system's CAs). Request failures are recorded, never raised; raises only when the
-    model cannot be resolved from ``{url}/v1/models`` (ValueError also for an unusable
-    ``ca_file``)."""
+    measure each; with ``request_rate``, request ``i`` starts no earlier than its
+    seeded Poisson arrival (:func:`arrival_offsets_s`). An ``https://`` server is
+    verified against ``ca_file`` (else the system's CAs). Request failures are
+    recorded, never raised; raises only when the model cannot be resolved from
+    ``{url}/v1/models`` (ValueError also for an unusable ``ca_file`` or rate)."""
     for name, value in (("requests", requests), ("concurrency", concurrency)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value!r}")
@@ -297,6 +322,7 @@ async def run_load(
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value!r}")
     url = url.rstrip("/")
+    arrivals_s = arrival_offsets_s(seed, requests, request_rate)
     rng = random.Random(seed)
     prompts = [make_prompt(rng, input_len) for _ in range(requests)]
     records = [RequestRecord(index=i, prompt_len=input_len) for i in range(requests)]
@@ -313,6 +339,9 @@ async def run_load(
         bar = _ProgressBar(requests, enabled=progress)
 
         async def limited(i: int, run_start_s: float) -> None:
+            wait_s = run_start_s + arrivals_s[i] - time.perf_counter()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
             async with semaphore:
                 await _one_request(
                     client, url, resolved_model, prompts[i], output_len, records[i], run_start_s
@@ -333,6 +362,7 @@ async def run_load(
         seed=seed,
         records=records,
         summary=summarize(records, duration_s),
+        request_rate=request_rate,
     )
 
 
@@ -387,7 +417,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=128, help="prompt length in tokens")
     parser.add_argument("--output-len", type=int, default=64, help="output tokens per request")
     parser.add_argument("--model", default=None, help="default: first id of GET /v1/models")
-    parser.add_argument("--seed", type=int, default=0, help="prompt RNG seed")
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        metavar="RPS",
+        help="start requests at seeded Poisson arrivals of this rate (default: as soon as "
+        "a concurrency slot is free)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="prompt and arrival RNG seed")
     parser.add_argument(
         "--json",
         type=Path,
@@ -446,6 +484,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 progress=not getattr(args, "no_progress", False),
                 ca_file=ca_file,
+                request_rate=getattr(args, "request_rate", None),
             )
         )
     except (ValueError, RuntimeError, httpx.HTTPError) as exc:

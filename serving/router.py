@@ -7,6 +7,12 @@ request goes to a prefill worker with ``max_tokens: 1`` and
 JSON) is relayed to the client. Each request is one ``llm.request`` SERVER span, the
 parent of the workers' spans through the ``traceparent`` header.
 
+An aggregated deployment (``worker_urls``: workers that do both, ``tokentrace worker
+--role both`` or any vLLM server without a KV connector) gets the whole request on one
+worker instead, picked the same way; its ``llm.request`` span is the same, with that
+worker as both the prefill and the decode node, so the ``requests`` view reads the
+same in both modes.
+
 Concurrency: one event loop; worker bookkeeping is touched only from it. One shared
 ``httpx.AsyncClient`` carries all worker traffic.
 """
@@ -58,6 +64,7 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "RouterConfig",
     "create_app",
+    "aggregated_request_body",
     "decode_request_body",
     "new_request_id",
     "prefill_request_body",
@@ -97,15 +104,18 @@ class RouterConfig:
     ``request_timeout_s`` bounds each worker call's connect/write/pool wait and every
     single read of a response (so a stream may run longer, as long as tokens keep
     coming). A worker that refuses connections is skipped for at least
-    ``unhealthy_cooldown_s`` and until its ``/health`` answers again. Every worker's
+    ``unhealthy_cooldown_s`` and until its ``/health`` answers again. Name either
+    ``prefill_urls`` and ``decode_urls`` (disaggregated) or ``worker_urls`` (aggregated:
+    workers that do both), not both kinds. Every worker's
     ``/health`` is probed every ``health_probe_interval_s``; those exchanges and the
     requests themselves are the samples of each worker's clock offset estimate, which
     intersects the exchanges' bounds over the last ``clock_window_s`` seconds
     (:class:`~tokentrace.instrument.clock.OffsetEstimator`).
     """
 
-    prefill_urls: Sequence[str]
-    decode_urls: Sequence[str]
+    prefill_urls: Sequence[str] = ()
+    decode_urls: Sequence[str] = ()
+    worker_urls: Sequence[str] = ()  # aggregated: each does prefill and decode
     host: str = "127.0.0.1"
     port: int = 8000
     node_id: str | None = None
@@ -120,7 +130,7 @@ class RouterConfig:
     tls: TlsConfig | None = None  # when set, clients connect with HTTPS (and only HTTPS)
 
     def __post_init__(self) -> None:
-        for name in ("prefill_urls", "decode_urls"):
+        for name in ("prefill_urls", "decode_urls", "worker_urls"):
             urls = getattr(self, name)
             if isinstance(urls, str):
                 urls = [urls]
@@ -128,10 +138,22 @@ class RouterConfig:
 
     def validate(self) -> RouterConfig:
         """Raise ``ValueError`` naming the first bad setting; return self."""
-        for name in ("prefill_urls", "decode_urls"):
+        if self.worker_urls:
+            if self.prefill_urls or self.decode_urls:
+                raise ValueError(
+                    "worker_urls (aggregated) cannot be combined with prefill_urls or "
+                    "decode_urls (disaggregated): run one router per deployment"
+                )
+            names: tuple[str, ...] = ("worker_urls",)
+        else:
+            names = ("prefill_urls", "decode_urls")
+        for name in names:
             urls = getattr(self, name)
             if not urls:
-                raise ValueError(f"{name} must name at least one worker URL")
+                raise ValueError(
+                    f"{name} must name at least one worker URL (or name worker_urls for an "
+                    "aggregated deployment)"
+                )
             for url in urls:
                 if not url.startswith(("http://", "https://")):
                     raise ValueError(f"{name}: worker URL must start with http(s)://, got {url!r}")
@@ -181,8 +203,15 @@ def decode_request_body(
     """The decode worker's request: the client's body plus the prefill worker's
     ``kv_transfer_params`` (passed on unchanged). A stream always asks for the usage
     chunk, so the router learns the output token count."""
-    out = dict(body)
+    out = aggregated_request_body(body, stream)
     out["kv_transfer_params"] = kv_transfer_params
+    return out
+
+
+def aggregated_request_body(body: Mapping[str, Any], stream: bool) -> dict[str, Any]:
+    """The request for a worker that does both: the client's body, a stream asking for
+    the usage chunk (the router learns the token counts from it)."""
+    out = dict(body)
     if stream:
         options = out.get("stream_options")
         options = dict(options) if isinstance(options, Mapping) else {}
@@ -364,6 +393,10 @@ class _Router:
             "decode",
             [_Worker(u, "decode", clock=OffsetEstimator(window)) for u in config.decode_urls],
         )
+        self.both = _Pool(
+            "both",
+            [_Worker(u, "both", clock=OffsetEstimator(window)) for u in config.worker_urls],
+        )
         self._client: httpx.AsyncClient | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._models: dict[str, Any] | None = None
@@ -405,7 +438,7 @@ class _Router:
         return self._client
 
     def _all_workers(self) -> list[_Worker]:
-        return self.prefill.workers + self.decode.workers
+        return self.prefill.workers + self.decode.workers + self.both.workers
 
     async def _probe(self, worker: _Worker) -> None:
         try:
@@ -447,6 +480,7 @@ class _Router:
             "node_id": self.tracing.node_id,
             "prefill": [w.snapshot() for w in self.prefill.workers],
             "decode": [w.snapshot() for w in self.decode.workers],
+            "workers": [w.snapshot() for w in self.both.workers],
             "exporter": counts.to_dict() if counts is not None else None,
         }
 
@@ -455,7 +489,10 @@ class _Router:
         fresh = time.monotonic() - self._models_at < self.config.models_cache_ttl_s
         if self._models is not None and fresh and not refresh:
             return self._models
-        workers = sorted(self.decode.workers + self.prefill.workers, key=lambda w: not w.healthy)
+        workers = sorted(
+            self.decode.workers + self.prefill.workers + self.both.workers,
+            key=lambda w: not w.healthy,
+        )
         errors: list[str] = []
         for worker in workers:
             try:
@@ -606,11 +643,19 @@ class _Router:
 
             worker_headers = {REQUEST_ID_HEADER: request_id}
             inject(worker_headers, trace.set_span_in_context(span))
-            kv_params = await self._prefill(path, body, worker_headers, state)
-            decode_body = decode_request_body(body, kv_params, parsed.stream)
+            if self.both.workers:
+                pool, decode_body = self.both, aggregated_request_body(body, parsed.stream)
+            else:
+                kv_params = await self._prefill(path, body, worker_headers, state)
+                pool, decode_body = self.decode, decode_request_body(body, kv_params, parsed.stream)
             worker, resp, sent_ns = await self._send(
-                self.decode, path, decode_body, worker_headers, stream=parsed.stream
+                pool, path, decode_body, worker_headers, stream=parsed.stream
             )
+            if pool is self.both:
+                # One worker prefilled and decoded: it is both nodes of the request's row.
+                # No prefill send time: that interval is not a dispatch here.
+                _set_worker(span, A.PREFILL_NODE, A.PREFILL_URL, worker)
+                worker.annotate(span, A.PREFILL_CLOCK_OFFSET_S, A.PREFILL_CLOCK_ERROR_S)
             _set_worker(span, A.DECODE_NODE, A.DECODE_URL, worker)
             span.set_attribute(A.DECODE_SENT_NS, sent_ns)
             worker.annotate(span, A.DECODE_CLOCK_OFFSET_S, A.DECODE_CLOCK_ERROR_S)
@@ -696,14 +741,14 @@ class _Router:
                     if state.first_content_s is None and P.chunk_text(event):
                         state.first_content_s = time.monotonic()
             except httpx.HTTPError as exc:
-                message = f"decode worker {worker.url} stream broke: {exc!r}"
+                message = f"{worker.role} worker {worker.url} stream broke: {exc!r}"
                 worker.mark_down(self.config.unhealthy_cooldown_s, repr(exc))
                 state.error, state.status = message, 502
                 yield P.sse_event(P.error_body(message, P.error_type(502), 502))
                 yield P.SSE_DONE
                 return
             if not saw_done and state.error is None:
-                message = f"decode worker {worker.url} ended the stream without [DONE]"
+                message = f"{worker.role} worker {worker.url} ended the stream without [DONE]"
                 state.error, state.status = message, 502
                 yield P.sse_event(P.error_body(message, P.error_type(502), 502))
                 yield P.SSE_DONE

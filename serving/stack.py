@@ -1,6 +1,10 @@
 """A whole instrumented P/D stack on one machine: collector, router, prefill and decode
 workers, each its own ``tokentrace`` process with its own node id and loopback ports.
 
+It can also hold an aggregated deployment (workers with ``--role both`` behind their
+own router, ``router-agg``), beside the disaggregated one or instead of it, sending to
+the same collector: ``tokentrace demo --mode both`` runs one workload against each.
+
 Used by ``tokentrace demo`` and by the integration tests. Talks to the collector over
 its HTTP query API only (serving never imports the collector).
 """
@@ -30,6 +34,8 @@ class LocalStack:
     data_dir: Path
     prefill_workers: int = 1
     decode_workers: int = 2
+    # Workers doing both prefill and decode, behind a router of their own (aggregated).
+    both_workers: int = 0
     num_blocks: int = 1024
     # The CPU engines stand in for GPUs. On one small machine they would otherwise delay
     # the router's and the client's wake-ups by whole scheduler slices, which a real
@@ -48,30 +54,61 @@ class LocalStack:
     def __post_init__(self) -> None:
         if self.engine not in ("reference", "vllm"):
             raise ValueError(f"engine must be 'reference' or 'vllm', got {self.engine!r}")
-        if self.prefill_workers < 1 or self.decode_workers < 1:
+        disaggregated = self.prefill_workers > 0 or self.decode_workers > 0
+        if disaggregated and (self.prefill_workers < 1 or self.decode_workers < 1):
             raise ValueError(
                 f"need at least one prefill and one decode worker, got "
                 f"{self.prefill_workers} and {self.decode_workers}"
             )
+        if self.both_workers < 0 or not (disaggregated or self.both_workers):
+            raise ValueError(
+                f"need prefill and decode workers or both-workers, got {self.prefill_workers} "
+                f"prefill, {self.decode_workers} decode and {self.both_workers} both"
+            )
+        if self.both_workers and self.engine != "reference":
+            raise ValueError("both-workers run the reference engine only")
         self.logs = self.data_dir / "logs"
-        workers = self.prefill_workers + self.decode_workers
+        workers = self.prefill_workers + self.decode_workers + self.both_workers
         # All at once: ports picked one by one can repeat. Each worker gets a second
         # port for vLLM's NIXL side channel.
-        ports = iter(free_ports(4 + 2 * workers))
+        ports = iter(free_ports(5 + 2 * workers))
         self.otlp_grpc = f"{HOST}:{next(ports)}"
         self.otlp_http = f"{HOST}:{next(ports)}"
         self.collector_http = f"http://{HOST}:{next(ports)}"
-        self.router_url = f"http://{HOST}:{next(ports)}"
+        disaggregated_url = f"http://{HOST}:{next(ports)}"
+        aggregated_url = f"http://{HOST}:{next(ports)}"
         self.prefill = {
             f"prefill-{i}": f"http://{HOST}:{next(ports)}" for i in range(self.prefill_workers)
         }
         self.decode = {
             f"decode-{i}": f"http://{HOST}:{next(ports)}" for i in range(self.decode_workers)
         }
-        self._side_channel_ports = {node: next(ports) for node in [*self.prefill, *self.decode]}
+        self.both = {f"both-{i}": f"http://{HOST}:{next(ports)}" for i in range(self.both_workers)}
+        self._side_channel_ports = {
+            node: next(ports) for node in [*self.prefill, *self.decode, *self.both]
+        }
+        # Deployment ("disaggregated" | "aggregated") -> its router's node id and URL.
+        self.router_nodes: dict[str, str] = {}
+        self.router_urls: dict[str, str] = {}
+        if disaggregated:
+            self.router_nodes["disaggregated"] = "router-0"
+            self.router_urls["disaggregated"] = disaggregated_url
+        if self.both_workers:
+            self.router_nodes["aggregated"] = "router-agg"
+            self.router_urls["aggregated"] = aggregated_url
+        # The disaggregated deployment's router when there is one, else the aggregated's.
+        self.router_url = next(iter(self.router_urls.values()))
         self.collector: Component | None = None
         self.router: Component | None = None
+        self.routers: dict[str, Component] = {}
         self.workers: dict[str, Component] = {}
+
+    def worker_url(self, node: str) -> str:
+        """The base URL of worker ``node`` (``prefill-0``, ``decode-1``, ``both-0``, ...)."""
+        for urls in (self.prefill, self.decode, self.both):
+            if node in urls:
+                return urls[node]
+        raise KeyError(f"no worker named {node!r}")
 
     @property
     def otlp_endpoint(self) -> str:
@@ -110,8 +147,8 @@ class LocalStack:
         ).start()
 
     def start_worker(self, node: str) -> Component:
-        url = self.prefill.get(node) or self.decode[node]
-        role = "prefill" if node in self.prefill else "decode"
+        url = self.worker_url(node)
+        role = "prefill" if node in self.prefill else "both" if node in self.both else "decode"
         port = url.rsplit(":", 1)[1]
         if self.engine == "vllm":
             return self._start_vllm(node, role, int(port))
@@ -186,30 +223,40 @@ class LocalStack:
         self.workers[node] = comp.start()
         return comp
 
-    def start_router(self) -> None:
+    def start_router(self, deployment: str = "disaggregated") -> None:
+        """Start the router of ``deployment`` ("disaggregated" or "aggregated")."""
+        node = self.router_nodes[deployment]
         args = [
             "router",
             "--host",
             HOST,
             "--port",
-            self.router_url.rsplit(":", 1)[1],
+            self.router_urls[deployment].rsplit(":", 1)[1],
             "--node-id",
-            "router-0",
+            node,
             "--otlp-endpoint",
             self.otlp_endpoint,
         ]
-        for url in self.prefill.values():
-            args += ["--prefill", url]
-        for url in self.decode.values():
-            args += ["--decode", url]
-        self.router = self._component("router", args, env=self.node_env.get("router")).start()
+        if deployment == "aggregated":
+            for url in self.both.values():
+                args += ["--worker", url]
+        else:
+            for url in self.prefill.values():
+                args += ["--prefill", url]
+            for url in self.decode.values():
+                args += ["--decode", url]
+        name = "router" if node == "router-0" else node
+        env = self.node_env.get(name)
+        self.routers[deployment] = self._component(name, args, env=env).start()
+        if self.router is None:
+            self.router = self.routers[deployment]
 
     def start(self, on_ready: Callable[[str], None] | None = None) -> None:
         """Start every component and wait until each answers its health check.
         Everything already started is stopped if one fails."""
         try:
             self.start_collector()
-            for node in [*self.prefill, *self.decode]:
+            for node in [*self.prefill, *self.decode, *self.both]:
                 self.start_worker(node)
             assert self.collector is not None
             self.collector.wait_http(f"{self.collector_http}/health")
@@ -217,15 +264,15 @@ class LocalStack:
                 on_ready("collector")
             timeout_s = 300.0 if self.engine == "vllm" else 90.0
             for node, comp in self.workers.items():
-                url = self.prefill.get(node) or self.decode[node]
-                comp.wait_http(f"{url}/health", timeout_s=timeout_s)
+                comp.wait_http(f"{self.worker_url(node)}/health", timeout_s=timeout_s)
                 if on_ready:
                     on_ready(node)
-            self.start_router()
-            assert self.router is not None
-            self.router.wait_http(f"{self.router_url}/health")
-            if on_ready:
-                on_ready("router")
+            for deployment in self.router_urls:
+                self.start_router(deployment)
+            for deployment, router in self.routers.items():
+                router.wait_http(f"{self.router_urls[deployment]}/health")
+                if on_ready:
+                    on_ready(router.name)
         except BaseException:
             self.stop()
             raise

@@ -11,7 +11,11 @@ a vLLM server with the NixlConnector:
   ``traceparent``);
 - a request with ``kv_transfer_params.do_remote_prefill`` reads those blocks through
   NIXL into local blocks and decodes with continuous batching;
-- a request with neither is prefilled and decoded here.
+- a request with neither is prefilled and decoded here: on a ``prefill`` or ``decode``
+  worker by a blocking prefill before it joins the decode batch; on a ``both`` worker
+  (an aggregated deployment) inside an engine step shared with the running decodes
+  (piggy-backed prefill), so their token emissions show the prefill work they waited
+  for in ``tokentrace.step.prefill_tokens``.
 
 Spans: ``llm.prefill`` (SERVER) where the prompt is computed, ``llm.kv_transfer``
 (CLIENT) on the reader, ``llm.decode`` (SERVER) and one ``llm.token`` per emission
@@ -65,7 +69,7 @@ from tokentrace.serving.kv import KVRegion, KVTransferError, NixlKVEndpoint
 
 log = logging.getLogger(__name__)
 
-WORKER_ROLES = ("prefill", "decode")
+WORKER_ROLES = ("prefill", "decode", "both")
 KV_BACKEND = "nixl/UCX"
 
 
@@ -434,9 +438,14 @@ class Worker:
             start_time=wall_ns(arrival),
         )
         ctx = trace.set_span_in_context(span)
+        prefill_in_step = kv is None and self.config.role == "both"
+        # (started_ns, done_ns) of the in-step prefill, set on the engine thread.
+        prefilled: list[tuple[int, int]] = []
         try:
             if kv is not None:
                 block_ids = await self._pull_kv(kv, prompt_ids, ctx)
+            elif prefill_in_step:
+                block_ids = []
             else:
                 block_ids, _, prefill_span = await self._run_prefill(
                     prompt_ids, ctx, attrs, time.monotonic()
@@ -462,10 +471,13 @@ class Worker:
         recorder = TokenRecorder(parsed.max_tokens)
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
 
-        def on_tokens(token_ids: list[int], step: int, batch_size: int) -> None:
+        def on_tokens(token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
             if recorder is not None:
-                recorder.record(len(token_ids), step, batch_size)
+                recorder.record(len(token_ids), step, batch_size, prefill)
             loop.call_soon_threadsafe(queue.put_nowait, token_ids)
+
+        def on_prefill(started_ns: int, done_ns: int) -> None:
+            prefilled.append((started_ns, done_ns))
 
         def on_finish(reason: str, error: BaseException | None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, _Finish(reason, error))
@@ -482,8 +494,10 @@ class Worker:
                     ignore_eos=parsed.ignore_eos,
                     temperature=parsed.temperature,
                     seed=parsed.seed,
+                    prefill_in_step=prefill_in_step,
                     on_tokens=on_tokens,
                     on_finish=on_finish,
+                    on_prefill=on_prefill,
                 )
             )
         except ValueError as exc:  # the engine refused it: the blocks are still ours
@@ -503,6 +517,8 @@ class Worker:
                     span.set_attribute(
                         A.GEN_AI_SERVER_TTFT, recorder.start_mono_ns / 1e9 - arrival + first
                     )
+            if prefilled:
+                self._in_step_prefill_span(ctx, attrs, arrival, *prefilled[0])
             span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, out.tokens)
             span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, [out.reason or "abort"])
             if out.error is not None:
@@ -567,6 +583,28 @@ class Worker:
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"X-Request-Id": request_id}
         )
+
+    def _in_step_prefill_span(
+        self,
+        parent: Context,
+        attrs: dict[str, Any],
+        arrival: float,
+        started_ns: int,
+        done_ns: int,
+    ) -> None:
+        """The ``llm.prefill`` span of a prompt prefilled inside an engine step: arrival →
+        KV ready, as on a prefill worker, so ``requests.prefill_s`` means the same in
+        both deployments. Built after the request, off the engine thread."""
+        span = self.tracing.tracer.start_span(
+            A.SPAN_PREFILL,
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes=attrs,
+            start_time=wall_ns(arrival),
+        )
+        span.set_attribute(A.QUEUE_TIME_S, started_ns / 1e9 - arrival)
+        span.set_attribute(A.COMPUTE_TIME_S, (done_ns - started_ns) / 1e9)
+        span.end(end_time=wall_ns(done_ns / 1e9))
 
 
 @dataclass

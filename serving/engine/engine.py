@@ -8,6 +8,17 @@ position ``len-1`` against that cache; that step yields the first output token. 
 then on every engine step is one batched forward pass over all running requests, each
 contributing one token at its own position. Requests join and leave between steps.
 
+A request submitted with ``prefill_in_step`` (a worker doing both prefill and decode)
+brings no blocks: the decode loop prefills its prompt inside an engine step, together
+with that step's decode batch, which the request then joins at once — as vLLM's
+scheduler mixes prefill chunks into decode steps, and what the seed article calls
+piggy-backed prefill. Every request decoding in that step waits for the prefill too: that cost is
+what ``on_tokens`` reports as the step's ``prefill_tokens``. Prompts are prefilled
+whole (not chunked), in the same forward pass ``prefill`` runs, so the KV and the greedy
+output are those of the disaggregated path. On this CPU engine the prefill pass and the
+decode pass of a step run back to back under one hold of the compute lock; a GPU engine
+fuses them into one launch, but either way the step lasts as long as both.
+
 Threading: ``prefill`` runs on the caller's thread; the decode loop on its own thread.
 Both take one engine-wide compute lock, so they never run concurrently on the model.
 ``torch.set_num_threads`` is left to the caller.
@@ -19,6 +30,7 @@ import logging
 import math
 import secrets
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -48,7 +60,11 @@ FINISH_ABORT = "abort"  # abort() or engine shutdown
 FINISH_ERROR = "error"  # the step failed; on_finish gets the exception
 
 
-def _ignore_tokens(token_ids: list[int], step: int, batch_size: int) -> None:
+def _ignore_tokens(token_ids: list[int], step: int, batch_size: int, prefill_tokens: int) -> None:
+    pass
+
+
+def _ignore_prefill(started_ns: int, done_ns: int) -> None:
     pass
 
 
@@ -73,12 +89,18 @@ class DecodeRequest:
     ``block_ids`` must hold the KV of prompt positions ``0 .. len(prompt_ids)-2`` in
     order (at least ``ceil((len-1) / block_size)`` blocks; ``Engine.kv_blocks_for_prompt``
     is what prefill allocates). On a successful ``submit`` the engine owns them and
-    frees them when the request finishes; it allocates more as generation grows.
+    frees them when the request finishes; it allocates more as generation grows. With
+    ``prefill_in_step`` the request brings no blocks (``block_ids`` empty): the decode
+    loop prefills the prompt in a step shared with running decodes, and calls
+    ``on_prefill(started_ns, done_ns)`` (``time.monotonic_ns()``) around that compute.
 
     Callbacks run on the engine thread between steps: keep them cheap, non-blocking and
-    thread-safe. ``on_tokens(token_ids, step, batch_size)``: the tokens emitted for this
-    request in engine step ``step`` (a counter over the engine's forward passes, from 0)
-    that ran ``batch_size`` requests; an EOS that stops the request is delivered too.
+    thread-safe. ``on_tokens(token_ids, step, batch_size, prefill_tokens)``: the tokens
+    emitted for this request in engine step ``step`` (a counter over the engine's
+    forward passes, from 0) that ran ``batch_size`` requests and also prefilled
+    ``prefill_tokens`` prompt tokens of ``prefill_in_step`` requests (0 for a step
+    without such prefill work; a request's recompute of its last prompt token is one of
+    the batch's rows and not counted); an EOS that stops the request is delivered too.
     ``on_finish(finish_reason, error)`` is called exactly once, after the request's
     blocks were freed; ``finish_reason`` is one of ``length | stop | abort | error``.
     ``temperature`` 0 is greedy; above 0 samples from softmax(logits / temperature)
@@ -93,8 +115,10 @@ class DecodeRequest:
     ignore_eos: bool = False
     temperature: float = 0.0
     seed: int | None = None
-    on_tokens: Callable[[list[int], int, int], None] = _ignore_tokens
+    prefill_in_step: bool = False
+    on_tokens: Callable[[list[int], int, int, int], None] = _ignore_tokens
     on_finish: Callable[[str, BaseException | None], None] = _ignore_finish
+    on_prefill: Callable[[int, int], None] = _ignore_prefill
 
 
 @dataclass
@@ -108,6 +132,7 @@ class _Seq:
     next_input: int
     generator: torch.Generator | None
     num_generated: int = 0
+    needs_prefill: bool = False  # prefill_in_step, not yet prefilled
     done: bool = field(default=False)
 
 
@@ -116,14 +141,23 @@ class Engine:
 
     ``max_batch_size`` caps running requests per step; more wait FIFO. A waiting request
     is admitted when the pool's free blocks cover its growth to ``max_tokens`` on top of
-    the growth still owed to running requests (or when nothing runs). Blocks are still
-    allocated lazily; if another pool user took them meanwhile, the request that cannot
-    grow fails with ``OutOfBlocksError`` (finish reason ``error``). ``eos_id`` defaults to
-    the last vocabulary id, which is ``ByteTokenizer.eos_id`` for the default config.
+    the growth still owed to running requests (or when nothing runs). A step prefills
+    admitted ``prefill_in_step`` prompts in admission order while their tokens fit in
+    ``max_prefill_tokens_per_step`` (always at least one); the rest wait for the next
+    step. Blocks are still allocated lazily; if another pool user took them meanwhile,
+    the request that cannot grow fails with ``OutOfBlocksError`` (finish reason
+    ``error``). ``eos_id`` defaults to the last vocabulary id, which is
+    ``ByteTokenizer.eos_id`` for the default config.
     """
 
     def __init__(
-        self, model: TinyLM, pool: BlockPool, *, max_batch_size: int = 64, eos_id: int | None = None
+        self,
+        model: TinyLM,
+        pool: BlockPool,
+        *,
+        max_batch_size: int = 64,
+        max_prefill_tokens_per_step: int = 512,
+        eos_id: int | None = None,
     ) -> None:
         mc, pc = model.config, pool.config
         kv_shape = (mc.n_layers, mc.n_heads, mc.head_dim, mc.block_size, mc.dtype)
@@ -131,6 +165,11 @@ class Engine:
             raise ValueError(f"pool config {pc} does not match model config {mc}")
         if max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be positive, got {max_batch_size!r}")
+        if max_prefill_tokens_per_step <= 0:
+            raise ValueError(
+                f"max_prefill_tokens_per_step must be positive, got {max_prefill_tokens_per_step!r}"
+            )
+        self._max_prefill_tokens = max_prefill_tokens_per_step
         self._model = model
         self._pool = pool
         self._config = mc
@@ -196,25 +235,29 @@ class Engine:
             raise ValueError(
                 f"prompt of {len(ids)} tokens exceeds max_seq_len={self._config.max_seq_len}"
             )
-        c, n = self._config, len(ids)
-        num_blocks = self._pool.blocks_for(n)
-        block_ids = self._pool.allocate(num_blocks)
+        n = len(ids)
+        block_ids = self._pool.allocate(self._pool.blocks_for(n))
         try:
             with self._compute_lock, torch.inference_mode():
-                logits, kv = self._model(torch.tensor(ids, dtype=torch.long))
-                padded = kv.new_zeros(
-                    (c.n_layers, 2, num_blocks * c.block_size, c.n_heads, c.head_dim)
-                )
-                padded[:, :, :n] = kv
-                blocks = padded.view(
-                    c.n_layers, 2, num_blocks, c.block_size, c.n_heads, c.head_dim
-                ).permute(2, 0, 1, 3, 4, 5)
-                self._pool.tensor.index_copy_(0, torch.tensor(block_ids), blocks)
-                next_token = int(logits.argmax())
+                next_token = self._prefill_into(ids, block_ids)
         except BaseException:
             self._pool.free(block_ids)
             raise
         return PrefillResult(block_ids=block_ids, next_token=next_token, num_tokens=n)
+
+    def _prefill_into(self, ids: list[int], block_ids: list[int]) -> int:
+        """The prompt's KV into ``block_ids``; the greedy next token. Hold the compute lock
+        and inference mode. The one prefill computation, local or for a remote decode,
+        so both paths cache bit-identical KV."""
+        c, n, num_blocks = self._config, len(ids), len(block_ids)
+        logits, kv = self._model(torch.tensor(ids, dtype=torch.long))
+        padded = kv.new_zeros((c.n_layers, 2, num_blocks * c.block_size, c.n_heads, c.head_dim))
+        padded[:, :, :n] = kv
+        blocks = padded.view(
+            c.n_layers, 2, num_blocks, c.block_size, c.n_heads, c.head_dim
+        ).permute(2, 0, 1, 3, 4, 5)
+        self._pool.tensor.index_copy_(0, torch.tensor(block_ids), blocks)
+        return int(logits.argmax())
 
     # ---- decode loop ---------------------------------------------------------------
 
@@ -276,7 +319,12 @@ class Engine:
                 f"request needs {pool.blocks_for(total_tokens)} blocks, pool has {pool.num_blocks}"
             )
         blocks = list(req.block_ids)
-        if len(blocks) < pool.blocks_for(len(ids) - 1):
+        if req.prefill_in_step and blocks:
+            raise ValueError(
+                f"a prefill_in_step request brings no blocks (the engine allocates them), "
+                f"got {len(blocks)}"
+            )
+        if not req.prefill_in_step and len(blocks) < pool.blocks_for(len(ids) - 1):
             raise ValueError(
                 f"{len(blocks)} blocks cannot hold the KV of {len(ids) - 1} prompt tokens"
             )
@@ -325,7 +373,7 @@ class Engine:
         finished = threading.Event()
         outcome: list[tuple[str, BaseException | None]] = []
 
-        def on_tokens(token_ids: list[int], step: int, batch_size: int) -> None:
+        def on_tokens(token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
             out.extend(token_ids)
 
         def on_finish(reason: str, error: BaseException | None) -> None:
@@ -381,6 +429,7 @@ class Engine:
             pos=n - 1,
             next_input=int(req.prompt_ids[-1]),
             generator=generator,
+            needs_prefill=req.prefill_in_step,
         )
 
     def _finish(self, seq: _Seq, reason: str, error: BaseException | None) -> None:
@@ -450,28 +499,70 @@ class Engine:
             self._running.append(seq)
             owed += extra
 
+    def _prefills_for_step(self) -> list[_Seq]:
+        """Admitted prompts to prefill in this step, in admission order, within the
+        step's prefill token budget (the first always fits)."""
+        chosen: list[_Seq] = []
+        tokens = 0
+        for seq in self._running:
+            if not seq.needs_prefill:
+                continue
+            n = len(seq.req.prompt_ids)
+            if chosen and tokens + n > self._max_prefill_tokens:
+                break
+            chosen.append(seq)
+            tokens += n
+        return chosen
+
+    def _prefill_in_step(self, seq: _Seq) -> bool:
+        """Prefill one prompt inside the step (compute lock held); on failure the request
+        is finished with the error. True when it joins this step's decode batch."""
+        ids = [int(i) for i in seq.req.prompt_ids]
+        started = time.monotonic_ns()
+        try:
+            seq.block_ids = self._pool.allocate(self._pool.blocks_for(len(ids)))
+            self._prefill_into(ids, seq.block_ids)
+        except Exception as exc:
+            if not isinstance(exc, OutOfBlocksError):
+                _log.exception("prefill of request %s failed", seq.req.request_id)
+            self._running.remove(seq)
+            self._finish(seq, FINISH_ERROR, exc)
+            return False
+        seq.needs_prefill = False
+        try:
+            seq.req.on_prefill(started, time.monotonic_ns())
+        except Exception:
+            _log.exception("on_prefill of request %s raised", seq.req.request_id)
+        return True
+
     def _step(self) -> None:
         bs = self._config.block_size
         for seq in list(self._running):
             missing = seq.pos // bs + 1 - len(seq.block_ids)
-            if missing > 0:
+            if missing > 0 and not seq.needs_prefill:
                 try:
                     seq.block_ids.extend(self._pool.allocate(missing))
                 except OutOfBlocksError as exc:
                     self._running.remove(seq)
                     self._finish(seq, FINISH_ERROR, exc)
-        batch = list(self._running)
-        if not batch:
-            return
-        try:
-            with self._compute_lock:
+        prefills = self._prefills_for_step()
+        with self._compute_lock:
+            # The step's prefill work first: the prompts' KV must be cached before their
+            # last tokens are recomputed in the decode batch below.
+            prefill_tokens = sum(
+                len(seq.req.prompt_ids) for seq in prefills if self._prefill_in_step(seq)
+            )
+            batch = [s for s in self._running if not s.needs_prefill]
+            if not batch:
+                return
+            try:
                 logits = self._forward(batch)
-        except Exception as exc:
-            _log.exception("decode step failed for %d requests", len(batch))
-            for seq in batch:
-                self._running.remove(seq)
-                self._finish(seq, FINISH_ERROR, exc)
-            return
+            except Exception as exc:
+                _log.exception("decode step failed for %d requests", len(batch))
+                for seq in batch:
+                    self._running.remove(seq)
+                    self._finish(seq, FINISH_ERROR, exc)
+                return
         step = self._step_count
         self._step_count += 1
         # ignore_eos masks EOS (as vLLM's min_tokens does) so that every emission of such
@@ -491,7 +582,7 @@ class Engine:
                 seq.pos += 1
                 seq.num_generated += 1
                 seq.next_input = token
-                req.on_tokens([token], step, len(batch))
+                req.on_tokens([token], step, len(batch), prefill_tokens)
             except Exception as exc:
                 _log.exception("emitting a token for request %s failed", req.request_id)
                 self._running.remove(seq)

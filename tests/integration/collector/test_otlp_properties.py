@@ -174,11 +174,14 @@ def _packed_value(emissions: int, times_go_back: bool = False) -> str:
     times = [k * MS for k in range(emissions + 1)]
     if times_go_back:
         times[-1], times[-2] = times[-2], times[-1]
+    # Both wire versions: version 2 (with prefill counts) for an even count, else 1.
+    prefill = array("I", [emissions] * emissions) if emissions % 2 == 0 else None
     return encode_packed(
         array("q", times),
         array("q", range(emissions)),
         array("H", [1] * emissions),
         array("H", [4] * emissions),
+        prefill,
     )
 
 

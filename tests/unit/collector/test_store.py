@@ -193,15 +193,17 @@ def test_bad_dsn_names_it() -> None:
         open_store("nowhere")
 
 
+@pytest.mark.parametrize("step_prefill", [True, False], ids=["v2", "v1"])
 def test_packed_tokens_land_as_the_unpacked_mode_lands_them(
-    store: Store, wal: WriteAheadLog
+    store: Store, wal: WriteAheadLog, step_prefill: bool
 ) -> None:
     """ClickHouse's expansion of a packed decode span writes the otel_traces and
     token_latencies rows the collector writes for the same emissions sent one span each,
-    and the same spans it forwards."""
+    and the same spans it forwards: with each step's prefill count (packed version 2),
+    or, from an emitter that cannot know it (version 1), with none (NULL)."""
     from tokentrace.collector.decode import decode_request, expanded_request
 
-    unpacked_req, packed_req = packed_and_unpacked()
+    unpacked_req, packed_req = packed_and_unpacked(step_prefill)
     pipeline = Pipeline(store, wal, PipelineConfig(flush_interval_ms=20))
     pipeline.start()
     try:
@@ -245,7 +247,10 @@ def test_packed_tokens_land_as_the_unpacked_mode_lands_them(
             v if name != "Timestamp" else v.ns for v in stored[name]
         ], name
 
-    token_cols = "token_index, itl_s, tokens, batch_size, node, toUnixTimestamp64Nano(ts)"
+    token_cols = (
+        "token_index, itl_s, tokens, batch_size, node, toUnixTimestamp64Nano(ts), "
+        "step_prefill_tokens"
+    )
     rows = {
         tid: store.query(
             f"SELECT {token_cols} FROM token_latencies WHERE trace_id = {{t:String}} "
@@ -256,6 +261,8 @@ def test_packed_tokens_land_as_the_unpacked_mode_lands_them(
     }
     assert rows[packed_tid] == rows[unpacked_tid]
     assert [r[0] for r in rows[packed_tid]] == [0, 1, 2, 5, 6]
+    expected = [0, 40, 0, 120, 0] if step_prefill else [None] * 5
+    assert [r[6] for r in rows[packed_tid]] == expected
 
 
 def test_log_records_replayed_after_a_crash_are_stored_exactly_once(

@@ -4,6 +4,7 @@ standing where the OTLP exporter would (the SDK is not what is under test)."""
 from __future__ import annotations
 
 import time
+from array import array
 
 import pytest
 from opentelemetry import trace
@@ -30,7 +31,7 @@ def test_one_span_per_emission_chained_from_decode_start(tracer_and_spans) -> No
     counts = [1, 3, 1, 2, 1]
     for step, n in enumerate(counts):
         time.sleep(0.002)
-        rec.record(n, step + 10, batch_size=4)
+        rec.record(n, step + 10, batch_size=4, prefill_tokens=100 * (step % 2))
     parent = tracer.start_span("llm.decode")
     assert rec.emit_spans(tracer, trace.set_span_in_context(parent)) == len(counts)
     spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
@@ -41,6 +42,7 @@ def test_one_span_per_emission_chained_from_decode_start(tracer_and_spans) -> No
     assert [s.attributes[A.TOKEN_COUNT] for s in spans] == counts
     assert [s.attributes[A.ENGINE_STEP] for s in spans] == [10, 11, 12, 13, 14]
     assert all(s.attributes[A.BATCH_SIZE] == 4 for s in spans)
+    assert [s.attributes[A.STEP_PREFILL_TOKENS] for s in spans] == [0, 100, 0, 100, 0]
     # contiguous: each span starts where the previous ended; the first at decode start
     assert spans[0].start_time == rec.wall_ns(rec.start_mono_ns)
     for a, b in zip(spans, spans[1:], strict=False):
@@ -52,6 +54,27 @@ def test_one_span_per_emission_chained_from_decode_start(tracer_and_spans) -> No
         assert s.kind == trace.SpanKind.INTERNAL
     first = rec.first_emission_s()
     assert first is not None and first >= 0.0015
+
+
+def test_packs_prefill_counts_unless_the_emitter_cannot_know_them(tracer_and_spans) -> None:
+    """The engine's recorder packs version 2 with each step's prefill count; one made
+    with ``step_prefill=False`` (the vLLM plugin's) packs version 1 and its spans carry
+    no count, so the collector stores the count as unknown instead of 0."""
+    from tokentrace.schemas.packed import decode_packed
+
+    tracer, exporter = tracer_and_spans
+    known, unknown = TokenRecorder(4), TokenRecorder(4, step_prefill=False)
+    for rec in (known, unknown):
+        rec.start()
+        rec.record(1, 7, 2, 300)
+        rec.record(1, 8, 2)
+    assert decode_packed(known.pack(0)).prefill_tokens == array("I", [300, 0])
+    assert unknown.pack(0).startswith("1:")
+    assert decode_packed(unknown.pack(0)).prefill_tokens is None
+    unknown.emit_spans(tracer, trace.set_span_in_context(trace.INVALID_SPAN))
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 2
+    assert all(A.STEP_PREFILL_TOKENS not in (s.attributes or {}) for s in spans)
 
 
 def test_request_without_emissions_builds_no_spans(tracer_and_spans) -> None:

@@ -96,6 +96,29 @@ def test_requests_view_puts_cross_node_intervals_on_the_router_clock(tmp_path: P
     assert (row["prefill_clock_offset_s"], row["decode_clock_offset_s"]) == (-0.05, 0.08)
 
 
+def test_requests_view_has_no_handoff_when_one_worker_did_both(tmp_path: Path) -> None:
+    """An aggregated request: its worker's llm.prefill span ends after its llm.decode
+    span starts, and nothing crossed nodes, so the handoff intervals are NULL rather than
+    negative; the router's dispatch to the worker is still measured."""
+    import clickhouse_connect
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'ch'}")
+    for statement in ddl_statements():
+        client.command(statement)
+    ms, t0, n = 1_000_000, 1_700_000_000_000_000_000, None
+    cols = ["trace_id", "request_id", "prefill_node", "decode_node", "decode_sent"]
+    cols += ["decode_start", "prefill_start", "prefill_end"]
+    parts = [
+        ["t1", "r1", "both-0", "both-0", t0, n, n, n],
+        ["t1", n, n, "both-0", n, t0 + 1 * ms, n, n],
+        ["t1", n, "both-0", n, n, n, t0 + 1 * ms, t0 + 9 * ms],
+    ]
+    client.insert("tokentrace.request_parts", parts, column_names=cols)
+    (row,) = client.query("SELECT * FROM tokentrace.requests").named_results()
+    assert row["prefill_to_decode_s"] is None and row["kv_handoff_s"] is None
+    assert row["decode_dispatch_s"] == pytest.approx(0.001)
+
+
 def test_ddl_upgrades_a_store_created_before_clock_columns(tmp_path: Path) -> None:
     import clickhouse_connect
 
@@ -125,3 +148,95 @@ def test_ddl_upgrades_a_store_created_before_clock_columns(tmp_path: Path) -> No
         client.command(statement)
     (row,) = client.query("SELECT * FROM tokentrace.requests").named_results()
     assert row["request_id"] == "r0" and row["kv_handoff_s"] is None
+
+
+def test_a_store_made_before_step_prefill_counts_is_upgraded(tmp_path: Path) -> None:
+    """The first release's DDL, then today's: ``token_latencies`` gains
+    ``step_prefill_tokens`` (NULL in old rows), and packed emissions are expanded by the
+    new views exactly once (the old views are gone, not running beside them)."""
+    import clickhouse_connect
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'ch'}")
+    # The first release's DDL: today's without the prefill counts, the views under their
+    # old names, and neither the ALTERs nor the DROPs that upgrade it.
+    upgrades = ("ADD COLUMN IF NOT EXISTS step_prefill", "ADD COLUMN IF NOT EXISTS prefill", "DROP")
+    removed = (
+        ",\n    step_prefill_tokens Nullable(UInt32)",
+        ",\n    prefill_tokens Array(Nullable(UInt32))",
+        "    prefill_tokens AS pf,\n",
+        ",\n    pf AS step_prefill_tokens",
+        ",\n        'tokentrace.step.prefill_tokens', toString(pf)",
+    )
+    first_release = []
+    for statement in ddl_statements():
+        if any(marker in statement for marker in upgrades):
+            continue
+        for text in removed:
+            statement = statement.replace(text, "")
+        assert "prefill_tokens" not in statement and "pf" not in statement.split()
+        first_release.append(statement.replace("_v2_mv", "_mv"))
+    for statement in first_release:
+        client.command(statement)
+    views = {r[0] for r in client.query("SHOW TABLES FROM tokentrace LIKE '%_mv'").result_rows}
+    old_views = {"packed_tokens_spans_mv", "packed_tokens_rows_mv"}
+    assert views == {"otel_traces_trace_id_ts_mv", *old_views}
+    columns = client.query("DESCRIBE TABLE tokentrace.token_latencies").result_rows
+    assert "step_prefill_tokens" not in {c[0] for c in columns}
+    client.insert(
+        "tokentrace.token_latencies",
+        [[1_700_000_000_000_000_000, "old", "decode-0", 0, None, 1, 3]],
+        column_names=["ts", "trace_id", "node", "token_index", "itl_s", "tokens", "batch_size"],
+    )
+    for statement in ddl_statements():
+        client.command(statement)
+    views = {r[0] for r in client.query("SHOW TABLES FROM tokentrace LIKE '%_mv'").result_rows}
+    assert views == {
+        "otel_traces_trace_id_ts_mv",
+        "packed_tokens_spans_v2_mv",
+        "packed_tokens_rows_v2_mv",
+    }
+    client.insert(
+        "tokentrace.packed_tokens",
+        [
+            [
+                "new",
+                "00000000000000aa",
+                1_700_000_000_000_000_000,
+                "svc",
+                {},
+                "",
+                "",
+                "both-0",
+                [0, 10, 20],
+                [5, 6],
+                [1, 1],
+                [2, 2],
+                [64, 0],
+            ]
+        ],
+        column_names=[
+            "TraceId",
+            "DecodeSpanId",
+            "start_ns",
+            "ServiceName",
+            "ResourceAttributes",
+            "ScopeName",
+            "ScopeVersion",
+            "node",
+            "times",
+            "steps",
+            "counts",
+            "batch_sizes",
+            "prefill_tokens",
+        ],
+    )
+    rows = client.query(
+        "SELECT trace_id, token_index, step_prefill_tokens FROM tokentrace.token_latencies "
+        "ORDER BY trace_id, token_index"
+    ).result_rows
+    assert rows == [("new", 0, 64), ("new", 1, 0), ("old", 0, None)]
+    spans = client.query(
+        "SELECT SpanAttributes['tokentrace.step.prefill_tokens'] FROM tokentrace.otel_traces "
+        "WHERE TraceId = 'new' ORDER BY Timestamp"
+    ).result_rows
+    assert spans == [("64",), ("0",)]

@@ -115,3 +115,19 @@ def test_prompt_is_seeded_printable_ascii_of_the_asked_length() -> None:
     assert len(a.encode("utf-8")) == 300  # one byte = one token for the byte tokenizer
     assert all(0x20 <= ord(c) < 0x7F for c in a)
     assert make_prompt(random.Random(8), 300) != a
+
+
+def test_arrival_schedule_is_seeded_and_poisson() -> None:
+    """Two runs with one seed get the same arrival offsets (so two deployments see the
+    same workload); the gaps average 1/rate; no rate means everyone starts at once."""
+    from tokentrace.serving.load import arrival_offsets_s
+
+    a = arrival_offsets_s(7, 2000, 4.0)
+    assert a == arrival_offsets_s(7, 2000, 4.0)
+    assert a != arrival_offsets_s(8, 2000, 4.0)
+    assert a[0] == 0.0 and a == sorted(a)
+    assert 0.2 < a[-1] / 1999 < 0.3  # mean gap 0.25 s within sampling error
+    assert arrival_offsets_s(7, 3, None) == [0.0, 0.0, 0.0]
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="request_rate"):
+            arrival_offsets_s(7, 3, bad)

@@ -267,6 +267,14 @@ def test_router_config_validation() -> None:
         RouterConfig(["http://a:1"], ["http://b:2"], port=70000).validate()
     with pytest.raises(ValueError, match="request_timeout_s"):
         RouterConfig(["http://a:1"], ["http://b:2"], request_timeout_s=0).validate()
+    aggregated = RouterConfig(worker_urls=["http://w:1/", "http://w:2"]).validate()
+    assert aggregated.worker_urls == ("http://w:1", "http://w:2")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        RouterConfig(["http://a:1"], ["http://b:2"], worker_urls=["http://w:1"]).validate()
+    with pytest.raises(ValueError, match="worker_urls: worker URL must start"):
+        RouterConfig(worker_urls=["w:1"]).validate()
+    with pytest.raises(ValueError, match="prefill_urls must name at least one"):
+        RouterConfig().validate()
 
 
 def test_pool_picks_least_outstanding_with_round_robin_ties() -> None:

@@ -53,15 +53,21 @@ class Collector:
 
     tokens: list[int] = field(default_factory=list)
     steps: list[tuple[int, int]] = field(default_factory=list)  # (step, batch_size)
+    prefill: list[int] = field(default_factory=list)  # the steps' prefill tokens
+    prefilled: list[tuple[int, int]] = field(default_factory=list)  # on_prefill calls
     reason: str | None = None
     error: BaseException | None = None
     finished: threading.Event = field(default_factory=threading.Event)
     first_token: threading.Event = field(default_factory=threading.Event)
 
-    def on_tokens(self, token_ids: list[int], step: int, batch_size: int) -> None:
+    def on_tokens(self, token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
         self.tokens.extend(token_ids)
         self.steps.append((step, batch_size))
+        self.prefill.append(prefill)
         self.first_token.set()
+
+    def on_prefill(self, started_ns: int, done_ns: int) -> None:
+        self.prefilled.append((started_ns, done_ns))
 
     def on_finish(self, finish_reason: str, error: BaseException | None) -> None:
         assert self.reason is None, "on_finish called twice"
@@ -89,6 +95,7 @@ def submit(
             max_tokens,
             on_tokens=col.on_tokens,
             on_finish=col.on_finish,
+            on_prefill=col.on_prefill,
             **kwargs,
         )
     )
@@ -237,6 +244,76 @@ def test_continuous_batching_matches_requests_run_alone(engine: Engine) -> None:
     assert engine.pool.num_free == total_free == engine.pool.num_blocks
 
 
+def test_prefill_in_step_shares_the_step_with_running_decodes(engine: Engine) -> None:
+    """A prompt submitted while another request decodes is prefilled inside a step of
+    that request's, which reports the prompt's tokens; every other step reports 0. Both
+    outputs equal the prefill-then-decode path's (and so the disaggregated pair's)."""
+    long_prompt, short_prompt = PROMPTS[0], PROMPTS[2]
+    alone = [engine.generate(long_prompt, 30), engine.generate(short_prompt, 10)]
+    second = Collector()
+
+    class First(Collector):
+        def on_tokens(self, token_ids: list[int], step: int, batch_size: int, p: int) -> None:
+            if not self.tokens:  # the next step must find the second request waiting
+                engine.submit(
+                    DecodeRequest(
+                        "second",
+                        short_prompt,
+                        [],
+                        10,
+                        ignore_eos=True,
+                        prefill_in_step=True,
+                        on_tokens=second.on_tokens,
+                        on_finish=second.on_finish,
+                        on_prefill=second.on_prefill,
+                    )
+                )
+            super().on_tokens(token_ids, step, batch_size, p)
+
+    first = First()
+    engine.submit(
+        DecodeRequest(
+            "first",
+            long_prompt,
+            [],
+            30,
+            ignore_eos=True,
+            prefill_in_step=True,
+            on_tokens=first.on_tokens,
+            on_finish=first.on_finish,
+            on_prefill=first.on_prefill,
+        )
+    )
+    first.wait()
+    second.wait()
+    assert (first.tokens, second.tokens) == (alone[0], alone[1])
+    assert first.prefill == [len(long_prompt), len(short_prompt)] + [0] * 28
+    assert second.prefill == [len(short_prompt)] + [0] * 9
+    assert first.steps[1] == second.steps[0] == (first.steps[0][0] + 1, 2)
+    for col in (first, second):
+        assert len(col.prefilled) == 1 and col.prefilled[0][0] <= col.prefilled[0][1]
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_prefill_budget_spreads_prompts_over_steps(model: TinyLM) -> None:
+    """Two prompts waiting together but over the step's prefill budget are prefilled in
+    two steps; the second rides on the first's first decode step."""
+    eng = Engine(model, BlockPool(model.config, 64), max_prefill_tokens_per_step=1)
+    a = submit(eng, "a", PROMPTS[0], [], 3, ignore_eos=True, prefill_in_step=True)
+    b = submit(eng, "b", PROMPTS[1], [], 3, ignore_eos=True, prefill_in_step=True)
+    eng.start()
+    try:
+        a.wait()
+        b.wait()
+    finally:
+        eng.shutdown()
+    assert a.prefill == [len(PROMPTS[0]), len(PROMPTS[1]), 0]
+    assert [s for s, _ in a.steps][1] == b.steps[0][0]
+    assert b.prefill == [len(PROMPTS[1]), 0, 0]
+    with pytest.raises(ValueError, match="max_prefill_tokens_per_step"):
+        Engine(model, BlockPool(model.config, 4), max_prefill_tokens_per_step=0)
+
+
 def test_eos_stops_unless_ignored(model: TinyLM) -> None:
     pool = BlockPool(model.config, 64)
     plain = Engine(model, pool)
@@ -319,7 +396,7 @@ def test_failing_callback_fails_only_its_request(engine: Engine) -> None:
     bad_finish: list[tuple[str, BaseException | None]] = []
     done = threading.Event()
 
-    def on_tokens(token_ids: list[int], step: int, batch_size: int) -> None:
+    def on_tokens(token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
         raise boom
 
     def on_finish(reason: str, error: BaseException | None) -> None:
@@ -352,6 +429,7 @@ def test_submit_validation(engine: Engine) -> None:
         DecodeRequest("a", PROMPTS[0], ok, 4, temperature=-1.0),
         DecodeRequest("", PROMPTS[0], ok, 4),
         DecodeRequest("a", PROMPTS[0], [ok[0], ok[0], ok[1]], 4),
+        DecodeRequest("a", PROMPTS[0], ok, 4, prefill_in_step=True),  # brings blocks
     ]
     for req in cases:
         with pytest.raises(ValueError):
