@@ -92,6 +92,7 @@ def _load(data_dir: Path, token_rows: int, spans: int, progress: Progress) -> No
         # Token rows: the last hour, spread over the decode nodes.
         store.command(f"""
             INSERT INTO tokentrace.token_latencies
+                (ts, trace_id, node, token_index, itl_s, tokens, batch_size)
             SELECT
                 fromUnixTimestamp64Nano(toInt64({now_ns} - {hour}
                     + intDiv(number * {hour}, {token_rows}))) AS ts,
