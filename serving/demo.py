@@ -395,6 +395,19 @@ def _print_next_steps(console: Console, stack: LocalStack, data_dir: Path, live:
         console.print(f'  {command} query{dd} "{sql}"', soft_wrap=True, highlight=False)
     if live:
         console.print(f'  or POST {{"sql": ...}} to {stack.collector_http}/query')
+        console.print(
+            f"[bold]See it[/bold]: the latency page is at {stack.collector_http}/ui/",
+            soft_wrap=True,
+            highlight=False,
+        )
+    else:
+        console.print(
+            f"[bold]See it[/bold]: start {command} collector{dd}, then "
+            f"{command} ui{dd} prints the latency page's URL (or rerun the demo with "
+            "--keep-running)",
+            soft_wrap=True,
+            highlight=False,
+        )
 
 
 def _command_name() -> str:
