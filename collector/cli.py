@@ -181,22 +181,37 @@ def register(subparsers: Any) -> None:
 
     u = subparsers.add_parser(
         "ui",
-        help="print (or open) the URL of the running collector's latency page",
+        help="the latency page: the running collector's, or served here from the store",
         description=(
-            "Find the collector running on DATA_DIR (through DATA_DIR/collector.json) and "
-            "print the URL of its built-in latency page: TTFT and ITL percentiles per node "
-            "over time, an ITL heatmap per decode node, KV transfer bandwidth per source → "
-            "destination, the slowest requests and each one's clock-aligned waterfall. The "
-            "page reads only that collector's query and Jaeger APIs. If the collector "
-            "requires a bearer token, the page asks for it once and keeps it in the "
-            "browser's localStorage."
+            "The built-in latency page: TTFT and ITL percentiles per node over time, an "
+            "ITL heatmap per decode node, KV transfer bandwidth per source → destination, "
+            "the slowest requests and each one's clock-aligned waterfall. If a collector "
+            "runs on DATA_DIR (found through DATA_DIR/collector.json), print the URL of its "
+            "page and exit. Otherwise open the store (DATA_DIR's embedded store, or "
+            "--clickhouse DSN) read-only, serve the page and the query and Jaeger APIs it "
+            "reads on --http until Ctrl-C, and print its URL. If the collector requires a "
+            "bearer token, the page asks for it once and keeps it in the browser's "
+            "localStorage."
         ),
     )
-    u.add_argument("--data-dir", type=Path, default=None, metavar="DIR", help=_DATA_DIR_HELP)
+    _add_store_args(u)
+    u.add_argument(
+        "--http",
+        default="127.0.0.1:4320",
+        metavar="HOST:PORT",
+        help="where to serve the page when no collector is running (default: %(default)s)",
+    )
     u.add_argument(
         "--open",
         action="store_true",
         help="also open the page in this machine's default web browser",
+    )
+    u.add_argument(
+        "--auth-token",
+        default=None,
+        metavar="TOKEN",
+        help="when serving the page itself, require Authorization: Bearer TOKEN on its "
+        "APIs as the collector does (default: $TOKENTRACE_AUTH_TOKEN; unset: none)",
     )
     u.set_defaults(func=_run_ui)
 
@@ -618,22 +633,74 @@ def _run_ui(args: argparse.Namespace) -> int:
     from tokentrace.schemas.layout import collector_file
 
     data_dir = _data_dir(args)
-    info = _running_collector(collector_file(data_dir))
+    info = None if args.clickhouse else _running_collector(collector_file(data_dir))
     if info is None:
-        print(
-            f"tokentrace ui: no collector is running on {data_dir} (no answering "
-            f"{collector_file(data_dir)}); start one with `tokentrace collector`",
-            file=sys.stderr,
-        )
-        return 1
+        return _serve_ui(args, data_dir)
     url = f"{_api_url(info)}/ui/"
     print(url, flush=True)
-    if args.open:
-        import webbrowser
+    return _open_in_browser(url) if args.open else 0
 
-        if not webbrowser.open(url):
-            print(
-                "tokentrace ui: found no web browser to open; open the URL above", file=sys.stderr
-            )
-            return 1
+
+def _open_in_browser(url: str) -> int:
+    import webbrowser
+
+    if not webbrowser.open(url):
+        print("tokentrace ui: found no web browser to open; open the URL above", file=sys.stderr)
+        return 1
     return 0
+
+
+def _serve_ui(args: argparse.Namespace, data_dir: Path) -> int:
+    """Serve the page and the read-only APIs it needs from the store itself: the
+    collector's API app without its receivers (so nothing can be written)."""
+    import threading
+
+    import uvicorn
+
+    from tokentrace.schemas.auth import BearerAuthMiddleware, resolve_token
+    from tokentrace.schemas.layout import default_dsn
+
+    from .api import create_api_app
+    from .service import parse_hostport
+    from .store import StoreError, open_store
+    from .ui import UI_PATHS
+
+    try:
+        host, port = parse_hostport(args.http)
+        store = open_store(args.clickhouse or default_dsn(data_dir))
+    except (ValueError, StoreError) as exc:
+        print(f"tokentrace ui: {exc}", file=sys.stderr)
+        return 1
+    try:
+        app: Any = create_api_app(
+            store, lambda: {"serving": "tokentrace ui (read-only, no receivers)"}
+        )
+        token = resolve_token(args.auth_token)
+        if token:
+            app = BearerAuthMiddleware(app, token, open_paths=("/health", *UI_PATHS))
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        )
+        thread = threading.Thread(target=server.run, name="tokentrace-ui", daemon=True)
+        thread.start()
+        while not server.started:
+            if not thread.is_alive():
+                print(f"tokentrace ui: cannot serve on {args.http}", file=sys.stderr)
+                return 1
+            thread.join(0.05)
+        bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
+        shown = f"[{host}]" if ":" in host else host
+        url = f"http://{shown}:{bound}/ui/"
+        print(url, flush=True)
+        print(f"serving {store.dsn} read-only; Ctrl-C to stop", file=sys.stderr, flush=True)
+        if args.open and _open_in_browser(url):
+            server.should_exit = True
+        try:
+            while thread.is_alive():
+                thread.join(0.5)
+        except KeyboardInterrupt:
+            server.should_exit = True
+            thread.join(10)
+        return 0
+    finally:
+        store.close()

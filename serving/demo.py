@@ -402,9 +402,8 @@ def _print_next_steps(console: Console, stack: LocalStack, data_dir: Path, live:
         )
     else:
         console.print(
-            f"[bold]See it[/bold]: start {command} collector{dd}, then "
-            f"{command} ui{dd} prints the latency page's URL (or rerun the demo with "
-            "--keep-running)",
+            f"[bold]See it[/bold]: {command} ui{dd} serves the latency page from this "
+            "store (or rerun the demo with --keep-running)",
             soft_wrap=True,
             highlight=False,
         )

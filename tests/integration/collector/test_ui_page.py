@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -379,11 +381,58 @@ def test_ui_command_prints_the_page_url(stack: LocalStack, tmp_path: Path) -> No
     page = httpx.get(url)
     assert page.status_code == 200 and "<title>tokentrace" in page.text
 
-    nobody = subprocess.run(
-        [sys.executable, "-m", "tokentrace", "ui", "--data-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+
+def test_ui_command_serves_the_page_from_a_store_no_collector_runs_on(tmp_path: Path) -> None:
+    """After the collector has stopped, ``tokentrace ui`` serves the page and the
+    read-only APIs it reads from the store itself, and nothing that writes."""
+    from collector_process import running_collector
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
     )
-    assert nobody.returncode == 1
-    assert "no collector is running" in nobody.stderr and nobody.stdout == ""
+    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+    now = time.time_ns()
+    span = Span(
+        trace_id=bytes(range(1, 17)),
+        span_id=bytes(range(1, 9)),
+        name="stored-before",
+        start_time_unix_nano=now,
+        end_time_unix_nano=now + 1000,
+    )
+    export = ExportTraceServiceRequest(
+        resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])]
+    )
+    headers = auth_headers()  # this module's collectors require a token
+    with running_collector(tmp_path) as collector:
+        sent = httpx.post(
+            collector.otlp_http,
+            content=export.SerializeToString(),
+            headers={"content-type": "application/x-protobuf", **headers},
+        )
+        assert sent.status_code == 200
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "tokentrace", "ui", "--data-dir", str(tmp_path)]
+        + ["--http", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert ui.stdout is not None
+        url = ui.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/ui/"), url
+        base = url.removesuffix("/ui/")
+        page = httpx.get(url)
+        assert page.status_code == 200 and "<title>tokentrace" in page.text
+        query = {"sql": "SELECT SpanName FROM otel_traces"}
+        if headers:  # the token is required as the collector required it
+            assert httpx.post(f"{base}/query", json=query).status_code == 401
+        rows = httpx.post(f"{base}/query", json=query, headers=headers).json()["rows"]
+        assert rows == [["stored-before"]]
+        trace = httpx.get(f"{base}/api/traces/{bytes(range(1, 17)).hex()}", headers=headers)
+        assert trace.status_code == 200
+        nothing = httpx.post(f"{base}/v1/traces", content=b"", headers=headers)
+        assert nothing.status_code in (404, 405)  # no receivers: it cannot store anything
+    finally:
+        ui.send_signal(signal.SIGINT)
+        assert ui.wait(timeout=30) == 0
