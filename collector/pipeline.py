@@ -346,11 +346,12 @@ class Pipeline:
         :class:`PipelineUnavailable` when it could not be logged (transient: the sender
         should retry).
         """
-        wire: bytes | None = None
         if isinstance(request, bytes | bytearray | memoryview):
             wire = bytes(request)
             request = parse_protobuf(wire)
-        digest = export_digest(wire if wire is not None else request.SerializeToString())
+        else:
+            wire = request.SerializeToString()
+        digest = export_digest(wire)
         # One clock reading for decoding and for the accepted copy the log keeps, so the
         # spans logged are exactly the spans decoded.
         now_ns = time.time_ns()
@@ -378,8 +379,6 @@ class Pipeline:
             )
         if batch.rejected_spans:
             request = accepted_request(request, now_ns=now_ns)
-            wire = None
-        if wire is None:
             wire = request.SerializeToString()
         pending = _Pending(batch, derive_rows(batch), digest, wire, request)
         try:
