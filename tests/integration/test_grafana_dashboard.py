@@ -149,6 +149,18 @@ def test_panels_show_what_the_tables_hold(stack: LocalStack, window: tuple[int, 
     assert slow[0]["e2e_s"] == top["e2e"]
     assert [r["e2e_s"] for r in slow] == sorted((r["e2e_s"] for r in slow), reverse=True)
 
+    (prefill_target,) = _panel("ITL on engine steps with / without prefill")["targets"]
+    steps = {r["node"]: r for r in _run(stack, prefill_target, window)}
+    gaps = stack.query(
+        f"SELECT node, count() AS n FROM tokentrace.token_latencies WHERE {where} "
+        "AND itl_s IS NOT NULL GROUP BY node"
+    )
+    assert {node: r["gaps"] for node, r in steps.items()} == {g["node"]: g["n"] for g in gaps}
+    # Disaggregated decode workers' steps never carry a prompt's prefill.
+    assert all(r["gaps_on_prefill_steps"] == 0 for r in steps.values())
+    assert all(r["p50_with_prefill_s"] is None for r in steps.values())
+    assert all(r["p50_without_prefill_s"] <= r["p99_without_prefill_s"] for r in steps.values())
+
     (ttft_target,) = _panel("TTFT per prefill node")["targets"]
     points = _run(stack, ttft_target, window)
     assert {p["node"] for p in points} == set(stack.prefill)
