@@ -38,6 +38,21 @@
       FROM tokentrace.kv_transfers
       WHERE ${WINDOW} AND duration_s > 0
       GROUP BY src_node, dst_node ORDER BY src_node, dst_node`,
+    // Token gaps whose engine step also prefilled a prompt (a worker doing both:
+    // piggy-backed prefill) against the rest; rows whose emitter does not say are left out.
+    prefill: `SELECT node, count() AS gaps,
+        countIf(step_prefill_tokens > 0) AS with_prefill,
+        if(with_prefill > 0, quantileExactIf(0.5)(itl_s, step_prefill_tokens > 0), NULL)
+          AS p50_with,
+        if(with_prefill > 0, quantileExactIf(0.99)(itl_s, step_prefill_tokens > 0), NULL)
+          AS p99_with,
+        if(with_prefill < gaps, quantileExactIf(0.5)(itl_s, step_prefill_tokens = 0), NULL)
+          AS p50_without,
+        if(with_prefill < gaps, quantileExactIf(0.99)(itl_s, step_prefill_tokens = 0), NULL)
+          AS p99_without
+      FROM tokentrace.token_latencies
+      WHERE ${WINDOW} AND itl_s IS NOT NULL AND step_prefill_tokens IS NOT NULL
+      GROUP BY node ORDER BY node`,
     slowest: `SELECT trace_id, request_id, toUnixTimestamp64Milli(ts) AS ts_ms, router_node,
         prefill_node, decode_node, ttft_s, e2e_s, output_tokens, status
       FROM tokentrace.requests
@@ -128,9 +143,9 @@
     const qName = $("quantile").selectedOptions[0].textContent;
     const by = TTFT_BY.includes($("ttft-by").value) ? $("ttft-by").value : TTFT_BY[0];
     setStatus("loading…");
-    const [ttft, itl, cells, kv, slow] = await Promise.all([
+    const [ttft, itl, cells, kv, prefill, slow] = await Promise.all([
       query(SQL.ttft(by), w), query(SQL.itl, w), query(SQL.heatmap, w), query(SQL.kv, w),
-      query(SQL.slowest, w),
+      query(SQL.prefill, w), query(SQL.slowest, w),
     ]);
     const common = { fromMs: w.from_ms, toMs: w.to_ms, bucketMs: w.bucket_ms };
     C.lineChart($("ttft-chart"), Object.assign({
@@ -156,6 +171,7 @@
         "data-bytes": r.total_bytes, "data-p50": r.p50_bytes_per_s,
       },
     })), "KV transfer bandwidth");
+    renderPrefillSteps(prefill);
     renderSlowest(slow);
     setStatus(`${C.fmtClock(w.from_ms)} – ${C.fmtClock(w.to_ms)}, ${w.bucket_ms / 1000} s buckets`);
   }
@@ -165,6 +181,39 @@
     if (cls) td.className = cls;
     if (content instanceof Node) td.appendChild(content); else td.textContent = content;
     tr.appendChild(td);
+  }
+
+  function renderPrefillSteps(rows) {
+    const box = $("prefill-table");
+    box.replaceChildren();
+    if (!rows.length) {
+      box.textContent = "no token gaps in this window";
+      return;
+    }
+    const table = document.createElement("table");
+    table.innerHTML = "<thead><tr><th>decode node</th><th class=num>gaps</th>" +
+      "<th class=num>on steps with prefill</th><th class=num>ITL p50 / p99 with</th>" +
+      "<th class=num>ITL p50 / p99 without</th></tr></thead>";
+    const tbody = document.createElement("tbody");
+    const pair = (a, b) => (a === null ? "—" : `${C.fmtMs(a)} / ${C.fmtMs(b)}`);
+    for (const r of rows) {
+      const tr = document.createElement("tr");
+      tr.className = "prefill-steps";
+      Object.assign(tr.dataset, {
+        node: r.node, gaps: r.gaps, withPrefill: r.with_prefill,
+        p99With: r.p99_with === null ? "" : r.p99_with,
+        p99Without: r.p99_without === null ? "" : r.p99_without,
+      });
+      const share = r.gaps ? (100 * r.with_prefill) / r.gaps : 0;
+      cell(tr, r.node);
+      cell(tr, String(r.gaps), "num");
+      cell(tr, `${r.with_prefill} (${share.toFixed(1)}%)`, "num");
+      cell(tr, pair(r.p50_with, r.p99_with), "num");
+      cell(tr, pair(r.p50_without, r.p99_without), "num");
+      tbody.appendChild(tr);
+    }
+    table.appendChild(tbody);
+    box.appendChild(table);
   }
 
   function renderSlowest(rows) {

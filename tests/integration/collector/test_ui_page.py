@@ -171,6 +171,7 @@ def test_page_loads_without_console_errors(opened: Opened, shots: Path) -> None:
         assert page.locator(f"#{chart} svg").count() == 1, chart
         assert page.locator(f"#{chart} svg[data-empty]").count() == 0, f"{chart} is empty"
     assert page.locator("tr.slow-request").count() > 0
+    assert page.locator("tr.prefill-steps").count() == 2
     assert opened.errors == []
     # The load took seconds: the last minute in one-second buckets shows its shape.
     before = opened.loads()
@@ -182,6 +183,7 @@ def test_page_loads_without_console_errors(opened: Opened, shots: Path) -> None:
         ("#itl-view", "itl"),
         ("#heatmap-view", "itl-heatmap"),
         ("#kv-view", "kv-bandwidth"),
+        ("#prefill-view", "prefill-steps"),
         ("#slowest-view", "slowest"),
     ):
         page.locator(view).screenshot(path=shots / f"{name}.png")
@@ -301,6 +303,33 @@ def test_heatmap_and_kv_bandwidth_hold_what_the_sql_returns(
         assert int(b["data-transfers"]) == want["n"]
         assert int(b["data-bytes"]) == want["b"]
         assert float(b["data-value"]) == pytest.approx(want["b"] / want["s"], rel=1e-9)
+
+
+def test_prefill_steps_table_holds_what_the_sql_returns(stack: LocalStack, opened: Opened) -> None:
+    page = opened.page
+    from_ms, to_ms, _ = _window(page, "itl-chart")
+    rows = _attrs(
+        page,
+        "#prefill-table tr.prefill-steps",
+        "data-node",
+        "data-gaps",
+        "data-with-prefill",
+        "data-p99-with",
+        "data-p99-without",
+    )
+    want = stack.query(
+        "SELECT node, count() AS gaps, countIf(step_prefill_tokens > 0) AS with_prefill, "
+        "quantileExactIf(0.99)(itl_s, step_prefill_tokens = 0) AS p99_without "
+        f"FROM tokentrace.token_latencies WHERE {_where(from_ms, to_ms)} "
+        "AND itl_s IS NOT NULL AND step_prefill_tokens IS NOT NULL GROUP BY node ORDER BY node"
+    )
+    assert [r["data-node"] for r in rows] == ["decode-0", "decode-1"]
+    for got, row in zip(rows, want, strict=True):
+        assert int(got["data-gaps"]) == row["gaps"] > 0
+        # A disaggregated decode worker's steps never carry a prompt's prefill.
+        assert int(got["data-with-prefill"]) == row["with_prefill"] == 0
+        assert got["data-p99-with"] == ""
+        assert float(got["data-p99-without"]) == pytest.approx(row["p99_without"], rel=1e-12)
 
 
 def _slowest(stack: LocalStack, page: Page) -> list[dict[str, Any]]:
