@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tokentrace.collector.decode import PACKED_TOKENS_COLUMNS
 from tokentrace.schemas import ddl_statements
 
 
@@ -214,21 +215,7 @@ def test_a_store_made_before_step_prefill_counts_is_upgraded(tmp_path: Path) -> 
                 [64, 0],
             ]
         ],
-        column_names=[
-            "TraceId",
-            "DecodeSpanId",
-            "start_ns",
-            "ServiceName",
-            "ResourceAttributes",
-            "ScopeName",
-            "ScopeVersion",
-            "node",
-            "times",
-            "steps",
-            "counts",
-            "batch_sizes",
-            "prefill_tokens",
-        ],
+        column_names=list(PACKED_TOKENS_COLUMNS),
     )
     rows = client.query(
         "SELECT trace_id, token_index, step_prefill_tokens FROM tokentrace.token_latencies "
