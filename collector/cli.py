@@ -653,6 +653,7 @@ def _open_in_browser(url: str) -> int:
 def _serve_ui(args: argparse.Namespace, data_dir: Path) -> int:
     """Serve the page and the read-only APIs it needs from the store itself: the
     collector's API app without its receivers (so nothing can be written)."""
+    import signal
     import threading
 
     import uvicorn
@@ -665,6 +666,11 @@ def _serve_ui(args: argparse.Namespace, data_dir: Path) -> int:
     from .store import StoreError, open_store
     from .ui import UI_PATHS
 
+    # Ctrl-C and SIGTERM only set this, whatever the main thread is doing at the time
+    # (set before chDB loads, as the collector does).
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     try:
         host, port = parse_hostport(args.http)
         store = open_store(args.clickhouse or default_dsn(data_dir))
@@ -679,7 +685,14 @@ def _serve_ui(args: argparse.Namespace, data_dir: Path) -> int:
         if token:
             app = BearerAuthMiddleware(app, token, open_paths=("/health", *UI_PATHS))
         server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                lifespan="off",
+                timeout_graceful_shutdown=2,
+            )
         )
         thread = threading.Thread(target=server.run, name="tokentrace-ui", daemon=True)
         thread.start()
@@ -694,13 +707,11 @@ def _serve_ui(args: argparse.Namespace, data_dir: Path) -> int:
         print(url, flush=True)
         print(f"serving {store.dsn} read-only; Ctrl-C to stop", file=sys.stderr, flush=True)
         if args.open and _open_in_browser(url):
-            server.should_exit = True
-        try:
-            while thread.is_alive():
-                thread.join(0.5)
-        except KeyboardInterrupt:
-            server.should_exit = True
-            thread.join(10)
+            stop.set()
+        while thread.is_alive() and not stop.wait(0.5):
+            pass
+        server.should_exit = True
+        thread.join(10)
         return 0
     finally:
         store.close()
