@@ -186,6 +186,12 @@ class SpanBatch:
         return len(self.span_id)
 
     @property
+    def expanded_spans(self) -> int:
+        """Spans as stored: the valid ones plus the ``llm.token`` spans packed decode
+        spans expand to."""
+        return len(self) + self.packed_tokens
+
+    @property
     def error_message(self) -> str:
         """All rejection reasons in one line ('' when nothing was rejected)."""
         if not self.errors:

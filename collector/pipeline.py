@@ -357,7 +357,7 @@ class Pipeline:
         now_ns = time.time_ns()
         batch = decode_request(request, now_ns=now_ns)
         with self._counter_lock:
-            self._received += len(batch) + batch.packed_tokens + batch.rejected_spans
+            self._received += batch.expanded_spans + batch.rejected_spans
             self._rejected += batch.rejected_spans
             self._packed += batch.packed_spans
         if len(batch) == 0:
@@ -398,7 +398,7 @@ class Pipeline:
 
     def _refuse(self, batch: SpanBatch) -> None:
         with self._counter_lock:
-            self._refused += len(batch) + batch.packed_tokens
+            self._refused += batch.expanded_spans
 
     def _enqueue(self, pending: _Pending) -> None:
         # Checking and enqueueing under the state lock means nothing can slip in after
@@ -426,7 +426,7 @@ class Pipeline:
             if first is _STOP:
                 break
             group: list[_Pending] = [first]
-            spans = len(first.batch) + first.batch.packed_tokens
+            spans = first.batch.expanded_spans
             deadline = time.monotonic() + self.config.flush_interval_ms / 1000.0
             while spans < self.config.max_batch_spans:
                 timeout = deadline - time.monotonic()
@@ -442,7 +442,7 @@ class Pipeline:
                     stopping = True
                     break
                 group.append(item)
-                spans += len(item.batch) + item.batch.packed_tokens
+                spans += item.batch.expanded_spans
             self._log_group(group, spans)
         # Log whatever raced in before the stop marker.
         leftover: list[_Pending] = []
@@ -454,7 +454,7 @@ class Pipeline:
             if item is not _STOP:
                 leftover.append(item)
         if leftover:
-            self._log_group(leftover, sum(len(p.batch) + p.batch.packed_tokens for p in leftover))
+            self._log_group(leftover, sum(p.batch.expanded_spans for p in leftover))
 
     def _log_group(self, group: list[_Pending], spans: int) -> None:
         try:
@@ -560,7 +560,7 @@ class Pipeline:
             requests.append(request)
         record.batch, record.rows = batch, rows
         record.requests = requests if self._forward else None
-        record.spans = len(batch) + batch.packed_tokens
+        record.spans = batch.expanded_spans
 
     def _on_stored(self, record: _Record) -> None:
         self._wal.commit(record.seq)
