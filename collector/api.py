@@ -4,7 +4,8 @@
 (``GET /ui``; see :mod:`.ui`).
 
 ``/query`` is how other processes read a chDB store this collector owns (chDB lets
-one process open a data path).
+one process open a data path). Its statements are judged by :mod:`.sqlguard` before
+they run; they run in the store's read session, apart from ingest, under its limits.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import datetime as dt
 import decimal
 import ipaddress
 import math
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +27,18 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .jaeger import jaeger_router
-from .sqlguard import QueryLimits, UnsafeQuery, guarded_query
+from .sqlguard import UnsafeQuery, guarded_query
 from .store import QueryResult, Store, StoreError
 from .ui import ui_router
 
-__all__ = ["ApiConfig", "create_api_app", "json_safe", "result_to_json"]
+__all__ = ["ApiConfig", "QueryCounters", "create_api_app", "json_safe", "result_to_json"]
+
+# ClickHouse error codes of a query that hit one of the read session's limits.
+_LIMIT_CODES = {
+    159: "its time limit (max_execution_time)",
+    396: "its result-size limit (max_result_rows / max_result_bytes)",
+    241: "its memory limit (max_memory_usage)",
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,37 @@ class ApiConfig:
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"API port must be 0..65535, got {self.port!r}")
+
+
+class QueryCounters:
+    """``POST /query`` as ``GET /health`` and ``/metrics`` report it: statements running
+    now, and statements refused before running. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.running = 0
+        self.refused = 0
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return {"queries_running": self.running, "queries_refused": self.refused}
+
+    def add(self, running: int = 0, refused: int = 0) -> None:
+        with self._lock:
+            self.running += running
+            self.refused += refused
+
+
+def _limit_hit(exc: StoreError) -> str | None:
+    """Which limit a failed query hit, if it was one of the read session's own (a
+    server-wide memory shortage is not: that one is worth retrying)."""
+    what = _LIMIT_CODES.get(exc.code or 0)
+    message = str(exc)
+    if what is None or (
+        exc.code == 241 and "(for query)" not in message and "Query memory limit" not in message
+    ):
+        return None
+    return what
 
 
 def json_safe(value: Any) -> Any:
@@ -80,13 +120,16 @@ def result_to_json(result: QueryResult) -> dict[str, Any]:
 def create_api_app(
     store: Store,
     counters: Callable[[], dict[str, Any]],
-    limits: QueryLimits | None = None,
     metrics: CollectorRegistry | None = None,
+    queries: QueryCounters | None = None,
 ) -> FastAPI:
-    """The ASGI app; queries run on worker threads (the store serialises them).
+    """The ASGI app; queries run on worker threads, in the store's read session.
     ``/health`` answers ``{"status": "ok", **counters()}``; ``/metrics`` serves
     ``metrics`` (when given) in the Prometheus text format. ``POST /query`` runs one
-    read statement, refused unless :mod:`.sqlguard` lets it through, under ``limits``."""
+    read statement, refused (400) unless :mod:`.sqlguard` lets it through; one that
+    hits a limit of the read session gets 422 naming the limit; ``queries`` counts
+    them (the caller reports it in ``counters``)."""
+    query_counts = queries if queries is not None else QueryCounters()
     app = FastAPI(title="tokentrace collector", openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/health")
@@ -114,14 +157,24 @@ def create_api_app(
         params = body.get("params")
         if params is not None and not isinstance(params, dict):
             return JSONResponse({"error": '"params" must be an object'}, status_code=400)
+        query_counts.add(running=1)
         try:
-            result = await asyncio.to_thread(guarded_query, store, sql, params, limits)
+            result = await asyncio.to_thread(guarded_query, store, sql, params)
         except UnsafeQuery as exc:
+            query_counts.add(refused=1)
             return JSONResponse({"error": f"refused: {exc}"}, status_code=400)
         except StoreError as exc:
+            limit = _limit_hit(exc)
+            if limit is not None:
+                return JSONResponse(
+                    {"error": f"the query stopped at {limit}: {exc}", "code": exc.code},
+                    status_code=422,
+                )
             return JSONResponse(
                 {"error": str(exc), "code": exc.code}, status_code=503 if exc.transient else 400
             )
+        finally:
+            query_counts.add(running=-1)
         return JSONResponse(result_to_json(result))
 
     # Jaeger's query API (v1 JSON and v3) for Grafana and the Jaeger UI.

@@ -112,6 +112,7 @@ def register(subparsers: Any) -> None:
             "(default: $TOKENTRACE_AUTH_TOKEN; unset: no authentication)"
         ),
     )
+    _add_query_limit_args(p)
     _add_tls_args(p)
     p.set_defaults(func=_run_collector)
 
@@ -213,6 +214,7 @@ def register(subparsers: Any) -> None:
         help="when serving the page itself, require Authorization: Bearer TOKEN on its "
         "APIs as the collector does (default: $TOKENTRACE_AUTH_TOKEN; unset: none)",
     )
+    _add_query_limit_args(u)
     u.set_defaults(func=_run_ui)
 
 
@@ -237,6 +239,43 @@ def _byte_size(text: str) -> int:
     if size < 1:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return size
+
+
+def _add_query_limit_args(parser: argparse.ArgumentParser) -> None:
+    from .sqlguard import QueryLimits
+
+    defaults = QueryLimits()
+    parser.add_argument(
+        "--query-timeout",
+        type=float,
+        default=defaults.max_execution_time_s,
+        metavar="SECONDS",
+        help="longest a read (POST /query, the Jaeger API) may run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--query-max-rows",
+        type=int,
+        default=defaults.max_result_rows,
+        metavar="N",
+        help="most rows a read may return (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--query-max-memory",
+        type=_byte_size,
+        default=defaults.max_memory_bytes,
+        metavar="SIZE",
+        help="most memory one read may use, e.g. 512M (default: 1G)",
+    )
+
+
+def _query_limits(args: argparse.Namespace) -> Any:
+    from .sqlguard import QueryLimits
+
+    return QueryLimits(
+        max_execution_time_s=args.query_timeout,
+        max_result_rows=args.query_max_rows,
+        max_memory_bytes=args.query_max_memory,
+    )
 
 
 def _add_tls_args(parser: argparse.ArgumentParser) -> None:
@@ -300,6 +339,7 @@ def _run_collector(args: argparse.Namespace) -> int:
         api_host, api_port = parse_hostport(args.http)
         config = CollectorConfig(
             auth_token=resolve_token(args.auth_token),
+            query_limits=_query_limits(args),
             tls=tls_from_args(args.tls_cert, args.tls_key),
             dsn=args.clickhouse or default_dsn(data_dir),
             wal=WalConfig(
@@ -483,11 +523,11 @@ def _query(args: argparse.Namespace, sql: str) -> dict[str, Any]:
 
 def _query_direct(dsn: str, sql: str) -> dict[str, Any]:
     from .api import result_to_json
-    from .sqlguard import UnsafeQuery, guarded_query
-    from .store import StoreError, open_store
+    from .sqlguard import QueryLimits, UnsafeQuery, guarded_query
+    from .store import ReaderConfig, StoreError, open_store
 
     try:
-        store = open_store(dsn)
+        store = open_store(dsn, reader=ReaderConfig(settings=QueryLimits().settings()))
     except (StoreError, ValueError) as exc:
         raise _QueryFailed(str(exc)) from exc
     try:
@@ -663,7 +703,7 @@ def _serve_ui(args: argparse.Namespace, data_dir: Path) -> int:
 
     from .api import create_api_app
     from .service import parse_hostport
-    from .store import StoreError, open_store
+    from .store import ReaderConfig, StoreError, open_store
     from .ui import UI_PATHS
 
     # Ctrl-C and SIGTERM only set this, whatever the main thread is doing at the time
@@ -673,7 +713,16 @@ def _serve_ui(args: argparse.Namespace, data_dir: Path) -> int:
         signal.signal(signum, lambda *_: stop.set())
     try:
         host, port = parse_hostport(args.http)
-        store = open_store(args.clickhouse or default_dsn(data_dir))
+        token = resolve_token(args.auth_token)
+        limits = _query_limits(args)
+        limits.validate()
+    except ValueError as exc:
+        print(f"tokentrace ui: {exc}", file=sys.stderr)
+        return 2
+    try:
+        store = open_store(
+            args.clickhouse or default_dsn(data_dir), reader=ReaderConfig(limits.settings())
+        )
     except (ValueError, StoreError) as exc:
         print(f"tokentrace ui: {exc}", file=sys.stderr)
         return 1
@@ -681,7 +730,6 @@ def _serve_ui(args: argparse.Namespace, data_dir: Path) -> int:
         app: Any = create_api_app(
             store, lambda: {"serving": "tokentrace ui (read-only, no receivers)"}
         )
-        token = resolve_token(args.auth_token)
         if token:
             app = BearerAuthMiddleware(app, token, open_paths=("/health", *UI_PATHS))
         server = uvicorn.Server(

@@ -42,9 +42,14 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "Exports sent again after being accepted, acknowledged without storing them twice.",
     ),
     "store_errors": ("store_errors", "Failed ClickHouse insert attempts (retried)."),
+    "queries_refused": (
+        "queries_refused",
+        "Statements POST /query refused before running (not one read of tokentrace's data).",
+    ),
 }
 # counters() key → (metric name without prefix, help)
 GAUGES: dict[str, tuple[str, str]] = {
+    "queries_running": ("queries_running", "Statements POST /query is running now."),
     "wal_pending_records": (
         "wal_pending_records",
         "Write-ahead log records not yet in ClickHouse.",

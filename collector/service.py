@@ -26,13 +26,14 @@ from typing import Any
 from tokentrace.schemas.auth import BearerAuthMiddleware
 from tokentrace.schemas.tls import TlsConfig
 
-from .api import ApiConfig, create_api_app
+from .api import ApiConfig, QueryCounters, create_api_app
 from .forward import ForwardConfig, OtlpForwarder
 from .metrics import collector_registry
 from .otlp_grpc import OtlpGrpcConfig, OtlpGrpcReceiver
 from .otlp_http import OtlpHttpConfig, create_otlp_http_app
 from .pipeline import Pipeline, PipelineConfig
-from .store import Store, StoreError, open_store
+from .sqlguard import QueryLimits
+from .store import ReaderConfig, Store, StoreError, open_store
 from .ui import UI_PATHS
 from .wal import WalConfig, WriteAheadLog
 
@@ -75,6 +76,7 @@ class CollectorConfig:
     forward_shutdown_s: float = 5.0  # per target: time to flush its queue at shutdown
     auth_token: str | None = None  # when set, every endpoint but /health requires it
     tls: TlsConfig | None = None  # when set, every port serves TLS (and only TLS)
+    query_limits: QueryLimits = field(default_factory=QueryLimits)  # every read's limits
 
     def validate(self) -> None:
         if not self.dsn or "://" not in self.dsn:
@@ -96,6 +98,7 @@ class CollectorConfig:
             raise ValueError(f"forward_shutdown_s must be >= 0, got {self.forward_shutdown_s!r}")
         if self.tls is not None:
             self.tls.validate()
+        self.query_limits.validate()
 
 
 class _AsgiServers:
@@ -188,6 +191,7 @@ class Collector:
         self.wal: WriteAheadLog | None = None
         self.pipeline: Pipeline | None = None
         self.forwarders: list[OtlpForwarder] = []
+        self.queries = QueryCounters()
         self._http: _AsgiServers | None = None
         self._grpc: OtlpGrpcReceiver | None = None
         self.otlp_grpc_address = ""
@@ -209,7 +213,9 @@ class Collector:
 
     def _start(self) -> None:
         cfg = self.config
-        self.store = open_store(cfg.dsn, connect=False)
+        self.store = open_store(
+            cfg.dsn, connect=False, reader=ReaderConfig(settings=cfg.query_limits.settings())
+        )
         try:
             self.store.connect()
         except StoreError as exc:
@@ -230,7 +236,9 @@ class Collector:
         self._http = _AsgiServers()
         # /metrics reads the same counters as /health, at scrape time.
         metrics = collector_registry(self.counters, (self.pipeline.insert_duration,))
-        api_app: Any = create_api_app(self.store, self.counters, metrics=metrics)
+        api_app: Any = create_api_app(
+            self.store, self.counters, metrics=metrics, queries=self.queries
+        )
         otlp_http_app: Any = create_otlp_http_app(self.pipeline, cfg.otlp_http)
         if cfg.auth_token:
             # The page's HTML and scripts hold no data; its API calls carry the token.
@@ -283,10 +291,11 @@ class Collector:
             self.store.close()
 
     def counters(self) -> dict[str, Any]:
-        """What ``GET /health`` reports: the pipeline's span counters and, with forward
-        targets, ``"forwarded": {url: {sent_spans, dropped_spans, retries,
-        queue_batches}}``."""
+        """What ``GET /health`` reports: the pipeline's span counters, the query API's
+        (``queries_running``, ``queries_refused``) and, with forward targets,
+        ``"forwarded": {url: {sent_spans, dropped_spans, retries, queue_batches}}``."""
         out: dict[str, Any] = dict(self.pipeline.counters()) if self.pipeline else {}
+        out.update(self.queries.counters())
         if self.forwarders:
             out["forwarded"] = {f.config.url: f.counters() for f in self.forwarders}
         return out

@@ -12,13 +12,13 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tokentrace.schemas import DATABASE, ddl_statements
 
-__all__ = ["NsDatetime", "QueryResult", "Store", "StoreError", "open_store"]
+__all__ = ["NsDatetime", "QueryResult", "ReaderConfig", "Store", "StoreError", "open_store"]
 
 # ClickHouse error codes worth retrying: timeouts, network, memory, disk space and load
 # limits, replicas/keeper temporarily unavailable.
@@ -135,23 +135,40 @@ def _converter(type_name: str) -> Callable[[Any], Any] | None:
     return None
 
 
-class Store:
-    """One ClickHouse connection; thread-safe (calls are serialised by a lock).
+@dataclass(frozen=True)
+class ReaderConfig:
+    """How :meth:`Store.query` with ``readonly=True`` connects: the ClickHouse settings
+    its session runs under (the query limits), in ``readonly=2``."""
 
-    chDB allows one process to own a data path: whoever opens a ``chdb://`` store owns
-    it until :meth:`close`. Calls block until ClickHouse answers.
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Store:
+    """One ClickHouse connection for writes and one for reads; thread-safe.
+
+    Writes (and DDL) are serialised on one lock, reads on another, so a long read never
+    holds up an insert. chDB allows one process to own a data path: whoever opens a
+    ``chdb://`` store owns it until :meth:`close`. Calls block until ClickHouse answers.
     """
 
-    def __init__(self, client: Any, dsn: str, database: str) -> None:
+    def __init__(
+        self,
+        client: Any,
+        dsn: str,
+        database: str,
+        reader: ReaderConfig | None = None,
+    ) -> None:
         self._client = client  # None until :meth:`connect` succeeds
-        # Reads with readonly=True go through a second session whose settings are
-        # readonly from the start: per-query readonly on a chDB session can stick after a
+        # Reads with readonly=True go through a second session that is read-only (and
+        # limited) from the start: per-query readonly on a chDB session can stick after a
         # refused write (the client cannot SET it back), leaving the writer read-only.
         self._readonly_client: Any = None
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
         self._closed = False
         self.dsn = dsn
         self.database = database
+        self.reader = reader or ReaderConfig()
 
     def insert(
         self,
@@ -200,31 +217,49 @@ class Store:
         settings: dict[str, Any] | None = None,
     ) -> QueryResult:
         """Run one statement; ``params`` bind ``{name:Type}`` placeholders; ``settings``
-        are ClickHouse settings for this query only.
+        are ClickHouse settings for this query only (not with ``readonly``: that session
+        has its own, see :class:`ReaderConfig`).
 
-        ``readonly`` runs it in a session that refuses anything but reads (ClickHouse
-        ``readonly=2``: per-query settings allowed, ``readonly`` itself not).
+        ``readonly`` runs it in the read session: ClickHouse ``readonly=2`` (per-query
+        settings allowed, ``readonly`` itself not), under the reader's settings,
+        concurrently with writes.
         """
+        if readonly and settings:
+            raise ValueError("readonly queries run under the reader's settings; pass none")
+        if not readonly:
+            with self._lock:
+                return self._run(self._connected(), sql, params, settings)
         with self._lock:
-            writer = self._connected()
+            self._connected()  # the tables exist before anything reads them
+        with self._read_lock:
+            self._check_open()
             try:
-                client = self._reader() if readonly else writer
-                result = client.query(
-                    sql,
-                    parameters=params,
-                    settings=settings,
-                    query_formats={"DateTime64": "int"},
-                )
-                names = tuple(result.column_names)
-                types = tuple(t.name for t in result.column_types)
-                raw_rows = result.result_rows
-            except Exception as exc:
-                if readonly:
-                    # A query that fails part-way (a result limit thrown mid-stream) can
-                    # leave its unread rows in a chDB session, to be returned as the next
-                    # query's result: start the next read on a fresh session.
-                    self._drop_reader()
-                raise _classify(exc, "query failed") from exc
+                return self._run(self._reader(), sql, params, None)
+            except StoreError:
+                # A query that fails part-way (a result limit thrown mid-stream) can
+                # leave its unread rows in a chDB session, to be returned as the next
+                # query's result: start the next read on a fresh session.
+                self._drop_reader()
+                raise
+
+    @staticmethod
+    def _run(
+        client: Any, sql: str, params: dict[str, Any] | None, settings: dict[str, Any] | None
+    ) -> QueryResult:
+        try:
+            result = client.query(
+                sql,
+                parameters=params,
+                settings=settings,
+                query_formats={"DateTime64": "int"},
+            )
+            names = tuple(result.column_names)
+            types = tuple(t.name for t in result.column_types)
+            raw_rows = result.result_rows
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise _classify(exc, "query failed") from exc
         converters = [_converter(t) for t in types]
         if any(converters):
             rows = [
@@ -236,13 +271,33 @@ class Store:
         return QueryResult(names, types, rows)
 
     def _reader(self) -> Any:
-        if self._readonly_client is None:
-            import clickhouse_connect
+        if self._readonly_client is not None:
+            return self._readonly_client
+        import clickhouse_connect
 
-            self._readonly_client = clickhouse_connect.get_client(
-                dsn=self.dsn, database=self.database, settings={"readonly": 2}
-            )
-        return self._readonly_client
+        reader = self.reader
+        try:
+            if self.dsn.startswith("chdb://"):
+                # chDB appends per-query settings to the statement as a SETTINGS clause,
+                # which breaks statements with one of their own: set them on the session.
+                client = clickhouse_connect.get_client(dsn=self.dsn, database=self.database)
+                try:
+                    for name, value in reader.settings.items():
+                        client.command(f"SET {name} = {_setting_literal(value)}")
+                    client.command("SET readonly = 2")
+                except BaseException:
+                    client.close()
+                    raise
+            else:
+                client = clickhouse_connect.get_client(
+                    dsn=self.dsn,
+                    database=self.database,
+                    settings={**reader.settings, "readonly": 2},
+                )
+        except Exception as exc:
+            raise _classify(exc, f"cannot open a read session on {self.dsn}") from exc
+        self._readonly_client = client
+        return client
 
     def _drop_reader(self) -> None:
         client, self._readonly_client = self._readonly_client, None
@@ -263,7 +318,7 @@ class Store:
 
     def close(self) -> None:
         """Release the connection (and a chDB path); idempotent."""
-        with self._lock:
+        with self._lock, self._read_lock:
             if self._closed:
                 return
             self._closed = True
@@ -309,12 +364,19 @@ class Store:
             raise StoreError(f"store {self.dsn} is closed", transient=False)
 
 
-def open_store(dsn: str, database: str = DATABASE, *, connect: bool = True) -> Store:
+def open_store(
+    dsn: str,
+    database: str = DATABASE,
+    *,
+    connect: bool = True,
+    reader: ReaderConfig | None = None,
+) -> Store:
     """A store for ``dsn`` with tokentrace's tables created if they are missing.
 
     ``chdb:///abs/path`` creates the directory on first use. Raises :class:`StoreError`
     (transient if the server cannot be reached); with ``connect=False`` nothing is
-    contacted yet and the first use connects (see :meth:`Store.connect`).
+    contacted yet and the first use connects (see :meth:`Store.connect`). ``reader``
+    says how reads with ``readonly=True`` connect (their limits).
     """
     if not dsn or "://" not in dsn:
         raise ValueError(
@@ -329,7 +391,7 @@ def open_store(dsn: str, database: str = DATABASE, *, connect: bool = True) -> S
         # in a collector under load is a few hundred MB of resident memory it is not
         # using. Read once, when chDB is first loaded; a value already set wins.
         os.environ.setdefault("JE_MALLOC_CONF", "dirty_decay_ms:1000,muzzy_decay_ms:0")
-    store = Store(None, dsn, database)
+    store = Store(None, dsn, database, reader)
     if connect:
         try:
             store.connect()
@@ -350,3 +412,13 @@ def _without_pandas() -> None:
     if hasattr(options, "_resolve_pandas") and "pd" not in vars(options):
         vars(options)["pd"] = None
         vars(options)["pd_time_test"] = None
+
+
+def _setting_literal(value: Any) -> str:
+    """A setting's value as SQL: numbers as they are, anything else a quoted string."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"

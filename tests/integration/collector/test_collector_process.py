@@ -399,30 +399,6 @@ def test_malformed_input_gets_clear_errors_and_collector_keeps_serving(collector
 # -- shutdown ----------------------------------------------------------------------------
 
 
-def test_query_api_reads_only_the_database(collector: Running) -> None:
-    """file(), url(), scripts and writes are refused by name before they run; reads
-    run under a result-row limit; the collector keeps serving."""
-    secret = collector.data_dir / "secret.txt"
-    secret.write_text("do not read me")
-    for sql, why in (
-        (f"SELECT * FROM file('{secret}', 'LineAsString')", "file()"),
-        ("SELECT * FROM url('http://127.0.0.1:1/', 'LineAsString')", "url()"),
-        ("SELECT 1; DROP TABLE otel_traces", "one statement"),
-        ("INSERT INTO node_clocks (node) VALUES ('x')", "only reads"),
-        ("SELECT 1 SETTINGS max_result_rows = 0", "max_result_rows"),
-    ):
-        resp = httpx.post(f"{collector.api}/query", json={"sql": sql}, timeout=30)
-        assert resp.status_code == 400, (sql, resp.text)
-        assert resp.json()["error"].startswith("refused: ") and why in resp.json()["error"]
-        assert "do not read me" not in resp.text
-    too_many = httpx.post(
-        f"{collector.api}/query", json={"sql": "SELECT number FROM numbers(1000000)"}, timeout=30
-    )
-    assert too_many.status_code == 400 and "rows" in too_many.json()["error"].lower()
-    assert _api_query(collector, "SELECT count() AS n FROM numbers(10)") == [{"n": 10}]
-    assert httpx.get(f"{collector.api}/health", timeout=10).status_code == 200
-
-
 def test_sigterm_drains_and_query_opens_the_store_directly(collector: Running) -> None:
     sql = "SELECT TraceId, SpanId, Timestamp FROM otel_traces ORDER BY TraceId, SpanId"
     live = _cli_query(collector.data_dir, sql)
@@ -455,4 +431,4 @@ def test_sigterm_drains_and_query_opens_the_store_directly(collector: Running) -
         text=True,
         timeout=30,
     )
-    assert refused.returncode != 0 and "refused: file()" in refused.stderr
+    assert refused.returncode != 0 and "refused: the table function file()" in refused.stderr

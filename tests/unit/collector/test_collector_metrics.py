@@ -28,6 +28,8 @@ HEALTH: dict[str, Any] = {
     "wal_max_bytes": 1 << 30,
     "store_lag_s": 2.5,
     "queued_exports": 8,
+    "queries_running": 1,
+    "queries_refused": 9,
     "forwarded": {
         "grpc://a:4317": {"sent_spans": 10, "dropped_spans": 1, "retries": 2, "queue_batches": 3},
         "http://b:4318": {"sent_spans": 20, "dropped_spans": 0, "retries": 0, "queue_batches": 0},
