@@ -6,9 +6,12 @@ Registration imports nothing heavy; each command imports what it needs when it r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from tokentrace.schemas.ddl import QUERY_USER
 
 __all__ = ["register"]
 
@@ -109,10 +112,34 @@ def register(subparsers: Any) -> None:
         metavar="TOKEN",
         help=(
             "require Authorization: Bearer TOKEN on every endpoint but /health "
-            "(default: $TOKENTRACE_AUTH_TOKEN; unset: no authentication)"
+            "(default: $TOKENTRACE_AUTH_TOKEN; unset: no authentication, which is refused "
+            "on any address but loopback unless --allow-unauthenticated)"
         ),
     )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="listen beyond loopback without --auth-token: anyone who can reach the "
+        "ports can then send spans and read every stored trace (default: refuse to start)",
+    )
     _add_query_limit_args(p)
+    p.add_argument(
+        "--query-user",
+        default=os.environ.get("TOKENTRACE_QUERY_USER"),
+        metavar="NAME",
+        help="with a ClickHouse server: run reads (POST /query, the Jaeger API, the "
+        "latency page) as this user, password from $TOKENTRACE_QUERY_PASSWORD; give it "
+        "only SELECT ON tokentrace.* (see --create-query-user) "
+        "(default: $TOKENTRACE_QUERY_USER; unset: the DSN's user in readonly=2)",
+    )
+    p.add_argument(
+        "--create-query-user",
+        action="store_true",
+        help=f"create (or reset) --query-user (default name {QUERY_USER}) at startup with "
+        "exactly SELECT ON tokentrace.*, readonly=2 and the --query-* limits as its "
+        "maximums; the DSN's user needs CREATE USER, CREATE SETTINGS PROFILE and "
+        "SELECT ON tokentrace.* WITH GRANT OPTION",
+    )
     _add_tls_args(p)
     p.set_defaults(func=_run_collector)
 
@@ -212,7 +239,14 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="TOKEN",
         help="when serving the page itself, require Authorization: Bearer TOKEN on its "
-        "APIs as the collector does (default: $TOKENTRACE_AUTH_TOKEN; unset: none)",
+        "APIs as the collector does (default: $TOKENTRACE_AUTH_TOKEN; unset: none, which "
+        "is refused on any address but loopback unless --allow-unauthenticated)",
+    )
+    u.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve beyond loopback without --auth-token: anyone who can reach it can "
+        "then read every stored trace (default: refuse)",
     )
     _add_query_limit_args(u)
     u.set_defaults(func=_run_ui)
@@ -307,7 +341,6 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 def _run_collector(args: argparse.Namespace) -> int:
     import logging
-    import os
     import signal
     import threading
 
@@ -339,7 +372,13 @@ def _run_collector(args: argparse.Namespace) -> int:
         api_host, api_port = parse_hostport(args.http)
         config = CollectorConfig(
             auth_token=resolve_token(args.auth_token),
+            allow_unauthenticated=args.allow_unauthenticated,
             query_limits=_query_limits(args),
+            query_user=(args.query_user or QUERY_USER)
+            if args.create_query_user
+            else args.query_user,
+            query_password=os.environ.get("TOKENTRACE_QUERY_PASSWORD", ""),
+            create_query_user=args.create_query_user,
             tls=tls_from_args(args.tls_cert, args.tls_key),
             dsn=args.clickhouse or default_dsn(data_dir),
             wal=WalConfig(
@@ -698,7 +737,11 @@ def _serve_ui(args: argparse.Namespace, data_dir: Path) -> int:
 
     import uvicorn
 
-    from tokentrace.schemas.auth import BearerAuthMiddleware, resolve_token
+    from tokentrace.schemas.auth import (
+        BearerAuthMiddleware,
+        refuse_unauthenticated_exposure,
+        resolve_token,
+    )
     from tokentrace.schemas.layout import default_dsn
 
     from .api import create_api_app
@@ -714,6 +757,7 @@ def _serve_ui(args: argparse.Namespace, data_dir: Path) -> int:
     try:
         host, port = parse_hostport(args.http)
         token = resolve_token(args.auth_token)
+        refuse_unauthenticated_exposure({"the page": host}, token, args.allow_unauthenticated)
         limits = _query_limits(args)
         limits.validate()
     except ValueError as exc:

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokentrace.schemas.auth import BearerAuthMiddleware
+from tokentrace.schemas.auth import BearerAuthMiddleware, refuse_unauthenticated_exposure
+from tokentrace.schemas.ddl import query_user_statements
 from tokentrace.schemas.tls import TlsConfig
 
 from .api import ApiConfig, QueryCounters, create_api_app
@@ -75,8 +76,15 @@ class CollectorConfig:
     forward: tuple[ForwardConfig, ...] = ()  # OTLP targets every stored span goes to
     forward_shutdown_s: float = 5.0  # per target: time to flush its queue at shutdown
     auth_token: str | None = None  # when set, every endpoint but /health requires it
+    # Listening beyond loopback without a token is refused unless this says so.
+    allow_unauthenticated: bool = False
     tls: TlsConfig | None = None  # when set, every port serves TLS (and only TLS)
     query_limits: QueryLimits = field(default_factory=QueryLimits)  # every read's limits
+    # On a ClickHouse server: the user reads (/query, the Jaeger API) run as, and whether
+    # the collector creates it (and its settings profile and grant) itself.
+    query_user: str | None = None
+    query_password: str = ""
+    create_query_user: bool = False
 
     def validate(self) -> None:
         if not self.dsn or "://" not in self.dsn:
@@ -99,6 +107,25 @@ class CollectorConfig:
         if self.tls is not None:
             self.tls.validate()
         self.query_limits.validate()
+        if self.query_user is not None and self.dsn.startswith("chdb://"):
+            raise ValueError(
+                "a query user needs a ClickHouse server (--clickhouse http://...): "
+                "the embedded store has no users"
+            )
+        if self.create_query_user and (self.query_user is None or not self.query_password):
+            raise ValueError(
+                "creating the query user needs its name and a password "
+                "(--query-user and TOKENTRACE_QUERY_PASSWORD)"
+            )
+        refuse_unauthenticated_exposure(
+            {
+                "OTLP/gRPC": self.otlp_grpc.host,
+                "OTLP/HTTP": self.otlp_http.host,
+                "the API": self.api.host,
+            },
+            self.auth_token,
+            self.allow_unauthenticated,
+        )
 
 
 class _AsgiServers:
@@ -214,7 +241,20 @@ class Collector:
     def _start(self) -> None:
         cfg = self.config
         self.store = open_store(
-            cfg.dsn, connect=False, reader=ReaderConfig(settings=cfg.query_limits.settings())
+            cfg.dsn,
+            connect=False,
+            reader=ReaderConfig(
+                settings=cfg.query_limits.settings(),
+                user=cfg.query_user,
+                password=cfg.query_password,
+            ),
+            after_ddl=(
+                query_user_statements(
+                    cfg.query_user, cfg.query_password, cfg.query_limits.settings()
+                )
+                if cfg.create_query_user and cfg.query_user
+                else ()
+            ),
         )
         try:
             self.store.connect()

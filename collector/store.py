@@ -138,9 +138,12 @@ def _converter(type_name: str) -> Callable[[Any], Any] | None:
 @dataclass(frozen=True)
 class ReaderConfig:
     """How :meth:`Store.query` with ``readonly=True`` connects: the ClickHouse settings
-    its session runs under (the query limits), in ``readonly=2``."""
+    its session runs under (the query limits), and on a server the user it connects as
+    (``None``: the DSN's own user, in ``readonly=2``). chDB has no users."""
 
     settings: Mapping[str, Any] = field(default_factory=dict)
+    user: str | None = None
+    password: str = ""
 
 
 class Store:
@@ -157,6 +160,7 @@ class Store:
         dsn: str,
         database: str,
         reader: ReaderConfig | None = None,
+        after_ddl: Sequence[str] = (),
     ) -> None:
         self._client = client  # None until :meth:`connect` succeeds
         # Reads with readonly=True go through a second session that is read-only (and
@@ -169,6 +173,7 @@ class Store:
         self.dsn = dsn
         self.database = database
         self.reader = reader or ReaderConfig()
+        self._after_ddl = tuple(after_ddl)
 
     def insert(
         self,
@@ -221,8 +226,8 @@ class Store:
         has its own, see :class:`ReaderConfig`).
 
         ``readonly`` runs it in the read session: ClickHouse ``readonly=2`` (per-query
-        settings allowed, ``readonly`` itself not), under the reader's settings,
-        concurrently with writes.
+        settings allowed, ``readonly`` itself not) or the reader's own user, under the
+        reader's settings, concurrently with writes.
         """
         if readonly and settings:
             raise ValueError("readonly queries run under the reader's settings; pass none")
@@ -288,6 +293,15 @@ class Store:
                 except BaseException:
                     client.close()
                     raise
+            elif reader.user is not None:
+                # The user's settings profile makes it read-only.
+                client = clickhouse_connect.get_client(
+                    dsn=self.dsn,
+                    database=self.database,
+                    username=reader.user,
+                    password=reader.password,
+                    settings=dict(reader.settings),
+                )
             else:
                 client = clickhouse_connect.get_client(
                     dsn=self.dsn,
@@ -295,7 +309,8 @@ class Store:
                     settings={**reader.settings, "readonly": 2},
                 )
         except Exception as exc:
-            raise _classify(exc, f"cannot open a read session on {self.dsn}") from exc
+            who = f" as {reader.user}" if reader.user else ""
+            raise _classify(exc, f"cannot open a read session on {self.dsn}{who}") from exc
         self._readonly_client = client
         return client
 
@@ -353,6 +368,13 @@ class Store:
         except Exception as exc:
             client.close()
             raise _classify(exc, f"creating tokentrace's tables in {self.dsn} failed") from exc
+        try:
+            for statement in self._after_ddl:
+                client.command(statement)
+        except Exception as exc:
+            client.close()
+            what = " ".join(statement.split()[:5])
+            raise _classify(exc, f"{what} … in {self.dsn} failed") from exc
         # Unqualified table names in queries mean tokentrace's tables.
         client.database = self.database
         _without_pandas()
@@ -370,13 +392,15 @@ def open_store(
     *,
     connect: bool = True,
     reader: ReaderConfig | None = None,
+    after_ddl: Sequence[str] = (),
 ) -> Store:
     """A store for ``dsn`` with tokentrace's tables created if they are missing.
 
     ``chdb:///abs/path`` creates the directory on first use. Raises :class:`StoreError`
     (transient if the server cannot be reached); with ``connect=False`` nothing is
     contacted yet and the first use connects (see :meth:`Store.connect`). ``reader``
-    says how reads with ``readonly=True`` connect (their limits).
+    says how reads with ``readonly=True`` connect (their limits and, on a server, user);
+    ``after_ddl`` statements run after tokentrace's DDL on every (re)connect.
     """
     if not dsn or "://" not in dsn:
         raise ValueError(
@@ -391,7 +415,7 @@ def open_store(
         # in a collector under load is a few hundred MB of resident memory it is not
         # using. Read once, when chDB is first loaded; a value already set wins.
         os.environ.setdefault("JE_MALLOC_CONF", "dirty_decay_ms:1000,muzzy_decay_ms:0")
-    store = Store(None, dsn, database, reader)
+    store = Store(None, dsn, database, reader, after_ddl)
     if connect:
         try:
             store.connect()

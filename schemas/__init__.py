@@ -1,6 +1,13 @@
 """Names and DDL shared by the instrumentation and the collector — nothing else."""
 
 from tokentrace.schemas import attributes, layout
-from tokentrace.schemas.ddl import DATABASE, ddl_statements
+from tokentrace.schemas.ddl import DATABASE, QUERY_USER, ddl_statements, query_user_statements
 
-__all__ = ["DATABASE", "attributes", "ddl_statements", "layout"]
+__all__ = [
+    "DATABASE",
+    "QUERY_USER",
+    "attributes",
+    "ddl_statements",
+    "layout",
+    "query_user_statements",
+]

@@ -11,6 +11,7 @@ query``, ``tokentrace load`` -- send the token from the same variable.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import os
 from collections.abc import Collection
@@ -20,6 +21,8 @@ __all__ = [
     "AUTH_TOKEN_ENV",
     "BearerAuthMiddleware",
     "auth_headers",
+    "is_loopback_host",
+    "refuse_unauthenticated_exposure",
     "resolve_token",
     "token_matches",
 ]
@@ -32,6 +35,39 @@ def resolve_token(token: str | None = None) -> str | None:
     None (no authentication)."""
     value = token if token is not None else os.environ.get(AUTH_TOKEN_ENV)
     return value or None
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether listening on ``host`` is reachable from this machine only: ``localhost``
+    or a loopback address (127.0.0.0/8, ::1). Any other name, ``0.0.0.0`` and ``::``
+    count as reachable from the network (names are not resolved: fail closed)."""
+    name = host.strip().strip("[]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def refuse_unauthenticated_exposure(
+    addresses: dict[str, str], token: str | None, allow_unauthenticated: bool
+) -> None:
+    """Raise ValueError unless every listener is on loopback, or a token is set, or
+    unauthenticated listening was asked for by name. ``addresses``: what → host."""
+    if token or allow_unauthenticated:
+        return
+    exposed = [
+        f"{what} on {host or '*'}" for what, host in addresses.items() if not is_loopback_host(host)
+    ]
+    if exposed:
+        raise ValueError(
+            "refusing to listen beyond this machine without authentication "
+            f"({', '.join(exposed)}): anyone who reaches it could read every stored trace "
+            "and send spans. Set "
+            f"--auth-token TOKEN (or {AUTH_TOKEN_ENV}), listen on 127.0.0.1, or pass "
+            "--allow-unauthenticated to accept that"
+        )
 
 
 def auth_headers(token: str | None = None) -> dict[str, str]:

@@ -24,6 +24,10 @@ subtracting: a request's row is right whichever of its spans arrived first.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
 DATABASE = "tokentrace"
 #: Insert deduplication tokens a table remembers: far more than the inserts that can be
 #: in flight between a write-ahead log record's insert and its checkpoint.
@@ -423,3 +427,54 @@ def ddl_statements(
             for table in TABLES
         )
     return statements
+
+
+#: The user the collector's query API reads as on a ClickHouse server, by default.
+QUERY_USER = "tokentrace_query"
+
+
+def query_user_statements(
+    user: str,
+    password: str,
+    limits: Mapping[str, Any],
+    database: str = DATABASE,
+    cluster: str | None = None,
+) -> list[str]:
+    """The statements that create (or reset) the least-privileged user the query API
+    reads as on a ClickHouse server, in order; running them again brings an existing
+    user back to exactly this.
+
+    The user may ``SELECT`` from ``database.*`` and nothing else: no other database,
+    no table function source (``file``, ``url``, ``remote``, ``s3``, …: those need grants
+    it does not have), no DDL or writes. Its settings profile makes it ``readonly = 2``
+    (it may set settings, not ``readonly``) and caps each of ``limits`` (setting name →
+    value: numbers become a ``MAX``, strings are fixed). Only the password's SHA-256 is
+    sent. chDB has no users: these are for a server only.
+    """
+    if not user.replace("-", "_").isidentifier():
+        raise ValueError(f"user name must be an identifier, got {user!r}")
+    if not database.isidentifier():
+        raise ValueError(f"database name must be an identifier, got {database!r}")
+    if cluster is not None and not cluster.replace("-", "_").isidentifier():
+        raise ValueError(f"cluster name must be an identifier, got {cluster!r}")
+    if not password:
+        raise ValueError("the query user needs a password")
+    on_cluster = f" ON CLUSTER `{cluster}`" if cluster else ""
+    constraints = ["readonly = 2 CONST"]
+    for name, value in limits.items():
+        if not name.isidentifier():
+            raise ValueError(f"setting name must be an identifier, got {name!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+            constraints.append(f"{name} = '{text}' CONST")
+        else:
+            constraints.append(f"{name} = {value!r} MAX {value!r}")
+    digest = hashlib.sha256(password.encode("utf-8")).hexdigest()
+    profile = f"{user}_limits"
+    return [
+        f"CREATE SETTINGS PROFILE OR REPLACE `{profile}`{on_cluster} "
+        f"SETTINGS {', '.join(constraints)}",
+        f"CREATE USER OR REPLACE `{user}`{on_cluster} IDENTIFIED WITH sha256_hash BY "
+        f"'{digest}' DEFAULT DATABASE `{database}` SETTINGS PROFILE '{profile}'",
+        f"GRANT{on_cluster} SELECT ON `{database}`.* TO `{user}`",
+    ]

@@ -142,3 +142,84 @@ def test_every_panel_uses_a_provisioned_data_source() -> None:
     # The views of the collector's page, each a panel.
     types = {p["type"] for p in dashboard["panels"]}
     assert {"timeseries", "heatmap", "barchart", "table", "traces"} <= types
+
+
+def _required(value: str, name: str) -> bool:
+    """Whether ``value`` is compose's ``${NAME:?...}``: the stack does not start unset."""
+    return value.startswith(f"${{{name}:?")
+
+
+def test_the_exposed_collector_requires_its_token_and_reads_least_privileged(
+    compose: dict[str, Any],
+) -> None:
+    from tokentrace.collector.service import CollectorConfig
+    from tokentrace.collector.wal import WalConfig
+    from tokentrace.schemas.auth import is_loopback_host
+
+    services = compose["services"]
+    argv = _tokentrace_services(compose)["collector"]
+    collector = build_parser().parse_args(argv)
+    env = services["collector"]["environment"]
+    hosts = [
+        a.rsplit(":", 1)[0] for a in (collector.otlp_grpc, collector.otlp_http, collector.http)
+    ]
+    assert not any(is_loopback_host(h) for h in hosts)
+    assert not collector.allow_unauthenticated and collector.auth_token is None
+    assert _required(env["TOKENTRACE_AUTH_TOKEN"], "TOKENTRACE_AUTH_TOKEN")
+    with pytest.raises(ValueError, match="without authentication"):
+        CollectorConfig(
+            dsn=collector.clickhouse, wal=WalConfig("/w"), **_listeners(collector)
+        ).validate()
+    CollectorConfig(
+        dsn=collector.clickhouse, wal=WalConfig("/w"), auth_token="t", **_listeners(collector)
+    ).validate()
+    # Reads run as the query user the collector creates; Grafana's ClickHouse data
+    # source reads as that user too.
+    assert collector.create_query_user and collector.query_user == "tokentrace_query"
+    assert _required(env["TOKENTRACE_QUERY_PASSWORD"], "TOKENTRACE_QUERY_PASSWORD")
+    sources = {
+        s["uid"]: s
+        for s in _yaml(GRAFANA / "provisioning/datasources/tokentrace.yaml")["datasources"]
+    }
+    clickhouse = sources["tokentrace-clickhouse"]
+    assert clickhouse["jsonData"]["username"] == collector.query_user
+    assert clickhouse["secureJsonData"]["password"] == "$TOKENTRACE_QUERY_PASSWORD"
+    assert _required(
+        services["grafana"]["environment"]["TOKENTRACE_QUERY_PASSWORD"], "TOKENTRACE_QUERY_PASSWORD"
+    )
+    # ClickHouse: a server that parses statements to JSON, with a password, unpublished.
+    server = services["clickhouse"]
+    major, minor = (int(x) for x in server["image"].rsplit(":", 1)[1].split(".")[:2])
+    assert (major, minor) >= (26, 8)
+    assert "ports" not in server
+    assert _required(server["environment"]["CLICKHOUSE_PASSWORD"], "CLICKHOUSE_PASSWORD")
+    dsn = urlparse(collector.clickhouse)
+    assert dsn.username == server["environment"]["CLICKHOUSE_USER"]
+    assert dsn.password == "${CLICKHOUSE_PASSWORD}"
+
+
+def _listeners(args: Any) -> dict[str, Any]:
+    from tokentrace.collector.api import ApiConfig
+    from tokentrace.collector.otlp_grpc import OtlpGrpcConfig
+    from tokentrace.collector.otlp_http import OtlpHttpConfig
+    from tokentrace.collector.service import parse_hostport
+
+    (gh, gp), (hh, hp), (ah, ap) = (
+        parse_hostport(a) for a in (args.otlp_grpc, args.otlp_http, args.http)
+    )
+    return {
+        "otlp_grpc": OtlpGrpcConfig(host=gh, port=gp),
+        "otlp_http": OtlpHttpConfig(host=hh, port=hp),
+        "api": ApiConfig(host=ah, port=ap),
+    }
+
+
+def test_every_exporter_sends_the_collectors_token(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in ("vllm-prefill", "vllm-decode"):
+        env = services[name]["environment"]
+        assert _required(env["TOKENTRACE_AUTH_TOKEN"], "TOKENTRACE_AUTH_TOKEN"), name
+    router = services["router"]["environment"]
+    headers = router["OTEL_EXPORTER_OTLP_HEADERS"]
+    assert headers.startswith("authorization=Bearer%20") and "TOKENTRACE_AUTH_TOKEN:?" in headers
+    assert "TOKENTRACE_AUTH_TOKEN" not in router  # that would lock the router's own API

@@ -1,4 +1,5 @@
-"""The shared bearer token: resolution, constant-time matching, the ASGI check."""
+"""The shared bearer token: resolution, constant-time matching, the ASGI check, and
+when listening beyond loopback needs one."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from tokentrace.schemas.auth import (
     AUTH_TOKEN_ENV,
     BearerAuthMiddleware,
     auth_headers,
+    is_loopback_host,
+    refuse_unauthenticated_exposure,
     resolve_token,
     token_matches,
 )
@@ -53,3 +56,35 @@ def test_middleware_refuses_without_the_token_but_keeps_health_open() -> None:
     assert asyncio.run(call("/health", {})).status_code == 200
     with pytest.raises(ValueError, match="empty"):
         BearerAuthMiddleware(app, "")
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("", False),
+        ("10.0.0.5", False),
+        ("192.0.2.1", False),
+        ("collector", False),  # a name is not resolved: it may point anywhere
+        ("localhost.example", False),
+    ],
+)
+def test_only_loopback_addresses_count_as_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback_host(host) is loopback
+
+
+def test_listening_beyond_loopback_needs_a_token_or_saying_so() -> None:
+    ports = {"OTLP/gRPC": "127.0.0.1", "the API": "0.0.0.0"}
+    with pytest.raises(ValueError, match=r"the API on 0\.0\.0\.0") as refused:
+        refuse_unauthenticated_exposure(ports, None, False)
+    assert "OTLP/gRPC" not in str(refused.value)
+    refuse_unauthenticated_exposure(ports, "s3cret", False)
+    refuse_unauthenticated_exposure(ports, None, True)
+    refuse_unauthenticated_exposure({"the API": "127.0.0.1"}, None, False)

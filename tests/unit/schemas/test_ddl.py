@@ -227,3 +227,64 @@ def test_a_store_made_before_step_prefill_counts_is_upgraded(tmp_path: Path) -> 
         "WHERE TraceId = 'new' ORDER BY Timestamp"
     ).result_rows
     assert spans == [("64",), ("0",)]
+
+
+def test_the_query_user_is_granted_select_on_tokentrace_only(tmp_path: Path) -> None:
+    """chDB has no users, so the statements cannot run here: ClickHouse's own parser
+    reads each one, and the parse says what it grants."""
+    import hashlib
+
+    import clickhouse_connect
+
+    from tokentrace.schemas import query_user_statements
+
+    limits = {
+        "max_execution_time": 30.0,
+        "max_result_rows": 100000,
+        "result_overflow_mode": "throw",
+    }
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'ch'}")
+    try:
+        for cluster in (None, "prod"):
+            statements = query_user_statements("tokentrace_query", "pw-1", limits, cluster=cluster)
+            assert len(statements) == 3
+            for sql in statements:
+                assert "pw-1" not in sql
+                client.query("SELECT formatQuery({s:String})", parameters={"s": sql})
+                assert (" ON CLUSTER `prod`" in sql) == (cluster is not None)
+            profile, user, grant = statements
+            assert profile.startswith(
+                "CREATE SETTINGS PROFILE OR REPLACE `tokentrace_query_limits`"
+            )
+            for part in (
+                "readonly = 2 CONST",
+                "max_execution_time = 30.0 MAX 30.0",
+                "max_result_rows = 100000 MAX 100000",
+                "result_overflow_mode = 'throw' CONST",
+            ):
+                assert part in profile
+            assert hashlib.sha256(b"pw-1").hexdigest() in user
+            assert "SETTINGS PROFILE 'tokentrace_query_limits'" in user
+            assert grant.endswith("SELECT ON `tokentrace`.* TO `tokentrace_query`")
+    finally:
+        client.close()
+    with pytest.raises(ValueError, match="user name"):
+        query_user_statements("x; DROP USER default", "pw", limits)
+    with pytest.raises(ValueError, match="password"):
+        query_user_statements("tokentrace_query", "", limits)
+
+
+def test_the_readme_shows_the_query_user_statements_the_collector_runs() -> None:
+    import re
+
+    from tokentrace.collector.sqlguard import QueryLimits
+    from tokentrace.schemas import QUERY_USER, query_user_statements
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    shown = re.search(r"```sql\n(CREATE SETTINGS PROFILE.*?)```", readme, re.DOTALL)
+    assert shown is not None
+    made = query_user_statements(QUERY_USER, "x", QueryLimits().settings())
+    digest = re.search(r"BY '([0-9a-f]{64})'", made[1])
+    assert digest is not None
+    expected = "\n".join(made).replace(digest.group(1), "<sha256 of the password, hex>")
+    assert shown.group(1).strip() == expected
