@@ -7,6 +7,7 @@ command itself, so what they run is exactly what a multi-node deployment runs.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,15 +24,44 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct TCP ports that were free on ``host`` a moment ago. All sockets are
-    held open until every port is chosen: picked one at a time, the kernel may hand the
-    same port out twice."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for ports it assigns itself (``bind`` to port 0, the local
+    end of an outgoing connection)."""
     try:
-        for s in sockets:
-            s.bind((host, 0))
-        return [int(s.getsockname()[1]) for s in sockets]
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(v) for v in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports that were free on ``host`` a moment ago, from below the
+    kernel's ephemeral range: a port the kernel handed out would be free again once
+    its socket closed, and the kernel may hand it to anyone else (an outgoing
+    connection, a vLLM server binding port 0 for its engine core) before our process
+    binds it, a minute later when vLLM servers start first. All sockets are held open
+    until every port is chosen, so none repeats."""
+    lo, _ = _ephemeral_range()
+    start = 10000 if lo > 20000 else 1024
+    rng = random.Random()
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        for port in rng.sample(range(start, lo), min(lo - start, 64 * n + 256)):
+            if len(ports) == n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
+            sockets.append(s)
+            ports.append(port)
+        if len(ports) < n:
+            raise RuntimeError(f"found only {len(ports)} of {n} free ports on {host}")
+        return ports
     finally:
         for s in sockets:
             s.close()
