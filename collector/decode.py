@@ -865,6 +865,7 @@ def _token_spans(span: Span, tokens: PackedTokens) -> list[Span]:
             end_time_unix_nano=start + tokens.times[i + 1],
         )
         for key, value in (
+            (attrs.EMISSION_INDEX, i),
             (attrs.TOKEN_INDEX, index),
             (attrs.TOKEN_COUNT, tokens.counts[i]),
             (attrs.ENGINE_STEP, tokens.steps[i]),

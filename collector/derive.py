@@ -224,7 +224,9 @@ def _derive_request(
             c["offset_s"].append(offset)
             c["error_s"].append(error if error is not None else 0.0)
             c["reference_node"].append(router_node)
-    e2e_s = _duration_s(batch, i)
+    e2e_s = _float(a.get(attrs.E2E_S))
+    if e2e_s is None:  # a router before 0.x, or an error: the span's own duration
+        e2e_s = _duration_s(batch, i)
     ttft_s = _float(a.get(attrs.GEN_AI_SERVER_TTFT))
     output_tokens = _uint(a.get(attrs.GEN_AI_USAGE_OUTPUT_TOKENS), _UINT32_MAX)
     tpot_s = None
@@ -280,14 +282,17 @@ def _derive_token(rows: DerivedRows, batch: SpanBatch, i: int) -> None:
     a = batch.attributes[i]
     token_index = _uint(a.get(attrs.TOKEN_INDEX), _UINT32_MAX) or 0
     tokens = _uint(a.get(attrs.TOKEN_COUNT), _UINT16_MAX)
+    emission = _uint(a.get(attrs.EMISSION_INDEX), _UINT32_MAX)
+    # The first emission's span starts at decode start, so it is not an inter-token gap.
+    # Emitters that do not number emissions (older ones) are read by token index.
+    first = emission == 0 if emission is not None else token_index == 0
     batch_size = _uint(a.get(attrs.BATCH_SIZE), _UINT16_MAX)
     t = rows.token_latencies
     t["ts"].append(batch.end_ns[i])  # the emission time
     t["trace_id"].append(batch.trace_id[i])
     t["node"].append(node_of(batch.resource_attributes[i]))
     t["token_index"].append(token_index)
-    # The first emission's span starts at decode start, so it is not an inter-token gap.
-    t["itl_s"].append(_duration_s(batch, i) if token_index > 0 else None)
+    t["itl_s"].append(None if first else _duration_s(batch, i))
     t["tokens"].append(1 if tokens is None else tokens)
     t["batch_size"].append(batch_size or 0)
     # NULL when the emitter did not report it (the vLLM plugin, older nodes): unknown

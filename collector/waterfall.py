@@ -161,7 +161,11 @@ def render_waterfall(trace_id: str, spans: list[TraceSpan]) -> Table:
             )
             node = ""  # name the lane once
         if tokens:
-            gaps = [t.duration_ns for t in tokens if t.attributes.get(A.TOKEN_INDEX) != "0"]
+            gaps = [
+                t.duration_ns
+                for t in tokens
+                if t.attributes.get(A.EMISSION_INDEX, t.attributes.get(A.TOKEN_INDEX)) != "0"
+            ]
             count = sum(int(t.attributes.get(A.TOKEN_COUNT, "1")) for t in tokens)
             stats = (
                 f"ITL p50 {_ms(statistics.median(gaps))} / max {_ms(max(gaps))} ms"

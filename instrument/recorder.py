@@ -28,8 +28,9 @@ def _zeros(typecode: str, n: int) -> array:
 class TokenRecorder:
     """Token emission times of one request on one decode node.
 
-    Threading: ``start``/``record`` are called from the engine thread only;
-    ``emit_spans`` after the request finished, from any one thread.
+    Threading: ``start``/``record`` are called from one thread (a worker records each
+    chunk on its event loop as the chunk goes out; the vLLM plugin, vLLM's); ``emit_spans``
+    after the request finished, from any one thread.
 
     ``step_prefill=False`` is for emitters that cannot tell how many prompt tokens a
     step prefilled (the vLLM plugin): their spans carry no
@@ -171,6 +172,7 @@ class TokenRecorder:
         for i in range(self._n):
             end = self.wall_ns(times[i])
             attributes = {
+                A.EMISSION_INDEX: i,
                 A.TOKEN_INDEX: index,
                 A.TOKEN_COUNT: counts[i],
                 A.ENGINE_STEP: steps[i],

@@ -32,6 +32,10 @@ GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_SERVER_TTFT = "gen_ai.server.time_to_first_token"  # seconds, float
 REQUEST_ID = "tokentrace.request.id"  # the X-Request-Id the router returned
+# Set by the router: seconds from arrival to the response's last content written (a
+# stream's last chunk with choices; its usage chunk and [DONE] follow), as vLLM's bench
+# serve times E2E. The span itself lasts until the last byte.
+E2E_S = "tokentrace.request.e2e_s"
 STREAM = "tokentrace.request.stream"  # bool
 PREFILL_NODE = "tokentrace.prefill.node"  # set by the router: the worker it chose
 DECODE_NODE = "tokentrace.decode.node"  # set by the router: the worker it chose
@@ -53,6 +57,10 @@ HTTP_STATUS = "http.response.status_code"
 # -- llm.token ---------------------------------------------------------------------
 TOKEN_INDEX = "tokentrace.token.index"  # 0-based index of the emission's first token
 TOKEN_COUNT = "tokentrace.token.count"  # tokens carried by this emission (>1 when speculating)
+# 0-based position of this emission among its request's emissions: the first (0) has no
+# inter-token gap. Not the token index: a chat stream's role chunk is an emission of 0
+# tokens, sent with the first output, so the emission after it has token index 0 too.
+EMISSION_INDEX = "tokentrace.emission.index"
 ENGINE_STEP = "tokentrace.engine.step"  # the engine's step counter at this emission
 BATCH_SIZE = "tokentrace.batch.size"  # running requests in that step
 # Prompt tokens that same engine step also prefilled (piggy-backed prefill) beyond the

@@ -278,7 +278,7 @@ ALTER TABLE {db}.packed_tokens{on_cluster}
 # created over an existing one); dropping the old ones first means an insert that races
 # an upgrade is at worst expanded by neither, never twice. A lone collector runs this
 # DDL before its receivers start, so it never races itself.
-_PACKED_TOKENS_DROP_V1 = """
+_PACKED_TOKENS_DROP_OLD = """
 DROP VIEW IF EXISTS {db}.{view}{on_cluster}
 """
 
@@ -293,7 +293,7 @@ _PACKED_ARRAY_JOIN = """ARRAY JOIN
     arrayEnumerate(steps) AS i"""
 
 _PACKED_TOKENS_SPANS_MV = """
-CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.packed_tokens_spans_v2_mv{on_cluster}
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.packed_tokens_spans_v3_mv{on_cluster}
 TO {db}.otel_traces
 AS SELECT
     fromUnixTimestamp64Nano(start_ns + t_start) AS Timestamp,
@@ -311,6 +311,7 @@ AS SELECT
     ScopeVersion,
     -- a version 1 payload has no prefill counts: its spans carry no such attribute
     mapFilter((k, v) -> v IS NOT NULL, map(
+        'tokentrace.emission.index', toString(i - 1),
         'tokentrace.token.index', toString(upto - cnt),
         'tokentrace.token.count', toString(cnt),
         'tokentrace.engine.step', toString(step),
@@ -327,14 +328,15 @@ FROM (
 """
 
 _PACKED_TOKENS_ROWS_MV = """
-CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.packed_tokens_rows_v2_mv{on_cluster}
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.packed_tokens_rows_v3_mv{on_cluster}
 TO {db}.token_latencies
 AS SELECT
     fromUnixTimestamp64Nano(start_ns + t_end) AS ts,
     TraceId AS trace_id,
     node,
     toUInt32(upto - cnt) AS token_index,
-    if(upto - cnt > 0, (t_end - t_start) / 1e9, NULL) AS itl_s,
+    -- the first emission has no gap (by position: a chat role chunk carries 0 tokens)
+    if(i > 1, (t_end - t_start) / 1e9, NULL) AS itl_s,
     cnt AS tokens,
     bs AS batch_size,
     pf AS step_prefill_tokens
@@ -413,8 +415,15 @@ def ddl_statements(
         _PACKED_TOKENS_ADD,
     ):
         statements.append(template.format(**fmt).strip())
-    for view in ("packed_tokens_spans_mv", "packed_tokens_rows_mv"):
-        statements.append(_PACKED_TOKENS_DROP_V1.format(view=view, **fmt).strip())
+    # Earlier versions of the two views below (v1: no prefill counts; v2: no emission
+    # index, and the first emission found by token index).
+    for view in (
+        "packed_tokens_spans_mv",
+        "packed_tokens_rows_mv",
+        "packed_tokens_spans_v2_mv",
+        "packed_tokens_rows_v2_mv",
+    ):
+        statements.append(_PACKED_TOKENS_DROP_OLD.format(view=view, **fmt).strip())
     for template in (_PACKED_TOKENS_SPANS_MV, _PACKED_TOKENS_ROWS_MV):
         statements.append(template.format(**fmt).strip())
     if not cluster:

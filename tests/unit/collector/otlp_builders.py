@@ -97,13 +97,13 @@ def request(
 
 
 def packed_and_unpacked(
-    step_prefill: bool = True,
+    step_prefill: bool = True, counts: tuple[int, ...] = (1, 1, 3, 1, 2)
 ) -> tuple[ExportTraceServiceRequest, ExportTraceServiceRequest]:
-    """The same five recorded emissions (token counts 1, 1, 3, 1, 2; steps that also
-    prefilled 0, 40, 0, 80, 0 prompt tokens) sent both ways through the real SDK and
-    OTLP encoder: one llm.token span each under one llm.decode span, and packed onto
-    another llm.decode span (each its own trace). ``step_prefill=False`` records them
-    as an emitter that cannot know the prefill counts (packed version 1)."""
+    """The same recorded emissions (by default five, token counts 1, 1, 3, 1, 2; steps
+    that also prefilled 0, 40, 0, 80, 0 prompt tokens) sent both ways through the real
+    SDK and OTLP encoder: one llm.token span each under one llm.decode span, and packed
+    onto another llm.decode span (each its own trace). ``step_prefill=False`` records
+    them as an emitter that cannot know the prefill counts (packed version 1)."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -119,11 +119,12 @@ def packed_and_unpacked(
     tracer = provider.get_tracer("tokentrace")
     rec = TokenRecorder(2, step_prefill=step_prefill)
     rec.start()
-    for step, tokens in enumerate((1, 1, 3, 1, 2)):
+    for step, tokens in enumerate(counts):
         rec.record(tokens, 100 + step, 7 - step, 40 * step if step % 2 else 0)
+    n = len(counts)
     for packed in (False, True):
         decode = tracer.start_span(A.SPAN_DECODE, attributes={A.REQUEST_ID: "r"})
-        assert rec.emit(tracer, decode, packed) == 5
+        assert rec.emit(tracer, decode, packed) == n
         decode.end()
     spans = memory.get_finished_spans()
-    return encode_spans(spans[:6]), encode_spans([spans[6]])
+    return encode_spans(spans[: n + 1]), encode_spans([spans[n + 1]])

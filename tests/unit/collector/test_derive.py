@@ -51,6 +51,25 @@ def test_router_request_row() -> None:
     assert rows.tables().keys() == {"request_parts"}
 
 
+def test_e2e_is_the_routers_to_last_content_when_it_says_so() -> None:
+    """The router's e2e ends at the last chunk with choices (as a benchmark client
+    times it); the span runs on past the usage chunk and [DONE]. TPOT follows it."""
+    rows = _rows(
+        {A.SERVICE_NAME: "router", A.NODE_ID: "r1"},
+        [
+            span(
+                A.SPAN_REQUEST,
+                1,
+                T0_NS,
+                T0_NS + 500 * MS,
+                {A.GEN_AI_USAGE_OUTPUT_TOKENS: 5, A.GEN_AI_SERVER_TTFT: 0.1, A.E2E_S: 0.42},
+            ),
+        ],
+    )
+    assert rows.request_parts["e2e_s"] == [0.42]
+    assert rows.request_parts["tpot_s"] == [pytest.approx((0.42 - 0.1) / 4)]
+
+
 def test_single_output_token_has_no_tpot_and_error_status() -> None:
     rows = _rows(
         {A.SERVICE_NAME: "router"},

@@ -265,6 +265,32 @@ def test_packed_tokens_land_as_the_unpacked_mode_lands_them(
     assert [r[6] for r in rows[packed_tid]] == expected
 
 
+def test_a_chat_role_chunk_is_the_first_emission_in_both_modes(
+    store: Store, wal: WriteAheadLog
+) -> None:
+    """A chat stream's role chunk is an emission of 0 tokens right before the first
+    output's own chunk: it is the one without a gap, and the next emission (token index
+    0 as well) has one, whether the emissions come packed or one span each."""
+    unpacked_req, packed_req = packed_and_unpacked(counts=(0, 1, 2))
+    pipeline = Pipeline(store, wal, PipelineConfig(flush_interval_ms=20))
+    pipeline.start()
+    try:
+        pipeline.consume(unpacked_req)
+        pipeline.consume(packed_req)
+    finally:
+        pipeline.shutdown()
+    rows = {}
+    for req in (unpacked_req, packed_req):
+        tid = req.resource_spans[0].scope_spans[0].spans[0].trace_id.hex()
+        rows[tid] = store.query(
+            "SELECT token_index, itl_s IS NULL, tokens FROM token_latencies "
+            "WHERE trace_id = {t:String} ORDER BY ts",
+            {"t": tid},
+        ).rows
+    unpacked, packed = rows.values()
+    assert packed == unpacked == [(0, True, 0), (0, False, 1), (1, False, 2)]
+
+
 def test_log_records_replayed_after_a_crash_are_stored_exactly_once(
     store: Store, tmp_path: Path
 ) -> None:
