@@ -60,7 +60,7 @@ TARGET_RATIO = 0.98  # at most 2 % slower
 RUN_TIMEOUT_S = 600.0
 QUICK = {"batches": "1,8", "repeats": 1, "waves": 1, "tokens": 16}
 
-OnTokens = Callable[[list[int], int, int, int], None]
+OnTokens = Callable[[list[int], int, int, int, str | None], None]
 OnFinish = Callable[[str, BaseException | None], None]
 
 
@@ -220,7 +220,9 @@ def _callbacks(
     event loop (identical in both modes, so it would only dilute the difference)."""
     recorder = TokenRecorder(max_tokens) if tracing.enabled else None
 
-    def on_tokens(token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
+    def on_tokens(
+        token_ids: list[int], step: int, batch_size: int, prefill: int, finish: str | None
+    ) -> None:
         if recorder is not None:
             recorder.record(len(token_ids), step, batch_size, prefill)
         out.tokens += len(token_ids)

@@ -94,10 +94,14 @@ def _check(args: argparse.Namespace) -> None:
 # -- the simulated decode process (runs in the child) ---------------------------------
 
 
-def _on_tokens(recorder: TokenRecorder | None) -> Callable[[list[int], int, int, int], None]:
+def _on_tokens(
+    recorder: TokenRecorder | None,
+) -> Callable[[list[int], int, int, int, str | None], None]:
     """The worker's engine-thread callback (minus handing text to the event loop)."""
 
-    def on_tokens(token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
+    def on_tokens(
+        token_ids: list[int], step: int, batch_size: int, prefill: int, finish: str | None
+    ) -> None:
         if recorder is not None:
             recorder.record(len(token_ids), step, batch_size, prefill)
 
@@ -121,7 +125,7 @@ def _one_request(tracing: Tracing, index: int, tokens: int, first_step: int) -> 
         recorder.start()
     token_ids = [0]
     for step in range(first_step, first_step + tokens):
-        on_tokens(token_ids, step, BATCH_SIZE, 0)
+        on_tokens(token_ids, step, BATCH_SIZE, 0, None)
     tracing.defer(
         functools.partial(
             finish_decode_span, tracing, span, recorder, tokens, "length", time.time_ns()

@@ -38,7 +38,7 @@ TARGET_NS = 1000.0
 TARGET_RATIO = 20.0
 BATCH_SIZE = 8  # reported with every emission; its value does not change the cost
 
-OnTokens = Callable[[list[int], int, int, int], None]
+OnTokens = Callable[[list[int], int, int, int, str | None], None]
 CallbackFactory = Callable[[int], OnTokens]  # tokens per request → a fresh callback
 
 
@@ -82,7 +82,9 @@ def _worker_callback(recorder: TokenRecorder | None) -> OnTokens:
     the floor. The worker itself records with tracing off too, for its ITL histogram,
     so there it pays the recorder's cost either way)."""
 
-    def on_tokens(token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
+    def on_tokens(
+        token_ids: list[int], step: int, batch_size: int, prefill: int, finish: str | None
+    ) -> None:
         if recorder is not None:
             recorder.record(len(token_ids), step, batch_size, prefill)
 
@@ -109,7 +111,9 @@ def sdk_span_factory(tracer: trace.Tracer) -> CallbackFactory:
         parent = trace.set_span_in_context(tracer.start_span(A.SPAN_DECODE))
         index = 0
 
-        def on_tokens(token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
+        def on_tokens(
+            token_ids: list[int], step: int, batch_size: int, prefill: int, finish: str | None
+        ) -> None:
             nonlocal index
             span = tracer.start_span(
                 A.SPAN_TOKEN,
@@ -136,7 +140,7 @@ def _time_request(on_tokens: OnTokens, tokens: int) -> int:
     token_ids = [0]
     start = time.thread_time_ns()
     for step in range(tokens):
-        on_tokens(token_ids, step, BATCH_SIZE, 0)
+        on_tokens(token_ids, step, BATCH_SIZE, 0, None)
     return time.thread_time_ns() - start
 
 

@@ -2,7 +2,12 @@
 recorder, W3C context propagation and the Prometheus metrics. Never imports the
 collector or serving."""
 
-from tokentrace.instrument.asgi import ArrivalStampMiddleware, arrival_s, wall_ns
+from tokentrace.instrument.asgi import (
+    ArrivalStampMiddleware,
+    arrival_s,
+    stamping_http_protocol,
+    wall_ns,
+)
 from tokentrace.instrument.export import ExporterCounts
 from tokentrace.instrument.metrics import ServingMetrics
 from tokentrace.instrument.propagation import TRACEPARENT, extract, inject
@@ -27,5 +32,6 @@ __all__ = [
     "resolve_endpoint",
     "resolve_node_id",
     "setup_tracing",
+    "stamping_http_protocol",
     "wall_ns",
 ]

@@ -1,4 +1,5 @@
-"""ASGI middleware for instrumented HTTP servers."""
+"""ASGI middleware for instrumented HTTP servers, and the uvicorn protocol that stamps a
+request's arrival when its bytes are read."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class ArrivalStampMiddleware:
             await self.app(scope, receive, send)
             return
         t1 = now_ns()
-        scope.setdefault("state", {})[ARRIVAL_KEY] = time.monotonic()
+        # Kept if the HTTP protocol already stamped it (stamping_http_protocol).
+        scope.setdefault("state", {}).setdefault(ARRIVAL_KEY, time.monotonic())
         if not any(name == _CLOCK_HEADER_BYTES for name, _ in scope.get("headers") or ()):
             await self.app(scope, receive, send)
             return
@@ -47,6 +49,28 @@ class ArrivalStampMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_clock)
+
+
+def stamping_http_protocol() -> type:
+    """uvicorn's HTTP protocol (httptools where installed, else h11) that stamps each
+    request's arrival (``time.monotonic()``) when the bytes that start it are read, into
+    the request's ``scope["state"]``, where :func:`arrival_s` finds it. That is before
+    the request is parsed and before its ASGI task gets the event loop, which under load
+    is later by whatever else the loop had to do: time a client waited, and a client's
+    TTFT includes. Pass it as ``uvicorn.Config(http=...)``."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class StampingHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        def data_received(self, data: bytes) -> None:
+            received = time.monotonic()
+            before = getattr(self, "scope", None)
+            super().data_received(data)
+            scope = getattr(self, "scope", None)
+            # A new request began in these bytes (its ASGI task has not run yet).
+            if isinstance(scope, dict) and scope is not before:
+                scope.setdefault("state", {}).setdefault(ARRIVAL_KEY, received)
+
+    return StampingHTTPProtocol
 
 
 def arrival_s(scope: dict[str, Any]) -> float:

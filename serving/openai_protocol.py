@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -23,6 +23,7 @@ __all__ = [
     "ProtocolError",
     "chat_chunk",
     "chat_completion_id",
+    "chat_role_chunk",
     "chat_response",
     "chunk_finish_reasons",
     "chunk_text",
@@ -31,8 +32,11 @@ __all__ = [
     "completion_response",
     "error_body",
     "error_type",
+    "iter_sse_lines",
     "parse_sse_data",
     "render_chat_prompt",
+    "sse_lines",
+    "sse_error",
     "sse_event",
     "usage",
     "usage_chunk",
@@ -111,6 +115,8 @@ class ParsedRequest:
     temperature: float
     seed: int | None
     kv_transfer_params: dict[str, Any] | None
+    stop: tuple[str, ...] = ()  # stop strings: generation ends where one appears
+    include_stop_str_in_output: bool = False
 
 
 def _is_int(value: Any) -> bool:
@@ -193,6 +199,19 @@ def _chat_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ProtocolError(
+            400, f"'stop' must be a non-empty string or a list of them, got {stop!r:.80}", "stop"
+        )
+    return tuple(stop)
+
+
 def _max_tokens(body: Mapping[str, Any], chat: bool) -> int:
     # Chat clients may use the newer name; it wins when both are given, as in OpenAI's API.
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
@@ -258,6 +277,8 @@ def validate_request(body: Any, chat: bool) -> ParsedRequest:
         temperature=float(temperature),
         seed=seed,
         kv_transfer_params=kv_transfer_params,
+        stop=_stop(body),
+        include_stop_str_in_output=_optional_bool(body, "include_stop_str_in_output", False),
     )
 
 
@@ -286,12 +307,18 @@ def _created(created: int | None) -> int:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """``{"prompt_tokens", "completion_tokens", "total_tokens"}``."""
+    """``{"prompt_tokens", "total_tokens", "completion_tokens"}``, in vLLM's key order."""
     return {
         "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
     }
+
+
+def _with_fingerprint(chunk: dict[str, Any], fingerprint: str | None) -> dict[str, Any]:
+    if fingerprint is not None:
+        chunk["system_fingerprint"] = fingerprint
+    return chunk
 
 
 def completion_chunk(
@@ -301,44 +328,83 @@ def completion_chunk(
     finish_reason: str | None = None,
     created: int | None = None,
     index: int = 0,
+    stop_reason: str | int | None = None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """One ``text_completion`` stream chunk carrying ``text``."""
-    return {
+    """One ``text_completion`` stream chunk carrying ``text``, with vLLM's keys (the
+    ``null`` ones included). ``fingerprint`` goes on a stream's last message: the finish
+    chunk when no usage chunk follows."""
+    choice = {
+        "index": index,
+        "text": text,
+        "logprobs": None,
+        "finish_reason": finish_reason,
+        "stop_reason": stop_reason,
+        "prompt_token_ids": None,
+        "token_ids": None,
+    }
+    chunk = {
         "id": id_,
         "object": "text_completion",
         "created": _created(created),
         "model": model,
-        "choices": [
-            {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        ],
+        "choices": [choice],
     }
+    return _with_fingerprint(chunk, fingerprint)
 
 
-def chat_chunk(
-    id_: str,
-    model: str,
-    content: str | None = None,
-    role: str | None = None,
-    finish_reason: str | None = None,
-    created: int | None = None,
-    index: int = 0,
+def chat_role_chunk(
+    id_: str, model: str, created: int | None = None, index: int = 0, role: str = "assistant"
 ) -> dict[str, Any]:
-    """One ``chat.completion.chunk``; the delta holds ``role`` and/or ``content`` if given
-    (the first chunk of a stream carries ``role="assistant"``)."""
-    delta: dict[str, Any] = {}
-    if role is not None:
-        delta["role"] = role
-    if content is not None:
-        delta["content"] = content
+    """The ``chat.completion.chunk`` vLLM sends with a request's first output, before
+    that output's own chunk: ``delta`` ``{"role": "assistant", "content": ""}``."""
     return {
         "id": id_,
         "object": "chat.completion.chunk",
         "created": _created(created),
         "model": model,
         "choices": [
-            {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            {
+                "index": index,
+                "delta": {"role": role, "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
         ],
+        "prompt_token_ids": None,
+        "prompt_text": None,
     }
+
+
+def chat_chunk(
+    id_: str,
+    model: str,
+    content: str,
+    finish_reason: str | None = None,
+    created: int | None = None,
+    index: int = 0,
+    stop_reason: str | int | None = None,
+    fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` carrying ``content`` (vLLM's keys: ``stop_reason``
+    only on the finishing chunk). ``fingerprint`` as for :func:`completion_chunk`."""
+    choice: dict[str, Any] = {
+        "index": index,
+        "delta": {"content": content},
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    if finish_reason is not None:
+        choice["stop_reason"] = stop_reason
+    choice["token_ids"] = None
+    chunk = {
+        "id": id_,
+        "object": "chat.completion.chunk",
+        "created": _created(created),
+        "model": model,
+        "choices": [choice],
+    }
+    return _with_fingerprint(chunk, fingerprint)
 
 
 def usage_chunk(
@@ -348,15 +414,26 @@ def usage_chunk(
     completion_tokens: int,
     chat: bool,
     created: int | None = None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """The final chunk sent when ``stream_options.include_usage``: empty ``choices``."""
-    return {
+    """The last chunk before ``[DONE]`` when ``stream_options.include_usage``: empty
+    ``choices``, the usage, and the stream's ``system_fingerprint``."""
+    chunk: dict[str, Any] = {
         "id": id_,
         "object": "chat.completion.chunk" if chat else "text_completion",
         "created": _created(created),
         "model": model,
         "choices": [],
         "usage": usage(prompt_tokens, completion_tokens),
+    }
+    return _with_fingerprint(chunk, fingerprint)
+
+
+def _response_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        **usage(prompt_tokens, completion_tokens),
+        "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
 
 
@@ -369,17 +446,35 @@ def completion_response(
     completion_tokens: int,
     created: int | None = None,
     kv_transfer_params: dict[str, Any] | None = None,
+    stop_reason: str | int | None = None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """A non-streaming ``text_completion`` response. ``kv_transfer_params`` is the
-    top-level field vLLM returns from a prefill worker (None elsewhere)."""
+    """A non-streaming ``text_completion`` response, every key vLLM sends (nulls
+    included). ``kv_transfer_params`` is what vLLM returns from a prefill worker."""
     return {
         "id": id_,
         "object": "text_completion",
         "created": _created(created),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "stop_reason": stop_reason,
+                "token_ids": None,
+                "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "routed_experts": None,
+            }
+        ],
+        "service_tier": None,
+        "system_fingerprint": fingerprint,
+        "usage": _response_usage(prompt_tokens, completion_tokens),
         "kv_transfer_params": kv_transfer_params,
+        "ec_transfer_params": None,
+        "metrics": None,
     }
 
 
@@ -392,6 +487,8 @@ def chat_response(
     completion_tokens: int,
     created: int | None = None,
     kv_transfer_params: dict[str, Any] | None = None,
+    stop_reason: str | int | None = None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """A non-streaming ``chat.completion`` response (see :func:`completion_response`)."""
     return {
@@ -402,13 +499,31 @@ def chat_response(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": content},
+                "message": {
+                    "role": "assistant",
+                    "content": content,
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "reasoning": None,
+                },
                 "logprobs": None,
                 "finish_reason": finish_reason,
+                "stop_reason": stop_reason,
+                "token_ids": None,
+                "routed_experts": None,
             }
         ],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "service_tier": None,
+        "system_fingerprint": fingerprint,
+        "usage": _response_usage(prompt_tokens, completion_tokens),
+        "prompt_logprobs": None,
+        "prompt_token_ids": None,
+        "prompt_text": None,
         "kv_transfer_params": kv_transfer_params,
+        "ec_transfer_params": None,
+        "metrics": None,
     }
 
 
@@ -416,10 +531,46 @@ def chat_response(
 
 
 def sse_event(obj: Any) -> bytes:
-    """``b"data: <compact json>\\n\\n"``; the string ``"[DONE]"`` gives the end marker."""
+    """``b"data: <compact json>\\n\\n"`` (UTF-8, not escaped, as vLLM writes it); the
+    string ``"[DONE]"`` gives the end marker."""
     if obj == DONE:
         return SSE_DONE
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def sse_error(error: Mapping[str, Any]) -> bytes:
+    """A mid-stream error event, as vLLM writes one (``json.dumps``' default spacing)."""
+    return b"data: " + json.dumps(error).encode() + b"\n\n"
+
+
+def _split_sse(buffer: bytes) -> tuple[list[bytes], bytes]:
+    *lines, rest = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    return lines, rest
+
+
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The lines of an SSE byte stream, split where the SSE format splits them: at LF,
+    CRLF or CR only. (``str.splitlines``, and so httpx's ``aiter_lines``, also splits at
+    U+0085, U+2028 and other characters that vLLM, as JSON allows, writes unescaped
+    inside a chunk's text.)"""
+    buffer = b""
+    async for chunk in chunks:
+        lines, buffer = _split_sse(buffer + chunk)
+        for line in lines:
+            yield line.decode("utf-8", "replace")
+    if buffer:
+        yield buffer.decode("utf-8", "replace")
+
+
+def iter_sse_lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """:func:`sse_lines` for a blocking byte stream (``httpx.Response.iter_bytes()``)."""
+    buffer = b""
+    for chunk in chunks:
+        lines, buffer = _split_sse(buffer + chunk)
+        for line in lines:
+            yield line.decode("utf-8", "replace")
+    if buffer:
+        yield buffer.decode("utf-8", "replace")
 
 
 def parse_sse_data(line: str | bytes) -> dict[str, Any] | Literal["[DONE]"] | None:

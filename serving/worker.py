@@ -27,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from opentelemetry.context import Context
 
+from tokentrace import __version__
 from tokentrace.instrument import (
     ArrivalStampMiddleware,
     ServingMetrics,
@@ -51,6 +53,7 @@ from tokentrace.instrument import (
     extract,
     inject,
     setup_tracing,
+    stamping_http_protocol,
     wall_ns,
 )
 from tokentrace.instrument.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -66,6 +69,7 @@ from tokentrace.serving.engine import (
     load_or_create,
 )
 from tokentrace.serving.kv import KVRegion, KVTransferError, NixlKVEndpoint
+from tokentrace.serving.stream_shape import OutputText, StreamShaper
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,21 @@ class _Finish:
     def __init__(self, reason: str, error: BaseException | None) -> None:
         self.reason = reason
         self.error = error
+
+
+class _Step:
+    """One engine step's output for a request, as the engine reported it."""
+
+    __slots__ = ("token_ids", "step", "batch_size", "prefill_tokens", "finish")
+
+    def __init__(
+        self, token_ids: list[int], step: int, batch_size: int, prefill: int, finish: str | None
+    ) -> None:
+        self.token_ids = token_ids
+        self.step = step
+        self.batch_size = batch_size
+        self.prefill_tokens = prefill
+        self.finish = finish
 
 
 @dataclass
@@ -151,6 +170,11 @@ class Worker:
         self._http: httpx.AsyncClient | None = None
         self._reaper: asyncio.Task[None] | None = None
         self.created = int(time.time())
+        # What vLLM puts in system_fingerprint: the server's version and configuration.
+        self.fingerprint = (
+            f"tokentrace-{__version__}-"
+            + hashlib.sha256(repr((config.model, self.model_config)).encode()).hexdigest()[:8]
+        )
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -337,6 +361,7 @@ class Worker:
             len(prompt_ids),
             1,
             kv_transfer_params=kv_params,
+            fingerprint=self.fingerprint,
         )
         return JSONResponse(body, headers={"X-Request-Id": request_id})
 
@@ -466,15 +491,17 @@ class Worker:
             raise
 
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[list[int] | _Finish] = asyncio.Queue()
+        queue: asyncio.Queue[_Step | _Finish] = asyncio.Queue()
         # The ITL histogram needs the emission times even when tracing is off.
-        recorder = TokenRecorder(parsed.max_tokens)
+        recorder = TokenRecorder(parsed.max_tokens + 1)
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
 
-        def on_tokens(token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
-            if recorder is not None:
-                recorder.record(len(token_ids), step, batch_size, prefill)
-            loop.call_soon_threadsafe(queue.put_nowait, token_ids)
+        def on_tokens(
+            token_ids: list[int], step: int, batch_size: int, prefill: int, finish: str | None
+        ) -> None:
+            loop.call_soon_threadsafe(
+                queue.put_nowait, _Step(token_ids, step, batch_size, prefill, finish)
+            )
 
         def on_prefill(started_ns: int, done_ns: int) -> None:
             prefilled.append((started_ns, done_ns))
@@ -482,8 +509,7 @@ class Worker:
         def on_finish(reason: str, error: BaseException | None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, _Finish(reason, error))
 
-        if recorder is not None:
-            recorder.start()
+        recorder.start()
         try:
             self.engine.submit(
                 DecodeRequest(
@@ -506,6 +532,7 @@ class Worker:
             span.end()
             return _error(oai.ProtocolError(400, str(exc)))
         out = _Output()
+        text = OutputText(parsed.stop, parsed.include_stop_str_in_output)
 
         def finish_spans(end_ns: int) -> None:
             # Before the spans end, so an emission whose row is stored is always counted.
@@ -525,21 +552,31 @@ class Worker:
                 span.set_status(trace.StatusCode.ERROR, out.error)
             span.end(end_time=end_ns)
 
-        async def tokens() -> AsyncIterator[str]:
-            """Text per emission until the engine finishes the request."""
-            while True:
+        async def steps() -> AsyncIterator[tuple[_Step, str]]:
+            """The request's engine steps, each with the text it adds for the client,
+            until one finishes it (``out.reason`` set) or the engine ends it."""
+            while out.reason is None:
                 item = await queue.get()
-                if isinstance(item, _Finish):
+                if isinstance(item, _Finish):  # ended with no finishing step
                     out.reason = item.reason
                     if item.error is not None:
                         out.error = f"engine error: {item.error}"
                     return
-                out.tokens += len(item)
-                yield self.tokenizer.decode(item)
+                out.tokens += len(item.token_ids)
+                delta = text.add(self.tokenizer.decode(item.token_ids), item.finish is not None)
+                if delta.stop is not None:
+                    out.reason, out.stop_reason = "stop", delta.stop
+                    self.engine.abort(engine_id)  # its later steps, if any, go unread
+                else:
+                    out.reason = item.finish
+                yield item, delta.text
 
         if not parsed.stream:
             try:
-                text = "".join([t async for t in tokens()])
+                async for item, _ in steps():
+                    recorder.record(
+                        len(item.token_ids), item.step, item.batch_size, item.prefill_tokens
+                    )
             finally:
                 if out.reason is None:
                     self.engine.abort(engine_id)
@@ -548,34 +585,54 @@ class Worker:
                 return _error(oai.ProtocolError(500, out.error))
             make = oai.chat_response if chat else oai.completion_response
             body = make(
-                request_id, self.config.model, text, out.reason, len(prompt_ids), out.tokens
+                request_id,
+                self.config.model,
+                text.text,
+                out.reason,
+                len(prompt_ids),
+                out.tokens,
+                stop_reason=out.stop_reason,
+                fingerprint=self.fingerprint,
             )
             return JSONResponse(body, headers={"X-Request-Id": request_id})
 
-        model = self.config.model
+        shaper = StreamShaper(
+            chat=chat,
+            request_id=request_id,
+            model=self.config.model,
+            include_usage=parsed.include_usage,
+            fingerprint=self.fingerprint,
+        )
 
-        def chunk(text: str, finish_reason: str | None = None) -> bytes:
-            if chat:
-                return oai.sse_event(oai.chat_chunk(request_id, model, text, None, finish_reason))
-            return oai.sse_event(oai.completion_chunk(request_id, model, text, finish_reason))
+        def emit(item: _Step | None, delta: str) -> Iterator[bytes]:
+            """The step's chunks, each recorded as an emission right before it goes out:
+            what the client will time is what is stored."""
+            finish = out.reason if item is None or out.reason is not None else None
+            stop = out.stop_reason if finish == "stop" else None
+            step, batch, prefill = (
+                (item.step, item.batch_size, item.prefill_tokens) if item else (-1, 0, 0)
+            )
+            tokens = len(item.token_ids) if item else 0
+            for chunk, carries in shaper.output(delta, finish, stop):
+                recorder.record(tokens if carries else 0, step, batch, prefill)
+                yield oai.sse_event(chunk)
 
         async def stream() -> AsyncIterator[bytes]:
             try:
-                if chat:
-                    yield oai.sse_event(oai.chat_chunk(request_id, model, role="assistant"))
-                async for text in tokens():
-                    yield chunk(text)
+                async for item, delta in steps():
+                    for event in emit(item, delta):
+                        yield event
                 if out.error is not None:
-                    yield oai.sse_event(oai.ProtocolError(500, out.error).body())
-                else:
-                    yield chunk("", out.reason)
-                    if parsed.include_usage:
-                        yield oai.sse_event(
-                            oai.usage_chunk(request_id, model, len(prompt_ids), out.tokens, chat)
-                        )
-                yield b"data: [DONE]\n\n"
+                    yield oai.sse_error(oai.ProtocolError(500, out.error).body())
+                    yield oai.SSE_DONE
+                    return
+                if not shaper.finished:  # the engine aborted it (shutting down)
+                    for event in emit(None, ""):
+                        yield event
+                for tail in shaper.end(len(prompt_ids), out.tokens):
+                    yield oai.sse_event(tail)
             finally:
-                if out.reason is None:  # the client went away: stop generating, free blocks
+                if not shaper.finished:  # the client went away: stop generating, free blocks
                     self.engine.abort(engine_id)
                 # Spans are built after the response's last bytes, off the event loop.
                 self.tracing.defer(functools.partial(finish_spans, time.time_ns()))
@@ -611,6 +668,7 @@ class Worker:
 class _Output:
     tokens: int = 0
     reason: str | None = None
+    stop_reason: str | None = None
     error: str | None = None
 
 
@@ -689,4 +747,10 @@ def run(config: WorkerConfig) -> None:
         f"url=http://{config.host}:{config.port} model={config.model}",
         flush=True,
     )
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        http=stamping_http_protocol(),  # requests' arrival: when their bytes are read
+        log_level="warning",
+    )

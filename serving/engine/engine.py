@@ -60,7 +60,9 @@ FINISH_ABORT = "abort"  # abort() or engine shutdown
 FINISH_ERROR = "error"  # the step failed; on_finish gets the exception
 
 
-def _ignore_tokens(token_ids: list[int], step: int, batch_size: int, prefill_tokens: int) -> None:
+def _ignore_tokens(
+    token_ids: list[int], step: int, batch_size: int, prefill_tokens: int, finish: str | None
+) -> None:
     pass
 
 
@@ -95,12 +97,14 @@ class DecodeRequest:
     ``on_prefill(started_ns, done_ns)`` (``time.monotonic_ns()``) around that compute.
 
     Callbacks run on the engine thread between steps: keep them cheap, non-blocking and
-    thread-safe. ``on_tokens(token_ids, step, batch_size, prefill_tokens)``: the tokens
-    emitted for this request in engine step ``step`` (a counter over the engine's
+    thread-safe. ``on_tokens(token_ids, step, batch_size, prefill_tokens, finish)``: the
+    tokens emitted for this request in engine step ``step`` (a counter over the engine's
     forward passes, from 0) that ran ``batch_size`` requests and also prefilled
     ``prefill_tokens`` prompt tokens of ``prefill_in_step`` requests (0 for a step
     without such prefill work; a request's recompute of its last prompt token is one of
     the batch's rows and not counted); an EOS that stops the request is delivered too.
+    ``finish`` is the reason this step finished the request (``length`` or ``stop``),
+    else None: a server puts it on this step's own chunk, as vLLM does.
     ``on_finish(finish_reason, error)`` is called exactly once, after the request's
     blocks were freed; ``finish_reason`` is one of ``length | stop | abort | error``.
     ``temperature`` 0 is greedy; above 0 samples from softmax(logits / temperature)
@@ -116,7 +120,7 @@ class DecodeRequest:
     temperature: float = 0.0
     seed: int | None = None
     prefill_in_step: bool = False
-    on_tokens: Callable[[list[int], int, int, int], None] = _ignore_tokens
+    on_tokens: Callable[[list[int], int, int, int, str | None], None] = _ignore_tokens
     on_finish: Callable[[str, BaseException | None], None] = _ignore_finish
     on_prefill: Callable[[int, int], None] = _ignore_prefill
 
@@ -373,7 +377,9 @@ class Engine:
         finished = threading.Event()
         outcome: list[tuple[str, BaseException | None]] = []
 
-        def on_tokens(token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
+        def on_tokens(
+            token_ids: list[int], step: int, batch_size: int, prefill: int, finish: str | None
+        ) -> None:
             out.extend(token_ids)
 
         def on_finish(reason: str, error: BaseException | None) -> None:
@@ -582,18 +588,18 @@ class Engine:
                 seq.pos += 1
                 seq.num_generated += 1
                 seq.next_input = token
-                req.on_tokens([token], step, len(batch), prefill_tokens)
+                if token == self._eos_id and not req.ignore_eos:
+                    reason: str | None = FINISH_STOP
+                elif seq.num_generated >= req.max_tokens:
+                    reason = FINISH_LENGTH
+                else:
+                    reason = None
+                req.on_tokens([token], step, len(batch), prefill_tokens, reason)
             except Exception as exc:
                 _log.exception("emitting a token for request %s failed", req.request_id)
                 self._running.remove(seq)
                 self._finish(seq, FINISH_ERROR, exc)
                 continue
-            if token == self._eos_id and not req.ignore_eos:
-                reason: str | None = FINISH_STOP
-            elif seq.num_generated >= req.max_tokens:
-                reason = FINISH_LENGTH
-            else:
-                reason = None
             if reason is not None:
                 self._running.remove(seq)
                 self._finish(seq, reason, None)

@@ -60,7 +60,9 @@ class Collector:
     finished: threading.Event = field(default_factory=threading.Event)
     first_token: threading.Event = field(default_factory=threading.Event)
 
-    def on_tokens(self, token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
+    def on_tokens(
+        self, token_ids: list[int], step: int, batch_size: int, prefill: int, finish: str | None
+    ) -> None:
         self.tokens.extend(token_ids)
         self.steps.append((step, batch_size))
         self.prefill.append(prefill)
@@ -253,7 +255,9 @@ def test_prefill_in_step_shares_the_step_with_running_decodes(engine: Engine) ->
     second = Collector()
 
     class First(Collector):
-        def on_tokens(self, token_ids: list[int], step: int, batch_size: int, p: int) -> None:
+        def on_tokens(
+            self, token_ids: list[int], step: int, batch_size: int, p: int, finish: str | None
+        ) -> None:
             if not self.tokens:  # the next step must find the second request waiting
                 engine.submit(
                     DecodeRequest(
@@ -268,7 +272,7 @@ def test_prefill_in_step_shares_the_step_with_running_decodes(engine: Engine) ->
                         on_prefill=second.on_prefill,
                     )
                 )
-            super().on_tokens(token_ids, step, batch_size, p)
+            super().on_tokens(token_ids, step, batch_size, p, finish)
 
     first = First()
     engine.submit(
@@ -396,7 +400,9 @@ def test_failing_callback_fails_only_its_request(engine: Engine) -> None:
     bad_finish: list[tuple[str, BaseException | None]] = []
     done = threading.Event()
 
-    def on_tokens(token_ids: list[int], step: int, batch_size: int, prefill: int) -> None:
+    def on_tokens(
+        token_ids: list[int], step: int, batch_size: int, prefill: int, finish: str | None
+    ) -> None:
         raise boom
 
     def on_finish(reason: str, error: BaseException | None) -> None:
