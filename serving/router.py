@@ -45,6 +45,7 @@ from tokentrace.instrument import (
     extract,
     inject,
     setup_tracing,
+    stamping_http_protocol,
     wall_ns,
 )
 from tokentrace.instrument.clock import (
@@ -344,12 +345,19 @@ class _RequestState:
     stream: bool
     input_tokens: int | None = None
     output_tokens: int | None = None
-    first_content_s: float | None = None
+    first_chunk_s: float | None = None  # the first chunk with choices, once written
+    last_chunk_s: float | None = None  # the latest chunk with choices, once written
     finish_reasons: list[str] = field(default_factory=list)
     status: int = 200
     error: str | None = None
     model: str = ""  # as the client named it: the metrics' model label
     metrics: ServingMetrics | None = None
+
+    def wrote_chunk(self) -> None:
+        """A chunk with choices has just been written to the client."""
+        self.last_chunk_s = time.monotonic()
+        if self.first_chunk_s is None:
+            self.first_chunk_s = self.last_chunk_s
 
     def finish(self) -> None:
         """Set the end-of-request attributes, observe the request's metrics and end the
@@ -361,15 +369,22 @@ class _RequestState:
         if self.output_tokens is not None:
             span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, self.output_tokens)
         ttft_s = None
+        e2e_s = now - self.arrival_s
         if self.error is None:
-            first = self.first_content_s if self.stream else now
+            first = self.first_chunk_s if self.stream else now
             if first is not None:
                 ttft_s = first - self.arrival_s
                 span.set_attribute(A.GEN_AI_SERVER_TTFT, ttft_s)
+            # As a benchmark client times E2E: to the last content, not past the usage
+            # chunk and [DONE], which can wait for the worker's next write under load.
+            last = self.last_chunk_s if self.stream else now
+            if last is not None:
+                e2e_s = last - self.arrival_s
+                span.set_attribute(A.E2E_S, e2e_s)
         if self.metrics is not None:
             # Before the span ends, so a request whose row is stored is always counted.
             self.metrics.observe_request(
-                self.model, self.error is None, now - self.arrival_s, ttft_s, self.output_tokens
+                self.model, self.error is None, e2e_s, ttft_s, self.output_tokens
             )
         if self.finish_reasons:
             span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, self.finish_reasons)
@@ -478,6 +493,7 @@ class _Router:
         return {
             "status": "ok",
             "node_id": self.tracing.node_id,
+            "role": "router",
             "prefill": [w.snapshot() for w in self.prefill.workers],
             "decode": [w.snapshot() for w in self.decode.workers],
             "workers": [w.snapshot() for w in self.both.workers],
@@ -714,12 +730,19 @@ class _Router:
     async def _relay_stream(
         self, worker: _Worker, resp: httpx.Response, state: _RequestState, include_usage: bool
     ) -> AsyncIterator[bytes]:
-        """Relay the decode worker's SSE events one by one as they arrive. Owns ``resp``,
-        the worker's ``outstanding`` slot and the span: all are released when it ends."""
+        """Relay the decode worker's SSE events one by one as they arrive, each as it
+        came: never added, split or merged. Owns ``resp``, the worker's ``outstanding``
+        slot and the span: all are released when it ends.
+
+        The router always asks the worker for the usage chunk (for the token counts).
+        When the client did not, that chunk is not passed on, and the finishing chunk,
+        which vLLM sends with the stream's ``system_fingerprint`` when no usage chunk
+        follows, waits for it (it comes right after) to take its fingerprint."""
         saw_done = False
+        held: dict[str, Any] | None = None  # the finishing chunk, waiting for the usage one
         try:
             try:
-                lines = resp.aiter_lines()
+                lines = P.sse_lines(resp.aiter_bytes())
                 async for line in lines:
                     try:
                         event = P.parse_sse_data(line)
@@ -730,27 +753,46 @@ class _Router:
                         continue
                     if event == P.DONE:
                         saw_done = True
+                        if held is not None:
+                            yield P.sse_event(held)
+                            state.wrote_chunk()
+                            held = None
                         yield P.SSE_DONE
                         # End the client's response now: on a keep-alive connection its
                         # next request waits until this response is complete.
                         break
-                    out = self._observe_chunk(event, state, include_usage)
-                    if out is None:
+                    self._observe_chunk(event, state)
+                    if "error" not in event and not include_usage and not event.get("choices"):
+                        # The usage chunk the client did not ask for.
+                        if held is not None and "system_fingerprint" in event:
+                            held["system_fingerprint"] = event["system_fingerprint"]
                         continue
+                    if not include_usage and P.chunk_finish_reasons(event):
+                        held = event
+                        continue
+                    out = (line.strip() + "\n\n").encode()
+                    if held is not None:
+                        yield P.sse_event(held)
+                        state.wrote_chunk()
+                        held = None
                     yield out
-                    if state.first_content_s is None and P.chunk_text(event):
-                        state.first_content_s = time.monotonic()
+                    if event.get("choices"):
+                        state.wrote_chunk()
             except httpx.HTTPError as exc:
+                if held is not None:
+                    yield P.sse_event(held)
                 message = f"{worker.role} worker {worker.url} stream broke: {exc!r}"
                 worker.mark_down(self.config.unhealthy_cooldown_s, repr(exc))
                 state.error, state.status = message, 502
-                yield P.sse_event(P.error_body(message, P.error_type(502), 502))
+                yield P.sse_error(P.error_body(message, P.error_type(502), 502))
                 yield P.SSE_DONE
                 return
             if not saw_done and state.error is None:
+                if held is not None:
+                    yield P.sse_event(held)
                 message = f"{worker.role} worker {worker.url} ended the stream without [DONE]"
                 state.error, state.status = message, 502
-                yield P.sse_event(P.error_body(message, P.error_type(502), 502))
+                yield P.sse_error(P.error_body(message, P.error_type(502), 502))
                 yield P.SSE_DONE
         except (asyncio.CancelledError, GeneratorExit):
             if state.error is None:
@@ -772,17 +814,14 @@ class _Router:
                     await resp.aclose()
 
     @staticmethod
-    def _observe_chunk(
-        event: dict[str, Any], state: _RequestState, include_usage: bool
-    ) -> bytes | None:
-        """Record what a chunk says about the request; the bytes to send on, or None to
-        drop it (the usage chunk the client did not ask for)."""
+    def _observe_chunk(event: dict[str, Any], state: _RequestState) -> None:
+        """Record what a chunk says about the request."""
         if "error" in event:
             error = event.get("error")
             message = error.get("message") if isinstance(error, dict) else None
             state.error = str(message or error)
             state.status = 502
-            return P.sse_event(event)
+            return
         state.finish_reasons.extend(P.chunk_finish_reasons(event))
         usage = event.get("usage")
         if isinstance(usage, dict):
@@ -790,13 +829,6 @@ class _Router:
                 state.output_tokens = usage["completion_tokens"]
             if state.input_tokens is None and isinstance(usage.get("prompt_tokens"), int):
                 state.input_tokens = usage["prompt_tokens"]
-        if include_usage:
-            return P.sse_event(event)
-        if not event.get("choices"):
-            return None if "usage" in event else P.sse_event(event)
-        if "usage" in event:
-            event = {k: v for k, v in event.items() if k != "usage"}
-        return P.sse_event(event)
 
 
 async def _drain(resp: httpx.Response, lines: AsyncIterator[str], timeout_s: float = 10.0) -> None:
@@ -902,6 +934,7 @@ def run(config: RouterConfig) -> None:
         app,
         host=config.host,
         port=config.port,
+        http=stamping_http_protocol(),  # requests' arrival: when their bytes are read
         log_level="info",
         access_log=False,
         ssl_certfile=tls.cert_file if tls else None,

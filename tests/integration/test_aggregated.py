@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from tokentrace.serving import openai_protocol as P
 from tokentrace.serving.demo import _comparison_rows, comparison, print_comparison
 from tokentrace.serving.load import LoadResult, run_load
 from tokentrace.serving.stack import LocalStack
@@ -86,7 +87,7 @@ def overlapped(stack: LocalStack) -> dict[str, str]:
         body = {"prompt": LONG_PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as resp:
             ids["long"] = resp.headers["x-request-id"]
-            for line in resp.iter_lines():
+            for line in P.iter_sse_lines(resp.iter_bytes()):
                 if line.startswith("data: {"):
                     started.set()
                     if short_done.is_set():

@@ -30,9 +30,11 @@ from tokentrace.instrument import Tracing
 from tokentrace.schemas import attributes as A
 from tokentrace.serving import openai_protocol as P
 from tokentrace.serving.router import RouterConfig, create_app
+from tokentrace.serving.stream_shape import StreamShaper
 
 MODEL = "stub-model"
 KV = {"remote_engine_id": "engine-p", "remote_block_ids": [3, 4], "remote_host": "p", "x": 1}
+FINGERPRINT = "stub-fingerprint"
 
 
 @dataclass
@@ -40,6 +42,7 @@ class StubWorker:
     role: str
     break_after: int | None = None  # decode: drop the connection after this many tokens
     fail_status: int | None = None  # answer completions with this error status
+    tail_delay_s: float = 0.0  # decode: wait this long between the last chunk and usage
     seen: list[dict[str, Any]] = field(default_factory=list)  # {"body", "headers"}
 
     def app(self) -> FastAPI:
@@ -80,20 +83,24 @@ class StubWorker:
             return JSONResponse(make("id-d", MODEL, "y" * n, "length", prompt_tokens, n))
 
         async def events() -> AsyncIterator[bytes]:
-            if chat:
-                yield P.sse_event(P.chat_chunk("id-d", MODEL, role="assistant", content=""))
+            # Shaped as vLLM shapes it (the role chunk, finish on the last step's chunk).
+            shaper = StreamShaper(
+                chat=chat,
+                request_id="id-d",
+                model=MODEL,
+                include_usage=parsed.include_usage,
+                fingerprint=FINGERPRINT,
+            )
             for i in range(n):
                 if self.break_after is not None and i == self.break_after:
                     raise RuntimeError("stub decode worker dies mid-stream")
                 last = "length" if i == n - 1 else None
-                if chat:
-                    yield P.sse_event(P.chat_chunk("id-d", MODEL, content="y", finish_reason=last))
-                else:
-                    yield P.sse_event(P.completion_chunk("id-d", MODEL, "y", finish_reason=last))
+                for chunk, _ in shaper.output("y", last):
+                    yield P.sse_event(chunk)
                 await asyncio.sleep(0.002)
-            if parsed.include_usage:
-                yield P.sse_event(P.usage_chunk("id-d", MODEL, prompt_tokens, n, chat))
-            yield P.SSE_DONE
+            await asyncio.sleep(self.tail_delay_s)
+            for tail in shaper.end(prompt_tokens, n):
+                yield P.sse_event(tail)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -224,8 +231,32 @@ def test_streaming_completion_runs_prefill_then_decode(stack: Stack) -> None:
     assert attrs[A.HTTP_STATUS] == 200
     assert attrs[A.PREFILL_NODE] == "prefill-node" and attrs[A.DECODE_NODE] == "decode-node"
     ttft = attrs[A.GEN_AI_SERVER_TTFT]
-    assert isinstance(ttft, float) and 0 < ttft < (span.end_time - span.start_time) / 1e9
+    e2e = attrs[A.E2E_S]
+    assert isinstance(ttft, float) and 0 < ttft < e2e <= (span.end_time - span.start_time) / 1e9
     assert span.status.status_code != StatusCode.ERROR
+
+
+def test_e2e_ends_at_the_last_chunk_with_choices_not_at_done() -> None:
+    """As vLLM's bench serve times E2E (and from it TPOT): the usage chunk and [DONE]
+    that follow the last content are not part of it, however late they come."""
+    for stack in _stack(StubWorker("prefill"), StubWorker("decode", tail_delay_s=0.3)):
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 3, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        assert stack.client.post("/v1/completions", json=body).status_code == 200
+        (span,) = stack.request_spans()
+        duration = (span.end_time - span.start_time) / 1e9
+        assert span.attributes[A.E2E_S] < duration - 0.25
+
+
+def test_a_one_token_stream_without_usage_has_ttft_and_e2e(stack: Stack) -> None:
+    """The router holds the finishing chunk for the usage chunk's fingerprint; when it
+    is the only chunk, its write is both the first and the last content."""
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 1, "stream": True}
+    resp = stack.client.post("/v1/completions", json=body)
+    chunks = [e for e in _events(resp.text) if isinstance(e, dict)]
+    assert len(chunks) == 1 and chunks[0]["system_fingerprint"] == FINGERPRINT
+    (span,) = stack.request_spans()
+    assert span.attributes[A.GEN_AI_SERVER_TTFT] == span.attributes[A.E2E_S] > 0
 
 
 def test_streaming_chat_relays_usage_when_asked(stack: Stack) -> None:
@@ -262,6 +293,7 @@ def test_models_and_health(stack: Stack) -> None:
     assert stack.client.get("/v1/models").json()["data"][0]["id"] == MODEL
     health = stack.client.get("/health").json()
     assert health["status"] == "ok" and health["node_id"] == "router-node"
+    assert health["role"] == "router"  # how tokentrace verify knows requests rows exist
     assert [w["healthy"] for w in health["prefill"] + health["decode"]] == [True, True]
     assert health["decode"][0]["outstanding"] == 0
 
@@ -355,3 +387,34 @@ def test_load_generator_through_the_router_sees_every_chunk(stack: Stack) -> Non
     # The stub sleeps 2 ms between tokens: a buffering hop would squash the gaps to ~0.
     assert result.summary.itl.mean_ms is not None and result.summary.itl.mean_ms > 0.5
     assert all(len(p["body"]["prompt"]) == 10 for p in stack.prefill.seen)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+@pytest.mark.parametrize("include_usage", [False, True], ids=["no-usage", "usage"])
+def test_the_router_relays_the_stream_chunk_for_chunk(
+    stack: Stack, chat: bool, include_usage: bool
+) -> None:
+    """What the client gets through the router is what the worker sends for the client's
+    own request: no chunk added, split or merged, the usage chunk the router asked for
+    not passed on, and the fingerprint where vLLM puts it without one."""
+    body: dict[str, Any] = {"max_tokens": 3, "stream": True}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "abc"})
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    resp = stack.client.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    shaper = StreamShaper(
+        chat=chat,
+        request_id="id-d",
+        model=MODEL,
+        include_usage=include_usage,
+        fingerprint=FINGERPRINT,
+        created=0,
+    )
+    expected: list[Any] = []
+    for i in range(3):
+        expected += [c for c, _ in shaper.output("y", "length" if i == 2 else None)]
+    prompt_tokens = len(P.validate_request(body, chat).prompt_text)
+    expected += shaper.end(prompt_tokens, 3)
+    got = [{**e, "created": 0} if isinstance(e, dict) else e for e in _events(resp.text)]
+    assert [json.dumps(e) for e in got] == [json.dumps(e) for e in expected]

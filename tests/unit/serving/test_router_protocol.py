@@ -162,8 +162,8 @@ def test_sse_event_round_trips() -> None:
 def test_chunk_text_for_completions_and_chat() -> None:
     assert P.chunk_text(P.completion_chunk("cmpl-1", "m", "tok")) == "tok"
     assert P.chunk_text(P.chat_chunk("chatcmpl-1", "m", content="tok")) == "tok"
-    assert P.chunk_text(P.chat_chunk("chatcmpl-1", "m", role="assistant")) == ""
-    assert P.chunk_text(P.chat_chunk("chatcmpl-1", "m", finish_reason="length")) == ""
+    assert P.chunk_text(P.chat_role_chunk("chatcmpl-1", "m")) == ""
+    assert P.chunk_text(P.chat_chunk("chatcmpl-1", "m", "", finish_reason="length")) == ""
     assert P.chunk_text(P.usage_chunk("cmpl-1", "m", 3, 4, chat=False)) == ""
     assert P.chunk_text(P.chat_response("chatcmpl-1", "m", "all", "stop", 1, 1)) == "all"
     assert P.chunk_text({"choices": [{"index": 0, "delta": {"content": None}}]}) == ""
@@ -171,18 +171,17 @@ def test_chunk_text_for_completions_and_chat() -> None:
 
 
 def test_response_shapes() -> None:
+    """The shapes themselves are checked against vLLM's in test_stream_shape.py; this is
+    what the router reads from them."""
     r = P.completion_response("cmpl-1", "m", "out", "length", 3, 2, created=5)
-    assert r["object"] == "text_completion"
-    assert r["choices"] == [
-        {"index": 0, "text": "out", "logprobs": None, "finish_reason": "length"}
-    ]
-    assert r["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert r["object"] == "text_completion" and r["choices"][0]["text"] == "out"
+    assert r["usage"]["completion_tokens"] == 2 and r["usage"]["total_tokens"] == 5
     c = P.chat_response("chatcmpl-1", "m", "out", "stop", 3, 2)
     assert c["object"] == "chat.completion"
-    assert c["choices"][0]["message"] == {"role": "assistant", "content": "out"}
-    chunk = P.chat_chunk("chatcmpl-1", "m", content="o", role="assistant")
+    assert c["choices"][0]["message"]["content"] == "out"
+    chunk = P.chat_chunk("chatcmpl-1", "m", content="o")
     assert chunk["object"] == "chat.completion.chunk"
-    assert chunk["choices"][0]["delta"] == {"role": "assistant", "content": "o"}
+    assert chunk["choices"][0]["delta"] == {"content": "o"}
     assert P.chunk_finish_reasons(r) == ["length"]
     assert P.chunk_finish_reasons(chunk) == []
     u = P.usage_chunk("chatcmpl-1", "m", 3, 2, chat=True)
@@ -295,3 +294,24 @@ def test_pool_skips_unhealthy_and_excluded_workers() -> None:
     assert pool.pick({"http://w1"}).url == "http://w0"  # type: ignore[union-attr]
     # ...and with all excluded there is none.
     assert pool.pick({"http://w0", "http://w1"}) is None
+
+
+def test_sse_lines_split_where_sse_does_not_where_splitlines_does() -> None:
+    """A chunk's text may hold U+0085 or U+2028 unescaped (vLLM writes JSON that way);
+    only LF, CRLF and CR end an SSE line, however the bytes arrive."""
+    import asyncio
+
+    event = P.sse_event(P.completion_chunk("c", "m", "a\x85b\u2028c"))
+    stream = event + b"data: [DONE]\r\n\r\n"
+    pieces = [stream[i : i + 3] for i in range(0, len(stream), 3)]
+
+    async def gather() -> list[str]:
+        async def chunks() -> Any:
+            for piece in pieces:
+                yield piece
+
+        return [line async for line in P.sse_lines(chunks())]
+
+    for lines in (asyncio.run(gather()), list(P.iter_sse_lines(pieces))):
+        events = [P.parse_sse_data(line) for line in lines]
+        assert [e for e in events if e is not None] == [P.parse_sse_data(event), P.DONE]
