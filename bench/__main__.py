@@ -23,14 +23,15 @@ BENCHMARKS: dict[str, list[str]] = {
     "engine": [],
     "ingest": ["--seconds", "30"],
     "query": [],
+    "agreement": [],
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Run every tokentrace benchmark (hotpath, export, engine, ingest, query) "
-        "and print one summary table of figures next to their same-run baselines.",
+        description="Run every tokentrace benchmark (hotpath, export, engine, ingest, query, "
+        "agreement) and print one summary table of figures next to their same-run baselines.",
     )
     parser.add_argument(
         "--only", action="append", choices=list(BENCHMARKS), help="run just these (repeatable)"

@@ -1,4 +1,4 @@
-"""Subcommands owned by serving: ``demo``, ``worker``, ``router``, ``load``.
+"""Subcommands owned by serving: ``demo``, ``worker``, ``router``, ``load``, ``verify``.
 
 Registration imports nothing heavy; each command imports its module when it runs.
 """
@@ -187,14 +187,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         "load",
         help="OpenAI-compatible streaming load generator (client-side TTFT, ITL, TPOT)",
         description=(
-            "Send streaming completions and measure TTFT, ITL, TPOT and E2E on the client "
-            "side, the way vLLM's serving benchmark defines them."
+            "Send streaming completions (or chat completions) and measure TTFT, ITL, TPOT "
+            "and E2E on the client side, the way vLLM's serving benchmark defines them: "
+            "every chunk with choices is an emission."
         ),
     )
     from tokentrace.serving import load as load_module
 
     load_module.add_arguments(load)
     load.set_defaults(func=load_module.run_from_args)
+
+    verify = sub.add_parser(
+        "verify",
+        help="check the stored TTFT, ITL, TPOT and E2E against what a client measured",
+        description=(
+            "Drive streaming requests against an OpenAI-compatible endpoint as a benchmark "
+            "client would (every chunk with choices is an emission, as vLLM's bench serve "
+            "counts them), wait until the collector stored every request, and compare "
+            "request by request: gap and output-token counts, and the median and p99 of "
+            "|client - stored| TTFT, ITL, TPOT and E2E. Exit 0 when every count agrees "
+            "and every median is within its limit, 1 when not, 2 when it cannot run."
+        ),
+    )
+    from tokentrace.serving import verify as verify_module
+
+    verify_module.add_arguments(verify)
+    verify.set_defaults(func=verify_module.run_from_args)
 
 
 def _data_dir(value: Path | None) -> Path:

@@ -1,10 +1,12 @@
-"""``tokentrace load``: a streaming OpenAI-completions load generator.
+"""``tokentrace load``: a streaming OpenAI completions (or chat) load generator.
 
-Each request is measured as vLLM's ``benchmarks/serve.py`` measures it (its request
-functions): with ``time.perf_counter()`` from just before the request is sent,
-TTFT = first chunk with non-empty text − start, ITL = gaps between successive content
-chunks, E2E = the last chunk with choices − start, output tokens from the usage chunk,
-TPOT = (E2E − TTFT) / (output tokens − 1) when there is more than one output token.
+Each request is measured as vLLM's ``vllm bench serve`` measures it (its request
+functions, which AIPerf and guidellm agree with): with ``time.perf_counter()`` from just
+before the request is sent, every chunk with non-empty ``choices`` is an emission, its
+text empty or not (for chat, the role chunk too); TTFT = first emission − start,
+ITL = gaps between successive emissions, E2E = the last emission − start, output tokens
+from the usage chunk, TPOT = (E2E − TTFT) / (output tokens − 1) when there is more than
+one output token. Each request carries its own ``X-Request-Id``.
 Percentiles are ``numpy.percentile`` over successful requests; ITL percentiles are over
 all gaps of all requests.
 
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import random
 import sys
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,33 +67,47 @@ _HTTP_TIMEOUT_S = 6 * 60 * 60  # as vLLM's benchmark client: a stream may take l
 # -- per-request measurement -----------------------------------------------------------
 
 
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """No full garbage collection while requests are timed. A client process that has
+    imported much (vLLM's benchmark client imports all of vLLM: about 400,000 objects,
+    a full collection takes 160 ms here) would otherwise stop its event loop for that
+    long at a moment allocation happens to pick, and every request in flight would
+    measure the pause as latency. Everything alive now is frozen out of collection (as
+    vLLM's engine does after start-up) and collected normally again afterwards."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class StreamTimeline:
-    """Chunk arrival times of one streamed response, relative to nothing: all times are
-    ``time.perf_counter()`` seconds as given. Pure; fed one chunk at a time."""
+    """Emission times of one streamed response: ``time.perf_counter()`` seconds as
+    given. Pure; fed one chunk with choices at a time."""
 
     def __init__(self, start_s: float) -> None:
         self.start_s = start_s
-        self.content_times_s: list[float] = []  # chunks with non-empty text
-        self.last_choice_s: float | None = None  # last chunk with choices, text or not
+        self.emission_times_s: list[float] = []  # every chunk with choices
+        self.text = ""
 
-    def add_chunk(self, t_s: float, text: str, has_choices: bool = True) -> None:
-        if has_choices:
-            self.last_choice_s = t_s
-        if text:
-            self.content_times_s.append(t_s)
+    def add_chunk(self, t_s: float, text: str) -> None:
+        self.emission_times_s.append(t_s)
+        self.text += text
 
     @property
     def ttft_s(self) -> float | None:
-        return self.content_times_s[0] - self.start_s if self.content_times_s else None
+        return self.emission_times_s[0] - self.start_s if self.emission_times_s else None
 
     @property
     def itl_s(self) -> list[float]:
-        t = self.content_times_s
+        t = self.emission_times_s
         return [b - a for a, b in zip(t, t[1:], strict=False)]
 
     def e2e_s(self, end_s: float) -> float:
-        """Start → last chunk with choices (vLLM's latency); ``end_s`` if there was none."""
-        last = self.last_choice_s if self.last_choice_s is not None else end_s
+        """Start → the last emission (vLLM's latency); ``end_s`` if there was none."""
+        last = self.emission_times_s[-1] if self.emission_times_s else end_s
         return last - self.start_s
 
 
@@ -101,7 +120,7 @@ def tpot_s(e2e_s: float, ttft_s: float | None, output_tokens: int | None) -> flo
 
 @dataclass
 class RequestRecord:
-    """One request's outcome. Times in seconds; ``chunk_times_s`` are content-chunk
+    """One request's outcome. Times in seconds; ``chunk_times_s`` are the emissions'
     arrivals relative to the request start; ``start_s`` is relative to the run start."""
 
     index: int
@@ -125,7 +144,7 @@ class RequestRecord:
         """Derive the timing fields from a finished stream (output_tokens set first)."""
         self.ttft_s = timeline.ttft_s
         self.itl_s = timeline.itl_s
-        self.chunk_times_s = [t - timeline.start_s for t in timeline.content_times_s]
+        self.chunk_times_s = [t - timeline.start_s for t in timeline.emission_times_s]
         self.e2e_s = timeline.e2e_s(end_s)
         self.tpot_s = tpot_s(self.e2e_s, self.ttft_s, self.output_tokens)
 
@@ -200,6 +219,7 @@ class LoadResult:
     records: list[RequestRecord]
     summary: LoadSummary
     request_rate: float | None = None  # None: closed loop (concurrency slots only)
+    endpoint: str = "completions"  # or "chat"
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -240,34 +260,56 @@ async def _default_model(client: httpx.AsyncClient, url: str) -> str:
     return str(data[0]["id"])
 
 
+ENDPOINTS = ("completions", "chat")
+
+
+def request_body(endpoint: str, model: str, prompt: str, output_len: int) -> dict[str, Any]:
+    """A streaming request as vLLM's benchmark client sends it (the chat message as a
+    list of text parts, ``max_completion_tokens`` for chat), always with the usage
+    chunk and ``ignore_eos`` so every request runs to ``output_len`` tokens."""
+    if endpoint == "chat":
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}],
+            "max_completion_tokens": output_len,
+        }
+    else:
+        body = {"model": model, "prompt": prompt, "max_tokens": output_len}
+    body.update({"stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}})
+    return body
+
+
 async def _one_request(
     client: httpx.AsyncClient,
     url: str,
-    model: str,
-    prompt: str,
-    output_len: int,
+    body: dict[str, Any],
     record: RequestRecord,
     run_start_s: float,
+    endpoint: str,
+    request_id: str,
 ) -> None:
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": output_len,
-        "stream": True,
-        "ignore_eos": True,
-        "stream_options": {"include_usage": True},
-    }
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     start_s = time.perf_counter()
     record.start_s = start_s - run_start_s
     timeline = StreamTimeline(start_s)
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-            record.request_id = resp.headers.get("x-request-id")
+        async with client.stream(
+            "POST", f"{url}{path}", json=body, headers={"x-request-id": request_id}
+        ) as resp:
+            record.request_id = resp.headers.get("x-request-id") or request_id
             if resp.status_code >= 400:
                 text = (await resp.aread()).decode("utf-8", "replace")
                 record.error = f"HTTP {resp.status_code}: {text[:500]}"
                 return
-            async for line in resp.aiter_lines():
+            kind = resp.headers.get("content-type", "")
+            if not kind.startswith("text/event-stream"):
+                await resp.aread()
+                record.error = (
+                    f"{url}{path} answered a streaming request with {kind or 'no content type'}"
+                    ", not a stream (text/event-stream)"
+                )
+                return
+            async for line in P.sse_lines(resp.aiter_bytes()):
                 event = P.parse_sse_data(line)
                 if event is None or event == P.DONE:
                     continue
@@ -277,8 +319,7 @@ async def _one_request(
                     message = error.get("message") if isinstance(error, dict) else error
                     record.error = f"stream error: {message}"
                     continue
-                choices = event.get("choices")
-                if choices:
+                if event.get("choices"):
                     timeline.add_chunk(now_s, P.chunk_text(event))
                 usage = event.get("usage")
                 if isinstance(usage, dict):
@@ -289,11 +330,12 @@ async def _one_request(
     except (httpx.HTTPError, ValueError) as exc:
         record.error = f"{type(exc).__name__}: {exc}"
     end_s = time.perf_counter()
-    if record.error is None and not timeline.content_times_s:
-        record.error = "the stream carried no text"
+    if record.error is None and not timeline.emission_times_s:
+        record.error = "the stream carried no chunk with choices"
     if record.output_tokens is None:
-        # No usage chunk: count content chunks (one token each for the byte tokenizer).
-        record.output_tokens = len(timeline.content_times_s)
+        # No usage chunk: count the text's characters (one token each for a byte-level
+        # tokenizer; vLLM's client re-tokenizes the text instead).
+        record.output_tokens = len(timeline.text)
     record.fill_from(timeline, end_s)
 
 
@@ -308,13 +350,21 @@ async def run_load(
     progress: bool = True,
     ca_file: Path | None = None,
     request_rate: float | None = None,
+    endpoint: str = "completions",
+    request_id_prefix: str | None = None,
 ) -> LoadResult:
-    """Send ``requests`` streaming completions with at most ``concurrency`` in flight and
-    measure each; with ``request_rate``, request ``i`` starts no earlier than its
-    seeded Poisson arrival (:func:`arrival_offsets_s`). An ``https://`` server is
-    verified against ``ca_file`` (else the system's CAs). Request failures are
-    recorded, never raised; raises only when the model cannot be resolved from
-    ``{url}/v1/models`` (ValueError also for an unusable ``ca_file`` or rate)."""
+    """Send ``requests`` streaming completions (``endpoint="chat"``: chat completions)
+    with at most ``concurrency`` in flight and measure each; with ``request_rate``,
+    request ``i`` starts no earlier than its seeded Poisson arrival
+    (:func:`arrival_offsets_s`). Request ``i`` carries ``X-Request-Id:
+    <request_id_prefix>-<i>`` (a fresh prefix per run by default). An ``https://``
+    server is verified against ``ca_file`` (else the system's CAs). Request failures
+    are recorded, never raised; raises only when the model cannot be resolved from
+    ``{url}/v1/models`` (ValueError also for an unusable ``ca_file``, rate or
+    endpoint)."""
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}")
+    prefix = request_id_prefix or f"tt-load-{uuid.uuid4().hex[:12]}"
     for name, value in (("requests", requests), ("concurrency", concurrency)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value!r}")
@@ -343,12 +393,13 @@ async def run_load(
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
             async with semaphore:
+                body = request_body(endpoint, resolved_model, prompts[i], output_len)
                 await _one_request(
-                    client, url, resolved_model, prompts[i], output_len, records[i], run_start_s
+                    client, url, body, records[i], run_start_s, endpoint, f"{prefix}-{i}"
                 )
             bar.advance()
 
-        with bar:
+        with bar, frozen_gc():
             run_start_s = time.perf_counter()
             await asyncio.gather(*(limited(i, run_start_s) for i in range(requests)))
             duration_s = time.perf_counter() - run_start_s
@@ -363,6 +414,7 @@ async def run_load(
         records=records,
         summary=summarize(records, duration_s),
         request_rate=request_rate,
+        endpoint=endpoint,
     )
 
 
@@ -412,6 +464,12 @@ class _ProgressBar:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``tokentrace load``'s options to ``parser``."""
     parser.add_argument("--url", required=True, help="router (or worker) base URL")
+    parser.add_argument(
+        "--endpoint",
+        choices=ENDPOINTS,
+        default="completions",
+        help="/v1/completions or /v1/chat/completions (default: %(default)s)",
+    )
     parser.add_argument("--requests", type=int, default=100, help="requests to send")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
     parser.add_argument("--input-len", type=int, default=128, help="prompt length in tokens")
@@ -447,7 +505,7 @@ def print_summary(result: LoadResult) -> None:
     from rich.table import Table
 
     s = result.summary
-    table = Table(title=f"tokentrace load — {result.model} @ {result.url}")
+    table = Table(title=f"tokentrace load — {result.model} @ {result.url} ({result.endpoint})")
     table.add_column("metric")
     for col in ("mean ms", "p50 ms", "p90 ms", "p99 ms"):
         table.add_column(col, justify="right")
@@ -485,6 +543,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                 progress=not getattr(args, "no_progress", False),
                 ca_file=ca_file,
                 request_rate=getattr(args, "request_rate", None),
+                endpoint=getattr(args, "endpoint", "completions"),
             )
         )
     except (ValueError, RuntimeError, httpx.HTTPError) as exc:

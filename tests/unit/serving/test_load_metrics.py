@@ -28,25 +28,19 @@ def _record(
     return record
 
 
-def test_ttft_is_first_non_empty_chunk_and_itl_the_gaps_between_content_chunks() -> None:
+def test_every_chunk_with_choices_is_an_emission_as_vllms_client_counts_it() -> None:
+    """vLLM's bench serve request functions: the first chunk with choices is TTFT (for
+    chat the role chunk), each later one adds a gap, empty text or not."""
     timeline = StreamTimeline(start_s=10.0)
-    timeline.add_chunk(10.25, "")  # role-only / empty chunk: not the first token
+    timeline.add_chunk(10.25, "")  # the chat role chunk
     timeline.add_chunk(10.5, "a")
     timeline.add_chunk(10.75, "b")
-    timeline.add_chunk(11.0, "c")
-    timeline.add_chunk(11.5, "", has_choices=True)  # finish_reason-only chunk
-    assert timeline.ttft_s == pytest.approx(0.5)
-    assert timeline.itl_s == pytest.approx([0.25, 0.25])
-    assert len(timeline.itl_s) == len(timeline.content_times_s) - 1
+    timeline.add_chunk(11.5, "")  # the finishing step (EOS): empty text, finish_reason
+    assert timeline.ttft_s == pytest.approx(0.25)
+    assert timeline.itl_s == pytest.approx([0.25, 0.25, 0.75])
+    assert timeline.text == "ab"
     # E2E is vLLM's latency: up to the last chunk with choices, not the end of the stream.
     assert timeline.e2e_s(end_s=99.0) == pytest.approx(1.5)
-
-
-def test_usage_only_chunk_does_not_move_e2e() -> None:
-    timeline = StreamTimeline(start_s=0.0)
-    timeline.add_chunk(1.0, "x")
-    timeline.add_chunk(5.0, "", has_choices=False)
-    assert timeline.e2e_s(end_s=6.0) == pytest.approx(1.0)
 
 
 def test_no_chunks_means_no_ttft_and_e2e_to_end() -> None:
@@ -131,3 +125,16 @@ def test_arrival_schedule_is_seeded_and_poisson() -> None:
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="request_rate"):
             arrival_offsets_s(7, 3, bad)
+
+
+def test_no_full_collection_sweeps_what_existed_before_the_timed_requests() -> None:
+    import gc
+
+    from tokentrace.serving.load import frozen_gc
+
+    before = gc.get_freeze_count()
+    with frozen_gc():
+        # Everything alive at the start is out of the collector's reach, so a
+        # collection in the middle of the requests touches only what they allocated.
+        assert gc.get_freeze_count() > before
+    assert gc.get_freeze_count() == 0
