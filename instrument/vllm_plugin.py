@@ -14,9 +14,12 @@ workers). What it does there:
   decode (its ``traceparent`` is added to the ``kv_transfer_params`` the response
   returns), otherwise ``llm.decode`` with one ``llm.token`` per output emission. The
   parent is the request's ``traceparent`` header, else the ``traceparent`` inside its
-  ``kv_transfer_params``. Emission times are the engine core's output timestamps
-  (monotonic, the same clock across processes), recorded into the per-request token
-  recorder; spans are built on the span thread after the request finishes.
+  ``kv_transfer_params``. A streamed request's emissions are the chunks vLLM's serving
+  layer writes, each recorded as it goes out (what every benchmark client times, and
+  counts: the chat role chunk as an emission of 0 tokens, and steps the API server
+  merged into one chunk as one emission of their tokens); a non-streamed one's are the
+  engine core's output timestamps per step (monotonic, the same clock across
+  processes). Spans are built on the span thread after the request finishes.
 
 No Prometheus metrics: vLLM's own ``/metrics`` already has TTFT, ITL and the
 NixlConnector's transfer histograms, and the KV reads happen in vLLM's worker
@@ -160,6 +163,8 @@ def _patch(owner: Any, name: str, make: Any) -> bool:
 
 def _install_tracing() -> None:
     try:
+        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+        from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
         from vllm.entrypoints.serve.engine.serving import BaseServing
         from vllm.v1.engine.output_processor import OutputProcessor
     except ImportError as exc:
@@ -226,9 +231,43 @@ def _install_tracing() -> None:
         setattr(BaseServing, "_base_request_id", wrapped)  # noqa: B010
     else:
         log.warning("tokentrace: BaseServing._base_request_id not found; headers unseen")
+
+    def stream_generator(chat: bool) -> Any:
+        # The serving layer's SSE generator: what it yields is what the client times.
+        # Its request id names the engine requests it streams (add_request links them
+        # by it: chat "<id>", completions "<id>-<prompt>"); context variables would not
+        # do, asyncio can carry one request's into another's task.
+        index = 2 if chat else 3
+
+        def make(original: Any) -> Any:
+            @functools.wraps(original)
+            async def wrapper(self: Any, *args: Any, **kw: Any) -> Any:
+                request_id = str(_arg(args, kw, index, "request_id"))
+                stream = _Stream(state, chat)
+                state.streams[request_id] = stream
+                try:
+                    async for event in original(self, *args, **kw):
+                        try:
+                            stream.on_event(event)
+                        except Exception:
+                            log.debug("tokentrace: recording a chunk failed", exc_info=True)
+                        yield event
+                finally:
+                    state.streams.pop(request_id, None)
+                    try:
+                        stream.close()
+                    except Exception:
+                        log.debug("tokentrace: finishing a stream failed", exc_info=True)
+
+            return wrapper
+
+        return make
+
     _patch(OutputProcessor, "add_request", add_request)
     _patch(OutputProcessor, "process_outputs", process_outputs)
     _patch(OutputProcessor, "abort_requests", abort_requests)
+    _patch(OpenAIServingCompletion, "completion_stream_generator", stream_generator(False))
+    _patch(OpenAIServingChat, "chat_completion_stream_generator", stream_generator(True))
     _install_kv_tracing(state)
     log.info("tokentrace: tracing vLLM requests to %s", resolve_endpoint(None))
 
@@ -240,6 +279,56 @@ class _Request:
     recorder: TokenRecorder
     arrival_mono_s: float
     ctx: Context = field(default_factory=Context)
+    # Streamed: the steps' (time, tokens, step, batch) not yet in a chunk, and the finish
+    # reason once the engine gave it (the stream ends the request, not the engine).
+    stream: _Stream | None = None
+    pending: list[tuple[int, int, int, int]] = field(default_factory=list)
+    reason: str | None = None
+
+
+class _Stream:
+    """One SSE response of vLLM's serving layer and the engine requests it streams.
+
+    Threading: on vLLM's asyncio loop, as the output processor. With exactly one
+    request (``n`` = 1, one prompt: what benchmark clients send), each chunk with
+    ``choices`` is recorded as an emission when it is yielded, carrying the tokens of
+    the engine steps since the last one (for chat, the first, the role chunk, carries
+    none). Otherwise the steps are recorded as they came, when the stream ends.
+    """
+
+    def __init__(self, state: _TraceState, chat: bool) -> None:
+        self.state = state
+        self.chat = chat
+        self.request_ids: list[str] = []
+        self.chunks = 0
+
+    def on_event(self, event: str) -> None:
+        if '"choices":[{' not in event or len(self.request_ids) != 1:
+            return
+        req = self.state.requests.get(self.request_ids[0])
+        if req is None:
+            return
+        now = time.monotonic_ns()
+        first = self.chunks == 0
+        self.chunks += 1
+        if self.chat and first:  # the role chunk, sent with the first output
+            step, batch = req.pending[-1][2:] if req.pending else (0, 0)
+            req.recorder.record_at(now, 0, step, batch)
+            return
+        tokens = sum(p[1] for p in req.pending)
+        step, batch = req.pending[-1][2:] if req.pending else (0, 0)
+        req.pending.clear()
+        req.recorder.record_at(now, tokens, step, batch)
+
+    def close(self) -> None:
+        for request_id in self.request_ids:
+            req = self.state.requests.get(request_id)
+            if req is None:
+                continue
+            for t_ns, n, step, batch in req.pending:  # steps no chunk carried
+                req.recorder.record_at(t_ns, n, step, batch)
+            req.pending.clear()
+            self.state.finish(request_id, req.reason or "abort")
 
 
 class _TraceState:
@@ -253,6 +342,7 @@ class _TraceState:
         self._tracing: Tracing | None = None
         self._lock = threading.Lock()
         self.requests: dict[str, _Request] = {}
+        self.streams: dict[str, _Stream] = {}  # by the serving layer's request id
         self._step = 0
 
     @property
@@ -305,15 +395,30 @@ class _TraceState:
             inject(carrier, trace.set_span_in_context(span))
             if "traceparent" in carrier:
                 kv[KV_PARENT_KEY] = carrier["traceparent"]
+        stream = self._stream_of(str(getattr(request, "external_req_id", None) or ""))
         self.requests[request.request_id] = _Request(
             span=span,
             prefill=prefill,
             # vLLM's output processor does not see how many prompt tokens a step
             # scheduled, so its steps' prefill counts are stored as unknown, not 0.
-            recorder=TokenRecorder(max(1, max_tokens or 16), step_prefill=False),
+            recorder=TokenRecorder(max(1, max_tokens or 16) + 1, step_prefill=False),
             arrival_mono_s=arrival_mono_s,
             ctx=trace.set_span_in_context(span),
+            stream=stream,
         )
+        if stream is not None:
+            stream.request_ids.append(request.request_id)
+
+    def _stream_of(self, external_id: str) -> _Stream | None:
+        """The stream an engine request (by its external id) belongs to, if any: chat
+        names it "<id>" (several prompts "<id>_<i>"), completions "<id>-<i>"."""
+        stream = self.streams.get(external_id)
+        if stream is None:
+            for sep in ("-", "_"):
+                head, _, tail = external_id.rpartition(sep)
+                if head and tail.isdigit() and head in self.streams:
+                    return self.streams[head]
+        return stream
 
     def outputs(self, outputs: Any, timestamp_s: float | None) -> None:
         """Hot path: one call per engine step with every request's new tokens."""
@@ -327,7 +432,10 @@ class _TraceState:
                 continue
             n = len(out.new_token_ids)
             if n:
-                req.recorder.record_at(t_ns, n, step, batch)
+                if req.stream is not None:
+                    req.pending.append((t_ns, n, step, batch))
+                else:
+                    req.recorder.record_at(t_ns, n, step, batch)
             reason = out.finish_reason
             if reason is not None:
                 if req.prefill and out.kv_transfer_params is not None:
@@ -335,7 +443,10 @@ class _TraceState:
                     # learns which node its KV comes from.
                     inject(out.kv_transfer_params, req.ctx)
                     out.kv_transfer_params[KV_SOURCE_KEY] = self.tracing.node_id
-                self.finish(out.request_id, str(reason))
+                if req.stream is not None:
+                    req.reason = str(reason)  # its stream's last chunk is still to come
+                else:
+                    self.finish(out.request_id, str(reason))
 
     def finish(self, request_id: str, reason: str) -> None:
         req = self.requests.pop(request_id, None)

@@ -19,6 +19,12 @@ from typing import Any
 
 HF_MODEL_NAME = "tt-tiny-hf"
 SERVED_MODEL_NAME = "tt-tiny-hf"
+# The reference workers' chat rendering ("<role>: <content>\n" per message, then
+# "assistant: "), as a Jinja chat template for vLLM.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
 _WORDS = (
     "the a cat dog runs jumps over under blue red fast slow token trace model prefill "
     "decode cache node span latency transfer"
@@ -30,6 +36,7 @@ def create_hf_model(models_dir: Path, name: str = HF_MODEL_NAME, seed: int = 0) 
     reused afterwards. Safe when several processes call it at once."""
     target = models_dir / name
     if (target / "config.json").is_file():
+        _ensure_chat_template(target)
         return target
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -57,6 +64,7 @@ def create_hf_model(models_dir: Path, name: str = HF_MODEL_NAME, seed: int = 0) 
             tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
         )
         fast.model_max_length = 2048
+        fast.chat_template = CHAT_TEMPLATE
         fast.save_pretrained(tmp)
         torch.manual_seed(seed)
         config = LlamaConfig(
@@ -85,6 +93,22 @@ def create_hf_model(models_dir: Path, name: str = HF_MODEL_NAME, seed: int = 0) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _ensure_chat_template(model_dir: Path) -> None:
+    """Give a model generated before it had one the chat template (vLLM serves chat
+    completions only for a tokenizer that has one)."""
+    path = model_dir / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if config.get("chat_template"):
+        return
+    config["chat_template"] = CHAT_TEMPLATE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, path)
 
 
 def vllm_env(side_channel_port: int) -> dict[str, str]:
