@@ -59,6 +59,7 @@ from tokentrace.schemas import attributes as A
 from tokentrace.schemas.auth import BearerAuthMiddleware
 from tokentrace.schemas.tls import TlsConfig
 from tokentrace.serving import openai_protocol as P
+from tokentrace.serving.procs import freeze_startup_heap
 
 __all__ = [
     "PREFILL_KV_TRANSFER_PARAMS",
@@ -930,6 +931,7 @@ def run(config: RouterConfig) -> None:
 
     app = create_app(config)
     tls = config.tls
+    freeze_startup_heap()
     uvicorn.run(
         app,
         host=config.host,

@@ -69,6 +69,7 @@ from tokentrace.serving.engine import (
     load_or_create,
 )
 from tokentrace.serving.kv import KVRegion, KVTransferError, NixlKVEndpoint
+from tokentrace.serving.procs import freeze_startup_heap
 from tokentrace.serving.stream_shape import OutputText, StreamShaper
 
 log = logging.getLogger(__name__)
@@ -747,6 +748,7 @@ def run(config: WorkerConfig) -> None:
         f"url=http://{config.host}:{config.port} model={config.model}",
         flush=True,
     )
+    freeze_startup_heap()
     uvicorn.run(
         app,
         host=config.host,
