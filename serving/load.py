@@ -352,16 +352,19 @@ async def run_load(
     request_rate: float | None = None,
     endpoint: str = "completions",
     request_id_prefix: str | None = None,
+    warmup: bool = False,
 ) -> LoadResult:
     """Send ``requests`` streaming completions (``endpoint="chat"``: chat completions)
     with at most ``concurrency`` in flight and measure each; with ``request_rate``,
     request ``i`` starts no earlier than its seeded Poisson arrival
     (:func:`arrival_offsets_s`). Request ``i`` carries ``X-Request-Id:
     <request_id_prefix>-<i>`` (a fresh prefix per run by default). An ``https://``
-    server is verified against ``ca_file`` (else the system's CAs). Request failures
-    are recorded, never raised; raises only when the model cannot be resolved from
-    ``{url}/v1/models`` (ValueError also for an unusable ``ca_file``, rate or
-    endpoint)."""
+    server is verified against ``ca_file`` (else the system's CAs). With ``warmup``,
+    ``concurrency`` unmeasured 2-token requests go first (ids ``<prefix>-warmup-<i>``),
+    so the measured ones run on open connections, as all but the first few of a long
+    benchmark do. Request failures are recorded, never raised; raises only when the
+    model cannot be resolved from ``{url}/v1/models`` (ValueError also for an unusable
+    ``ca_file``, rate or endpoint)."""
     if endpoint not in ENDPOINTS:
         raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}")
     prefix = request_id_prefix or f"tt-load-{uuid.uuid4().hex[:12]}"
@@ -399,6 +402,21 @@ async def run_load(
                 )
             bar.advance()
 
+        if warmup:
+            await asyncio.gather(
+                *(
+                    _one_request(
+                        client,
+                        url,
+                        request_body(endpoint, resolved_model, prompts[i % requests], 2),
+                        RequestRecord(index=i, prompt_len=input_len),
+                        time.perf_counter(),
+                        endpoint,
+                        f"{prefix}-warmup-{i}",
+                    )
+                    for i in range(concurrency)
+                )
+            )
         with bar, frozen_gc():
             run_start_s = time.perf_counter()
             await asyncio.gather(*(limited(i, run_start_s) for i in range(requests)))

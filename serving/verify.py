@@ -65,8 +65,12 @@ __all__ = [
     "stored_source",
 ]
 
-#: The metrics compared, with their default limit on the median |client − stored| (ms).
-METRICS = {"TTFT": 2.0, "ITL": 0.5, "TPOT": 0.5, "E2E": 2.0}
+#: The metrics compared, with their default limit on the median |client − stored| (ms):
+#: past these the telemetry is wrong, not the client or the network. A client that
+#: shares its host with the engines, or crosses a network, sees TTFT and E2E later by
+#: its own event loop's delay and a round trip; gaps hold neither, only the client's
+#: per-chunk cost (bench.agreement measures 0.1–0.4 ms on a quiet 2-core host).
+METRICS = {"TTFT": 5.0, "ITL": 1.0, "TPOT": 1.0, "E2E": 5.0}
 #: Who plays the client: tokentrace's own, or vLLM's benchmark request functions.
 CLIENTS = ("tokentrace", "vllm")
 #: Where a request's stored numbers come from: the router's ``requests`` row, or the
@@ -528,6 +532,7 @@ def run(args: argparse.Namespace) -> tuple[L.LoadResult, list[MetricAgreement], 
                 ca_file=ca_file,
                 endpoint=args.endpoint,
                 progress=False,
+                warmup=True,
             )
         )
     ok = [r for r in result.records if r.success and r.request_id]
@@ -539,6 +544,25 @@ def run(args: argparse.Namespace) -> tuple[L.LoadResult, list[MetricAgreement], 
         rows = wait_for_rows(client, api, ids, args.wait, source=source)
     limits = {m: getattr(args, f"max_{m.lower()}_ms") for m in METRICS}
     return result, compare(result.records, rows, limits), source
+
+
+def verdict(agreement: Sequence[MetricAgreement], failed_requests: int = 0) -> str:
+    """The report's last line: what agreed, or each thing that did not. Pure."""
+    problems = [
+        f"{a.metric}: {a.count_mismatches} of {a.requests} requests differ in count"
+        for a in agreement
+        if a.count_mismatches
+    ]
+    problems += [
+        f"{a.metric}: median |Δ| {a.median_ms:.3f} ms > {a.limit_ms:g} ms"
+        for a in agreement
+        if a.limit_ms is not None and a.median_ms is not None and a.median_ms > a.limit_ms
+    ]
+    if failed_requests:
+        problems.append(f"{failed_requests} requests failed")
+    if not problems:
+        return "agreed: every count equal, every median within its limit"
+    return "disagreed: " + "; ".join(problems)
 
 
 def _fmt(value: float | None) -> str:
@@ -575,6 +599,7 @@ def print_report(result: L.LoadResult, agreement: list[MetricAgreement], source:
         f"TPOT {_fmt(s.tpot.p50_ms)} ms, E2E {_fmt(s.e2e.p50_ms)} ms"
         + (f"; {s.failed} requests failed" if s.failed else "")
     )
+    console.print(verdict(agreement, s.failed), highlight=False)
 
 
 def run_from_args(args: argparse.Namespace) -> int:

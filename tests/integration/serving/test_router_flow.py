@@ -389,6 +389,21 @@ def test_load_generator_through_the_router_sees_every_chunk(stack: Stack) -> Non
     assert all(len(p["body"]["prompt"]) == 10 for p in stack.prefill.seen)
 
 
+def test_a_warmed_up_load_measures_only_its_own_requests(stack: Stack) -> None:
+    """``warmup``: one unmeasured 2-token request per concurrency slot goes first (each
+    with its own id), then the measured ones, on the connections the warm-up opened."""
+    from tokentrace.serving.load import run_load
+
+    result = asyncio.run(
+        run_load(stack.router, 4, 2, 10, 5, progress=False, request_id_prefix="w", warmup=True)
+    )
+    assert [r.request_id for r in result.records] == ["w-0", "w-1", "w-2", "w-3"]
+    assert result.summary.completed == 4
+    sent = [(d["headers"]["x-request-id"], d["body"]["max_tokens"]) for d in stack.decode.seen]
+    assert sorted(sent[:2]) == [("w-warmup-0", 2), ("w-warmup-1", 2)]
+    assert sorted(sent[2:]) == [(f"w-{i}", 5) for i in range(4)]
+
+
 @pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
 @pytest.mark.parametrize("include_usage", [False, True], ids=["no-usage", "usage"])
 def test_the_router_relays_the_stream_chunk_for_chunk(
