@@ -18,12 +18,12 @@
   const BUCKET = "intDiv(toUnixTimestamp64Milli(ts), {bucket_ms:Int64}) * {bucket_ms:Int64}";
   const SQL = {
     ttft: (by) => `SELECT ${BUCKET} AS t_ms, ${by} AS node,
-        quantilesExact(0.5, 0.9, 0.99)(ttft_s) AS q, count() AS requests
+        quantilesExactInclusive(0.5, 0.9, 0.99)(ttft_s) AS q, count() AS requests
       FROM tokentrace.requests
       WHERE ${WINDOW} AND ttft_s IS NOT NULL AND ${by} IS NOT NULL
       GROUP BY t_ms, node ORDER BY node, t_ms`,
     itl: `SELECT ${BUCKET} AS t_ms, node,
-        quantilesExact(0.5, 0.9, 0.99)(itl_s) AS q, count() AS gaps
+        quantilesExactInclusive(0.5, 0.9, 0.99)(itl_s) AS q, count() AS gaps
       FROM tokentrace.token_latencies
       WHERE ${WINDOW} AND itl_s IS NOT NULL
       GROUP BY t_ms, node ORDER BY node, t_ms`,
@@ -34,7 +34,7 @@
       GROUP BY node, t_ms, bin ORDER BY node, t_ms, bin`,
     kv: `SELECT src_node, dst_node, count() AS transfers, sum(bytes) AS total_bytes,
         sum(duration_s) AS total_s, sum(bytes) / sum(duration_s) AS bytes_per_s,
-        quantileExact(0.5)(bytes / duration_s) AS p50_bytes_per_s
+        quantileExactInclusive(0.5)(bytes / duration_s) AS p50_bytes_per_s
       FROM tokentrace.kv_transfers
       WHERE ${WINDOW} AND duration_s > 0
       GROUP BY src_node, dst_node ORDER BY src_node, dst_node`,
@@ -42,13 +42,13 @@
     // piggy-backed prefill) against the rest; rows whose emitter does not say are left out.
     prefill: `SELECT node, count() AS gaps,
         countIf(step_prefill_tokens > 0) AS with_prefill,
-        if(with_prefill > 0, quantileExactIf(0.5)(itl_s, step_prefill_tokens > 0), NULL)
+        if(with_prefill > 0, quantileExactInclusiveIf(0.5)(itl_s, step_prefill_tokens > 0), NULL)
           AS p50_with,
-        if(with_prefill > 0, quantileExactIf(0.99)(itl_s, step_prefill_tokens > 0), NULL)
+        if(with_prefill > 0, quantileExactInclusiveIf(0.99)(itl_s, step_prefill_tokens > 0), NULL)
           AS p99_with,
-        if(with_prefill < gaps, quantileExactIf(0.5)(itl_s, step_prefill_tokens = 0), NULL)
+        if(with_prefill < gaps, quantileExactInclusiveIf(0.5)(itl_s, step_prefill_tokens = 0), NULL)
           AS p50_without,
-        if(with_prefill < gaps, quantileExactIf(0.99)(itl_s, step_prefill_tokens = 0), NULL)
+        if(with_prefill < gaps, quantileExactInclusiveIf(0.99)(itl_s, step_prefill_tokens = 0), NULL)
           AS p99_without
       FROM tokentrace.token_latencies
       WHERE ${WINDOW} AND itl_s IS NOT NULL AND step_prefill_tokens IS NOT NULL

@@ -234,12 +234,12 @@ def test_percentile_charts_hold_what_the_sql_returns(stack: LocalStack, opened: 
         from_ms, to_ms, bucket_ms = _window(page, "ttft-chart")
         bucket = f"intDiv(toUnixTimestamp64Milli(ts), {bucket_ms}) * {bucket_ms}"
         ttft = stack.query(
-            f"SELECT prefill_node AS node, {bucket} AS t, quantileExact({quantile})(ttft_s) AS v "
+            f"SELECT prefill_node AS node, {bucket} AS t, quantileExactInclusive({quantile})(ttft_s) AS v "
             f"FROM tokentrace.requests WHERE {_where(from_ms, to_ms)} AND ttft_s IS NOT NULL "
             "GROUP BY node, t"
         )
         itl = stack.query(
-            f"SELECT node, {bucket} AS t, quantileExact({quantile})(itl_s) AS v "
+            f"SELECT node, {bucket} AS t, quantileExactInclusive({quantile})(itl_s) AS v "
             f"FROM tokentrace.token_latencies WHERE {_where(from_ms, to_ms)} "
             "AND itl_s IS NOT NULL GROUP BY node, t"
         )
@@ -319,7 +319,7 @@ def test_prefill_steps_table_holds_what_the_sql_returns(stack: LocalStack, opene
     )
     want = stack.query(
         "SELECT node, count() AS gaps, countIf(step_prefill_tokens > 0) AS with_prefill, "
-        "quantileExactIf(0.99)(itl_s, step_prefill_tokens = 0) AS p99_without "
+        "quantileExactInclusiveIf(0.99)(itl_s, step_prefill_tokens = 0) AS p99_without "
         f"FROM tokentrace.token_latencies WHERE {_where(from_ms, to_ms)} "
         "AND itl_s IS NOT NULL AND step_prefill_tokens IS NOT NULL GROUP BY node ORDER BY node"
     )
