@@ -386,8 +386,8 @@ def _print_next_steps(console: Console, stack: LocalStack, data_dir: Path, live:
     console.print()
     console.print("[bold]Query further[/bold] (works with or without a running collector):")
     for sql in (
-        "SELECT node, quantileExactInclusive(0.99)(itl_s) AS p99_itl_s FROM tokentrace.token_latencies "
-        "WHERE ts > now() - INTERVAL 1 HOUR GROUP BY node",
+        "SELECT node, quantileExactInclusive(0.99)(itl_s) AS p99_itl_s "
+        "FROM tokentrace.token_latencies WHERE ts > now() - INTERVAL 1 HOUR GROUP BY node",
         "SELECT request_id, decode_node, ttft_s, e2e_s, kv_bytes FROM tokentrace.requests "
         "ORDER BY ttft_s DESC LIMIT 5",
         "SELECT SpanName, count() FROM tokentrace.otel_traces GROUP BY SpanName",

@@ -234,8 +234,9 @@ def test_percentile_charts_hold_what_the_sql_returns(stack: LocalStack, opened: 
         from_ms, to_ms, bucket_ms = _window(page, "ttft-chart")
         bucket = f"intDiv(toUnixTimestamp64Milli(ts), {bucket_ms}) * {bucket_ms}"
         ttft = stack.query(
-            f"SELECT prefill_node AS node, {bucket} AS t, quantileExactInclusive({quantile})(ttft_s) AS v "
-            f"FROM tokentrace.requests WHERE {_where(from_ms, to_ms)} AND ttft_s IS NOT NULL "
+            f"SELECT prefill_node AS node, {bucket} AS t, "
+            f"quantileExactInclusive({quantile})(ttft_s) AS v FROM tokentrace.requests "
+            f"WHERE {_where(from_ms, to_ms)} AND ttft_s IS NOT NULL "
             "GROUP BY node, t"
         )
         itl = stack.query(
