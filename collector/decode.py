@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +36,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span, Status
 
 from tokentrace.schemas import attributes as attrs
+from tokentrace.schemas.attributes import node_of
 from tokentrace.schemas.packed import PackedTokens, PackedTokensError, decode_packed
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
     "accepted_request",
     "decode_request",
     "expanded_request",
-    "node_of",
     "parse_json",
     "parse_protobuf",
 ]
@@ -818,15 +818,6 @@ def _append_packed(batch: SpanBatch, tokens: PackedTokens) -> None:
     prefill = tokens.prefill_tokens
     p["prefill_tokens"].append([None] * len(tokens) if prefill is None else prefill)
     batch.packed_tokens += len(tokens)
-
-
-def node_of(resource_attrs: Mapping[str, str]) -> str:
-    """The node identity: ``tokentrace.node.id``, else ``host.name``, else ``service.name``."""
-    for key in (attrs.NODE_ID, attrs.HOST_NAME, attrs.SERVICE_NAME):
-        value = resource_attrs.get(key)
-        if value:
-            return value
-    return ""
 
 
 def expanded_request(request: ExportTraceServiceRequest) -> ExportTraceServiceRequest:

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokentrace.schemas import attributes as attrs
+from tokentrace.schemas.attributes import node_of
 
-from .decode import SpanBatch, node_of
+from .decode import SpanBatch
 
 __all__ = [
     "DerivedRows",
@@ -28,7 +29,6 @@ __all__ = [
     "REQUEST_PARTS_COLUMNS",
     "TOKEN_LATENCIES_COLUMNS",
     "derive_rows",
-    "node_of",
 ]
 
 REQUEST_PARTS_COLUMNS = (

@@ -29,10 +29,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from tokentrace.schemas import attributes as A
+from tokentrace.schemas.attributes import node_of
 
 from .clockalign import TimedSpan, clock_shifts
 from .decode import OTEL_TRACES_COLUMNS
-from .derive import node_of
 from .store import QueryResult, Store, StoreError
 
 __all__ = [

@@ -22,16 +22,16 @@ __all__ = ["TraceSpan", "render_waterfall", "TRACE_SQL"]
 
 # {trace_id} is validated (32 lowercase hex) before it is formatted in. The trace-id →
 # time table narrows the read to the trace's time window.
-TRACE_SQL = """
-SELECT SpanName, SpanKind, ServiceName, ResourceAttributes['tokentrace.node.id'] AS node,
+TRACE_SQL = f"""
+SELECT SpanName, SpanKind, ServiceName, {A.node_sql()} AS node,
        SpanId, ParentSpanId, toUnixTimestamp64Nano(Timestamp) AS start_ns, Duration,
        StatusCode, SpanAttributes
 FROM tokentrace.otel_traces
-WHERE TraceId = '{trace_id}'
+WHERE TraceId = '{{trace_id}}'
   AND Timestamp >= (SELECT min(Start) FROM tokentrace.otel_traces_trace_id_ts
-                    WHERE TraceId = '{trace_id}')
+                    WHERE TraceId = '{{trace_id}}')
   AND Timestamp <= (SELECT max(End) + INTERVAL 1 SECOND FROM tokentrace.otel_traces_trace_id_ts
-                    WHERE TraceId = '{trace_id}')
+                    WHERE TraceId = '{{trace_id}}')
 ORDER BY Timestamp
 """
 
@@ -58,7 +58,7 @@ class TraceSpan:
             name=str(row["SpanName"]),
             kind=str(row["SpanKind"]),
             service=str(row["ServiceName"]),
-            node=str(row["node"] or row["ServiceName"]),
+            node=str(row["node"]),
             start_ns=int(row["start_ns"]),
             duration_ns=int(row["Duration"]),
             status=str(row["StatusCode"]),

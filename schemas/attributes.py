@@ -7,6 +7,8 @@ collector (which derives rows from them) import the names from here only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 # -- resource attributes (every process) -------------------------------------------
 SERVICE_NAME = "service.name"
 HOST_NAME = "host.name"
@@ -14,6 +16,29 @@ NODE_ID = "tokentrace.node.id"
 ROLE = "tokentrace.role"  # router | prefill | decode | both (prefills and decodes)
 
 ROLES = ("router", "prefill", "decode", "both")
+
+# A span's node is the first of these resource attributes that is set (non-empty). The
+# one definition: the collector's rows (node_of) and its SQL over the stored spans
+# (node_sql) both come from this order.
+NODE_KEYS = (NODE_ID, HOST_NAME, SERVICE_NAME)
+
+
+def node_of(resource_attrs: Mapping[str, str]) -> str:
+    """The node identity of a resource (see :data:`NODE_KEYS`); ``""`` if none is set."""
+    for key in NODE_KEYS:
+        value = resource_attrs.get(key)
+        if value:
+            return value
+    return ""
+
+
+def node_sql(resource_attributes: str = "ResourceAttributes") -> str:
+    """:func:`node_of` as a ClickHouse expression over a stored span's resource
+    attributes map column (the OTel ClickHouse layout keeps every resource attribute,
+    ``service.name`` included, in that map)."""
+    keys = ", ".join(f"nullIf({resource_attributes}['{key}'], '')" for key in NODE_KEYS)
+    return f"coalesce({keys}, '')"
+
 
 # -- span names --------------------------------------------------------------------
 SPAN_REQUEST = "llm.request"  # SERVER, router

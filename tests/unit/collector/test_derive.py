@@ -6,8 +6,9 @@ import pytest
 from otlp_builders import T0_NS, TRACE_ID, request, span
 
 from tokentrace.collector.decode import decode_request
-from tokentrace.collector.derive import DerivedRows, derive_rows, node_of
+from tokentrace.collector.derive import DerivedRows, derive_rows
 from tokentrace.schemas import attributes as A
+from tokentrace.schemas.attributes import node_of
 
 MS = 1_000_000
 TID = TRACE_ID.hex()
