@@ -150,8 +150,9 @@ class Store:
     """One ClickHouse connection for writes and one for reads; thread-safe.
 
     Writes (and DDL) are serialised on one lock, reads on another, so a long read never
-    holds up an insert. chDB allows one process to own a data path: whoever opens a
-    ``chdb://`` store owns it until :meth:`close`. Calls block until ClickHouse answers.
+    holds up an insert and, once connected, an insert never holds up a read. chDB
+    allows one process to own a data path: whoever opens a ``chdb://`` store owns it
+    until :meth:`close`. Calls block until ClickHouse answers.
     """
 
     def __init__(
@@ -234,8 +235,11 @@ class Store:
         if not readonly:
             with self._lock:
                 return self._run(self._connected(), sql, params, settings)
-        with self._lock:
-            self._connected()  # the tables exist before anything reads them
+        if self._client is None:  # the tables exist before anything reads them
+            with self._lock:
+                self._connected()
+        # Once connected, a read never takes the writers' lock: it does not wait
+        # behind an insert, nor an insert behind it.
         with self._read_lock:
             self._check_open()
             try:
