@@ -37,7 +37,12 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span, Status
 
 from tokentrace.schemas import attributes as attrs
 from tokentrace.schemas.attributes import node_of
-from tokentrace.schemas.packed import PackedTokens, PackedTokensError, decode_packed
+from tokentrace.schemas.packed import (
+    PackedTokens,
+    PackedTokensError,
+    decode_packed,
+    token_span_id,
+)
 
 __all__ = [
     "DecodeError",
@@ -787,16 +792,6 @@ def _append_span(
 
 
 # -- packed tokens -------------------------------------------------------------------
-
-_MASK64 = (1 << 64) - 1
-_GOLDEN64 = 0x9E3779B97F4A7C15
-
-
-def token_span_id(decode_span_id: bytes, index: int) -> bytes:
-    """The span id of emission ``index`` packed on the decode span ``decode_span_id``:
-    deterministic, so a re-sent export yields the same ids, and never all zeros."""
-    value = int.from_bytes(decode_span_id, "big") ^ (((index + 1) * _GOLDEN64) & _MASK64)
-    return (value or 1).to_bytes(8, "big")
 
 
 def _append_packed(batch: SpanBatch, tokens: PackedTokens) -> None:

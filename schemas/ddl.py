@@ -28,6 +28,8 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+from tokentrace.schemas.packed import token_span_id_sql
+
 DATABASE = "tokentrace"
 #: Insert deduplication tokens a table remembers: far more than the inserts that can be
 #: in flight between a write-ahead log record's insert and its checkpoint.
@@ -249,7 +251,7 @@ SETTINGS index_granularity = 8192
 # Packed token emissions (schemas/packed.py), one row per llm.decode span, expanded by
 # ClickHouse itself: the two views below write exactly the otel_traces rows and the
 # token_latencies rows the collector writes for the same emissions sent one span each
-# (span ids as collector.decode.token_span_id derives them). A Null table keeps nothing.
+# (span ids as schemas.packed.token_span_id derives them). A Null table keeps nothing.
 _PACKED_TOKENS = """
 CREATE TABLE IF NOT EXISTS {db}.packed_tokens{on_cluster} (
     TraceId String,
@@ -298,10 +300,7 @@ TO {db}.otel_traces
 AS SELECT
     fromUnixTimestamp64Nano(start_ns + t_start) AS Timestamp,
     TraceId,
-    -- collector.decode.token_span_id: the decode span's id XOR (i * 2^64 / golden ratio)
-    leftPad(
-        lower(hex(greatest(bitXor(decode_id, i * 11400714819323198485), toUInt64(1)))), 16, '0'
-    ) AS SpanId,
+    {token_span_id} AS SpanId,
     DecodeSpanId AS ParentSpanId,
     'llm.token' AS SpanName,
     'Internal' AS SpanKind,
@@ -424,8 +423,9 @@ def ddl_statements(
         "packed_tokens_rows_v2_mv",
     ):
         statements.append(_PACKED_TOKENS_DROP_OLD.format(view=view, **fmt).strip())
+    span_id = token_span_id_sql("decode_id", "i")  # i: arrayEnumerate, 1-based
     for template in (_PACKED_TOKENS_SPANS_MV, _PACKED_TOKENS_ROWS_MV):
-        statements.append(template.format(**fmt).strip())
+        statements.append(template.format(token_span_id=span_id, **fmt).strip())
     if not cluster:
         # Replays of the collector's write-ahead log insert with the same deduplication
         # tokens as the first attempt; a plain MergeTree only remembers tokens with a

@@ -34,7 +34,39 @@ import sys
 from array import array
 from dataclasses import dataclass
 
-__all__ = ["PackedTokens", "PackedTokensError", "decode_packed", "encode_packed"]
+__all__ = [
+    "PackedTokens",
+    "PackedTokensError",
+    "decode_packed",
+    "encode_packed",
+    "token_span_id",
+    "token_span_id_sql",
+]
+
+# The span id of packed emission i: the decode span's id XOR ((i + 1) * 2^64 / golden
+# ratio), mod 2^64, never all zeros. Deterministic, so a re-sent export yields the same
+# ids. Defined once, for Python (token_span_id) and for the ClickHouse views that expand
+# packed rows (token_span_id_sql).
+_MASK64 = (1 << 64) - 1
+_GOLDEN64 = 0x9E3779B97F4A7C15
+
+
+def token_span_id(decode_span_id: bytes, index: int) -> bytes:
+    """The span id of emission ``index`` (0-based) packed on the decode span
+    ``decode_span_id`` (8 bytes)."""
+    value = int.from_bytes(decode_span_id, "big") ^ (((index + 1) * _GOLDEN64) & _MASK64)
+    return (value or 1).to_bytes(8, "big")
+
+
+def token_span_id_sql(decode_id: str, number: str) -> str:
+    """:func:`token_span_id` as a ClickHouse expression (16 lowercase hex digits):
+    ``decode_id`` is the decode span's id as a UInt64, ``number`` the emission's 1-based
+    number (``index + 1``; UInt64 arithmetic wraps mod 2^64, as the Python masks)."""
+    return (
+        f"leftPad(lower(hex(greatest(bitXor({decode_id}, {number} * {_GOLDEN64}), "
+        "toUInt64(1)))), 16, '0')"
+    )
+
 
 VERSION_PREFIX = "2:"  # what encode_packed writes when it is given prefill_tokens
 V1_PREFIX = "1:"

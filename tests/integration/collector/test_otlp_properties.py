@@ -47,10 +47,9 @@ from tokentrace.collector.decode import (
     MAX_EVENTS,
     MAX_VALUE_CHARS,
     MAX_VALUE_DEPTH,
-    token_span_id,
 )
 from tokentrace.schemas import attributes as A
-from tokentrace.schemas.packed import encode_packed
+from tokentrace.schemas.packed import encode_packed, token_span_id
 
 pytestmark = pytest.mark.timeout(600)
 
