@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import email.utils
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -30,11 +29,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
 
+from .retry import CollectorError, jittered_backoff_s
+
 __all__ = [
     "ForwardConfig",
     "ForwardError",
     "OtlpForwarder",
-    "backoff_s",
     "retry_after_s",
 ]
 
@@ -118,18 +118,6 @@ class ForwardConfig:
         return f"{parts.scheme}://{netloc}{path}{query}"
 
 
-def backoff_s(attempt: int, initial_s: float, max_s: float, jitter: float = 1.0) -> float:
-    """Delay before retry ``attempt`` (1 = first retry): ``initial_s * 2**(attempt-1)``
-    capped at ``max_s``, scaled by ``jitter`` (a factor in [0.5, 1], random in use) so
-    many collectors do not retry in lockstep."""
-    if attempt < 1:
-        raise ValueError(f"attempt must be >= 1, got {attempt!r}")
-    if not 0.5 <= jitter <= 1.0:
-        raise ValueError(f"jitter must be in [0.5, 1], got {jitter!r}")
-    base = initial_s * 2.0 ** min(attempt - 1, 62)
-    return min(base, max_s) * jitter
-
-
 def retry_after_s(value: str | None, now_s: float | None = None) -> float | None:
     """An HTTP ``Retry-After`` header (delta seconds or an HTTP date) in seconds from
     now, or None when absent or unparsable."""
@@ -147,13 +135,8 @@ def retry_after_s(value: str | None, now_s: float | None = None) -> float | None
     return max(0.0, when.timestamp() - (time.time() if now_s is None else now_s))
 
 
-class ForwardError(Exception):
+class ForwardError(CollectorError):
     """One send failed; ``transient`` says whether retrying may help."""
-
-    def __init__(self, message: str, *, transient: bool, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.transient = transient
-        self.retry_after_s = retry_after_s
 
 
 def span_count(request: ExportTraceServiceRequest) -> int:
@@ -433,11 +416,8 @@ class OtlpForwarder:
                         error,
                     )
                 attempt += 1
-                delay_s = backoff_s(
-                    attempt,
-                    self.config.initial_backoff_s,
-                    self.config.max_backoff_s,
-                    random.uniform(0.5, 1.0),
+                delay_s = jittered_backoff_s(
+                    attempt, self.config.initial_backoff_s, self.config.max_backoff_s
                 )
                 if error.retry_after_s is not None:
                     delay_s = min(max(error.retry_after_s, 0.0), self.config.max_backoff_s)

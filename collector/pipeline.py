@@ -48,6 +48,7 @@ from .decode import (
     parse_protobuf,
 )
 from .derive import DerivedRows, derive_rows
+from .retry import jittered_backoff_s
 from .store import Store, StoreError
 from .wal import WriteAheadLog
 
@@ -75,7 +76,8 @@ class PipelineFull(PipelineUnavailable):
 class PipelineConfig:
     """Group commit: a log record closes when its oldest export is ``flush_interval_ms``
     old or ``max_batch_spans`` spans wait. A transient insert failure is retried
-    forever, ``retry_backoff_ms`` doubling up to ``max_retry_backoff_ms``; at shutdown
+    forever, ``retry_backoff_ms`` doubling up to ``max_retry_backoff_ms``, jittered as
+    every retry loop of the collector is (:func:`.retry.backoff_s`); at shutdown
     the inserter gives up after ``shutdown_timeout_s`` and leaves the rest in the log."""
 
     flush_interval_ms: float = 50.0
@@ -498,7 +500,7 @@ class Pipeline:
     # -- the inserter thread ----------------------------------------------------------
 
     def _run_inserter(self) -> None:
-        backoff_s = self.config.retry_backoff_ms / 1000.0
+        attempt = 0  # failed attempts at the oldest record, in a row
         while True:
             with self._records_cv:
                 while not self._records and not self._writer_done:
@@ -512,9 +514,14 @@ class Pipeline:
             except StoreError as exc:
                 if exc.transient:
                     self._on_store_down(exc)
-                    if self._wait_or_give_up(backoff_s):
+                    attempt += 1
+                    delay_s = jittered_backoff_s(
+                        attempt,
+                        self.config.retry_backoff_ms / 1000.0,
+                        self.config.max_retry_backoff_ms / 1000.0,
+                    )
+                    if self._wait_or_give_up(delay_s):
                         return
-                    backoff_s = min(backoff_s * 2, self.config.max_retry_backoff_ms / 1000.0)
                     continue
                 self._drop_bad_record(record, exc)
             except Exception as exc:  # a bug here must not leave exporters waiting forever
@@ -523,7 +530,7 @@ class Pipeline:
             else:
                 self.insert_duration.observe(time.perf_counter() - started)
                 self._on_stored(record)
-            backoff_s = self.config.retry_backoff_ms / 1000.0
+            attempt = 0
             with self._records_cv:
                 self._records.popleft()
                 if not self._records:

@@ -18,6 +18,8 @@ from typing import Any
 
 from tokentrace.schemas import DATABASE, ddl_statements
 
+from .retry import CollectorError
+
 __all__ = ["NsDatetime", "QueryResult", "ReaderConfig", "Store", "StoreError", "open_store"]
 
 # ClickHouse error codes worth retrying: timeouts, network, memory, disk space and load
@@ -26,7 +28,7 @@ _TRANSIENT_CODES = frozenset({159, 160, 202, 209, 210, 241, 242, 243, 252, 285, 
 _CODE_RE = re.compile(r"Code: (\d+)\.")
 
 
-class StoreError(Exception):
+class StoreError(CollectorError):
     """A ClickHouse operation failed.
 
     ``transient`` is True when retrying later may succeed (connection refused, timeout,
@@ -35,8 +37,7 @@ class StoreError(Exception):
     """
 
     def __init__(self, message: str, *, transient: bool, code: int | None = None) -> None:
-        super().__init__(message)
-        self.transient = transient
+        super().__init__(message, transient=transient)
         self.code = code
 
 

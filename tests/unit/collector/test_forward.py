@@ -14,7 +14,6 @@ from tokentrace.collector.decode import accepted_request, decode_request
 from tokentrace.collector.forward import (
     ForwardConfig,
     OtlpForwarder,
-    backoff_s,
     retry_after_s,
 )
 
@@ -70,21 +69,6 @@ def test_target_addresses() -> None:
     assert ForwardConfig("http://jaeger").http_url == "http://jaeger:4318/v1/traces"
     assert ForwardConfig("http://jaeger:9/").http_url == "http://jaeger:9/v1/traces"
     assert ForwardConfig("https://x.io/otlp/t?k=1").http_url == "https://x.io/otlp/t?k=1"
-
-
-def test_backoff_doubles_then_caps() -> None:
-    schedule = [backoff_s(n, 0.5, 30.0) for n in range(1, 10)]
-    assert schedule == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
-    assert backoff_s(10_000, 0.5, 30.0) == 30.0
-
-
-def test_backoff_jitter_scales_within_half_to_full() -> None:
-    assert backoff_s(3, 0.5, 30.0, jitter=0.5) == 1.0
-    assert backoff_s(7, 0.5, 30.0, jitter=0.75) == 22.5
-    with pytest.raises(ValueError, match="jitter"):
-        backoff_s(1, 0.5, 30.0, jitter=0.2)
-    with pytest.raises(ValueError, match="attempt"):
-        backoff_s(0, 0.5, 30.0)
 
 
 def test_retry_after() -> None:
