@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -814,143 +815,145 @@ def _v3_trace_query(params: Mapping[str, str]) -> TraceQuery:
     )
 
 
+class _Answer(Exception):
+    """Ends a request early with an error answer: ``status`` and ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+Handler = Callable[..., Awaitable[JSONResponse]]
+
+
+def _answering(error: Callable[[int, str], JSONResponse]) -> Callable[[Handler], Handler]:
+    """A route handler whose failures become ``error`` answers in its API's shape: a
+    bad parameter 400, an early :class:`_Answer` its status, a store error 503
+    (transient) or 500. The handler itself only returns its success answer."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def answered(*args: Any, **kwargs: Any) -> JSONResponse:
+            try:
+                return await handler(*args, **kwargs)
+            except _Answer as exc:
+                return error(exc.status, exc.message)
+            except BadParameter as exc:
+                return error(400, str(exc))
+            except StoreError as exc:
+                return error(503 if exc.transient else 500, str(exc))
+
+        return answered
+
+    return wrap
+
+
+def _trace_id(raw: str, name: str) -> str:
+    try:
+        return normalize_trace_id(raw)
+    except ValueError as exc:
+        raise _Answer(400, f"malformed parameter {name}: {exc}") from None
+
+
 def jaeger_router(store: Store) -> APIRouter:
     """Routes of the v1 JSON API (``/api/...``) and the v3 API (``/api/v3/...``).
     Queries run on worker threads; store errors answer 503 (transient) or 500."""
     reader = JaegerReader(store)
     router = APIRouter()
+    v1 = _answering(_v1_error)
+    v3 = _answering(_v3_error)
 
-    async def run(
-        fn: Callable[..., Any], *args: Any, error: Callable[[int, str], JSONResponse]
-    ) -> Any:
-        try:
-            return await asyncio.to_thread(fn, *args)
-        except StoreError as exc:
-            return error(503 if exc.transient else 500, str(exc))
+    async def run(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
 
     # -- v1 --------------------------------------------------------------------------
 
     @router.get("/api/services")
+    @v1
     async def v1_services() -> JSONResponse:
-        res = await run(reader.services, error=_v1_error)
-        return res if isinstance(res, JSONResponse) else _v1(res)
+        return _v1(await run(reader.services))
 
     @router.get("/api/services/{service}/operations")
+    @v1
     async def v1_service_operations(service: str) -> JSONResponse:
-        res = await run(reader.operations, service, error=_v1_error)
-        if isinstance(res, JSONResponse):
-            return res
-        return _v1(sorted({name for name, _ in res}))
+        return _v1(sorted({name for name, _ in await run(reader.operations, service)}))
 
     @router.get("/api/operations")
+    @v1
     async def v1_operations(request: Request) -> JSONResponse:
         service = request.query_params.get("service", "")
         if not service:
-            return _v1_error(400, "parameter 'service' is required")
+            raise _Answer(400, "parameter 'service' is required")
         kind = request.query_params.get("spanKind", "")
-        res = await run(reader.operations, service, kind, error=_v1_error)
-        if isinstance(res, JSONResponse):
-            return res
+        res = await run(reader.operations, service, kind)
         return _v1([{"name": name, "spanKind": k} for name, k in res])
 
     @router.get("/api/traces")
+    @v1
     async def v1_find_traces(request: Request) -> JSONResponse:
         params = request.query_params
-        try:
-            trace_ids = [normalize_trace_id(t) for t in params.getlist("traceID")]
-        except ValueError as exc:
-            return _v1_error(400, f"malformed parameter traceID: {exc}")
+        trace_ids = [_trace_id(t, "traceID") for t in params.getlist("traceID")]
         if trace_ids:
-            rows = await run(reader.get_traces, trace_ids, error=_v1_error)
+            rows = await run(reader.get_traces, trace_ids)
         else:
-            try:
-                query = _v1_trace_query(params, params.getlist("tag"))
-            except BadParameter as exc:
-                return _v1_error(400, str(exc))
-            rows = await run(reader.find_traces, query, error=_v1_error)
-        if isinstance(rows, JSONResponse):
-            return rows
+            query = _v1_trace_query(params, params.getlist("tag"))
+            rows = await run(reader.find_traces, query)
         return _v1(to_jaeger_traces(rows))
 
     @router.get("/api/traces/{trace_id}")
+    @v1
     async def v1_get_trace(trace_id: str) -> JSONResponse:
-        try:
-            tid = normalize_trace_id(trace_id)
-        except ValueError as exc:
-            return _v1_error(400, f"malformed parameter traceID: {exc}")
-        rows = await run(reader.get_traces, [tid], error=_v1_error)
-        if isinstance(rows, JSONResponse):
-            return rows
+        rows = await run(reader.get_traces, [_trace_id(trace_id, "traceID")])
         if not rows:
-            return _v1_error(404, "trace not found")
+            raise _Answer(404, "trace not found")
         return _v1(to_jaeger_traces(rows))
 
     @router.get("/api/dependencies")
+    @v1
     async def v1_dependencies(request: Request) -> JSONResponse:
-        try:
-            end_ms = _int_param(request.query_params, "endTs", time.time_ns() // 1_000_000)
-            lookback_ms = _int_param(request.query_params, "lookback", _DAY_MS)
-            if lookback_ms < 0:
-                raise BadParameter("lookback", "must not be negative")
-        except BadParameter as exc:
-            return _v1_error(400, str(exc))
-        res = await run(
-            reader.dependencies, end_ms * 1_000_000, lookback_ms * 1_000_000, error=_v1_error
-        )
-        return res if isinstance(res, JSONResponse) else _v1(res)
+        end_ms = _int_param(request.query_params, "endTs", time.time_ns() // 1_000_000)
+        lookback_ms = _int_param(request.query_params, "lookback", _DAY_MS)
+        if lookback_ms < 0:
+            raise BadParameter("lookback", "must not be negative")
+        return _v1(await run(reader.dependencies, end_ms * 1_000_000, lookback_ms * 1_000_000))
 
     # -- v3 --------------------------------------------------------------------------
 
     @router.get("/api/v3/services")
+    @v3
     async def v3_services() -> JSONResponse:
-        res = await run(reader.services, error=_v3_error)
-        return res if isinstance(res, JSONResponse) else JSONResponse({"services": res})
+        return JSONResponse({"services": await run(reader.services)})
 
     @router.get("/api/v3/operations")
+    @v3
     async def v3_operations(request: Request) -> JSONResponse:
         params = request.query_params
         service = params.get("service", "")
         kind = params.get("span_kind", params.get("spanKind", ""))
-        res = await run(reader.operations, service, kind, error=_v3_error)
-        if isinstance(res, JSONResponse):
-            return res
+        res = await run(reader.operations, service, kind)
         return JSONResponse({"operations": [{"name": n, "spanKind": k} for n, k in res]})
 
     @router.get("/api/v3/traces/{trace_id}")
+    @v3
     async def v3_get_trace(trace_id: str) -> JSONResponse:
-        try:
-            tid = normalize_trace_id(trace_id)
-        except ValueError as exc:
-            return _v3_error(400, f"malformed parameter trace_id: {exc}")
-        rows = await run(reader.get_traces, [tid], error=_v3_error)
-        if isinstance(rows, JSONResponse):
-            return rows
+        rows = await run(reader.get_traces, [_trace_id(trace_id, "trace_id")])
         if not rows:
-            return _v3_error(404, "trace not found")
+            raise _Answer(404, "trace not found")
         return JSONResponse({"result": to_otlp_json(rows)})
 
     @router.get("/api/v3/traces")
+    @v3
     async def v3_find_traces(request: Request) -> JSONResponse:
-        try:
-            query = _v3_trace_query(request.query_params)
-        except BadParameter as exc:
-            return _v3_error(400, str(exc))
-        rows = await run(reader.find_traces, query, error=_v3_error)
-        if isinstance(rows, JSONResponse):
-            return rows
+        rows = await run(reader.find_traces, _v3_trace_query(request.query_params))
         if not rows:
-            return _v3_error(404, "No traces found")
+            raise _Answer(404, "No traces found")
         return JSONResponse({"result": to_otlp_json(rows)})
 
     @router.get("/api/v3/trace-summaries")
+    @v3
     async def v3_trace_summaries(request: Request) -> JSONResponse:
-        try:
-            query = _v3_trace_query(request.query_params)
-        except BadParameter as exc:
-            return _v3_error(400, str(exc))
-        rows = await run(reader.find_traces, query, error=_v3_error)
-        if isinstance(rows, JSONResponse):
-            return rows
+        rows = await run(reader.find_traces, _v3_trace_query(request.query_params))
         return JSONResponse({"summaries": trace_summaries(rows)})
 
     return router

@@ -476,3 +476,26 @@ def test_v3_find_traces_and_summaries(collector: Running) -> None:
             ],
         }
     ]
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "says"),
+    [
+        ("/api/traces/xyz", {}, 400, "malformed parameter traceID"),
+        ("/api/traces", {"traceID": "not-hex"}, 400, "malformed parameter traceID"),
+        ("/api/traces/" + "ef" * 16, {}, 404, "trace not found"),
+        ("/api/operations", {}, 400, "parameter 'service' is required"),
+        ("/api/dependencies", {"lookback": "-1"}, 400, "lookback"),
+        ("/api/dependencies", {"endTs": "soon"}, 400, "endTs"),
+    ],
+)
+def test_v1_errors_answer_in_the_v1_shape(
+    collector: Running, path: str, params: dict[str, str], status: int, says: str
+) -> None:
+    """Jaeger's UI reads v1 errors from ``errors[0].msg``, with the HTTP status in both
+    the response and ``errors[0].code``."""
+    resp = _get(collector, path, **params)
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["data"] is None and body["errors"][0]["code"] == status
+    assert says in body["errors"][0]["msg"]
