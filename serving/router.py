@@ -225,6 +225,24 @@ def aggregated_request_body(body: Mapping[str, Any], stream: bool) -> dict[str, 
 # -- workers -------------------------------------------------------------------------
 
 
+class _Lease:
+    """One request counted in a worker's ``outstanding`` (what least-outstanding routing
+    reads). :meth:`release` is idempotent, so whoever owns the request at the end --
+    the send that failed, the handler, the stream relay -- can release it without
+    knowing whether someone else already did."""
+
+    __slots__ = ("worker", "_held")
+
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.worker.outstanding -= 1
+
+
 @dataclass
 class _Worker:
     url: str
@@ -234,6 +252,11 @@ class _Worker:
     down_until: float = 0.0  # time.monotonic(); no probe revives it before this
     node_id: str | None = None  # learned from its /health (stock vLLM's names none)
     clock: OffsetEstimator = field(default_factory=OffsetEstimator)  # its clock vs ours
+
+    def lease(self) -> _Lease:
+        """Count one more request at this worker until the lease is released."""
+        self.outstanding += 1
+        return _Lease(self)
 
     def mark_down(self, cooldown_s: float, reason: str) -> None:
         if self.healthy:
@@ -552,12 +575,11 @@ class _Router:
         body: dict[str, Any],
         headers: dict[str, str],
         stream: bool,
-    ) -> tuple[_Worker, httpx.Response, int]:
+    ) -> tuple[_Lease, httpx.Response, int]:
         """Send to the best worker of ``pool``, moving on to the next one when a worker
-        cannot be connected to. Returns the worker, its response (headers read) and when
-        the request was sent (this router's wall clock, ns). The returned worker's
-        ``outstanding`` is incremented; the caller decrements it. Raises ``_RouteError``
-        (502) when no worker can be reached.
+        cannot be connected to. Returns the worker's lease (the caller releases it), its
+        response (headers read) and when the request was sent (this router's wall
+        clock, ns). Raises ``_RouteError`` (502) when no worker can be reached.
         """
         tried: set[str] = set()
         failures: list[str] = []
@@ -568,29 +590,29 @@ class _Router:
             request = self.client.build_request(
                 "POST", worker.url + path, content=content, headers=send_headers
             )
-            worker.outstanding += 1
+            lease = worker.lease()
             try:
                 sent_ns = now_ns()
                 resp = await self.client.send(request, stream=stream)
                 worker.observe_clock(sent_ns, resp, now_ns())
-            except _CONNECT_ERRORS as exc:
-                worker.outstanding -= 1
-                worker.mark_down(self.config.unhealthy_cooldown_s, repr(exc))
-                failures.append(f"{worker.url} ({type(exc).__name__})")
-                continue
-            except httpx.TimeoutException as exc:
-                worker.outstanding -= 1
-                raise _RouteError.make(
-                    504, f"{pool.role} worker {worker.url} timed out: {exc!r}"
-                ) from exc
-            except httpx.HTTPError as exc:
-                worker.outstanding -= 1
-                worker.mark_down(self.config.unhealthy_cooldown_s, repr(exc))
-                raise _RouteError.make(
-                    502, f"{pool.role} worker {worker.url} failed: {exc!r}"
-                ) from exc
+            except BaseException as exc:
+                lease.release()
+                if isinstance(exc, _CONNECT_ERRORS):
+                    worker.mark_down(self.config.unhealthy_cooldown_s, repr(exc))
+                    failures.append(f"{worker.url} ({type(exc).__name__})")
+                    continue
+                if isinstance(exc, httpx.TimeoutException):
+                    raise _RouteError.make(
+                        504, f"{pool.role} worker {worker.url} timed out: {exc!r}"
+                    ) from exc
+                if isinstance(exc, httpx.HTTPError):
+                    worker.mark_down(self.config.unhealthy_cooldown_s, repr(exc))
+                    raise _RouteError.make(
+                        502, f"{pool.role} worker {worker.url} failed: {exc!r}"
+                    ) from exc
+                raise
             worker.mark_up()
-            return worker, resp, sent_ns
+            return lease, resp, sent_ns
         raise _RouteError.make(
             502, f"no {pool.role} worker could be connected to: {', '.join(failures)}"
         )
@@ -607,9 +629,10 @@ class _Router:
     async def _prefill(
         self, path: str, body: Mapping[str, Any], headers: dict[str, str], state: _RequestState
     ) -> Any:
-        worker, resp, sent_ns = await self._send(
+        lease, resp, sent_ns = await self._send(
             self.prefill, path, prefill_request_body(body), headers, stream=False
         )
+        worker = lease.worker
         try:
             _set_worker(state.span, A.PREFILL_NODE, A.PREFILL_URL, worker)
             state.span.set_attribute(A.PREFILL_SENT_NS, sent_ns)
@@ -622,7 +645,7 @@ class _Router:
                     502, f"prefill worker {worker.url} answered with invalid JSON"
                 ) from exc
         finally:
-            worker.outstanding -= 1
+            lease.release()
         if not isinstance(answer, dict):
             raise _RouteError.make(502, f"prefill worker {worker.url} answered a non-object")
         prompt_tokens = (answer.get("usage") or {}).get("prompt_tokens")
@@ -665,9 +688,10 @@ class _Router:
             else:
                 kv_params = await self._prefill(path, body, worker_headers, state)
                 pool, decode_body = self.decode, decode_request_body(body, kv_params, parsed.stream)
-            worker, resp, sent_ns = await self._send(
+            lease, resp, sent_ns = await self._send(
                 pool, path, decode_body, worker_headers, stream=parsed.stream
             )
+            worker = lease.worker
             if pool is self.both:
                 # One worker prefilled and decoded: it is both nodes of the request's row.
                 # No prefill send time: that interval is not a dispatch here.
@@ -680,9 +704,10 @@ class _Router:
                 try:
                     await self._relay_if_error(resp)
                 except BaseException:
-                    worker.outstanding -= 1
+                    lease.release()
                     raise
-                events = self._relay_stream(worker, resp, state, parsed.include_usage)
+                # The relay owns the lease from here.
+                events = self._relay_stream(lease, resp, state, parsed.include_usage)
                 return StreamingResponse(
                     events, media_type="text/event-stream", headers=reply_headers
                 )
@@ -690,7 +715,7 @@ class _Router:
                 await self._relay_if_error(resp)
                 answer = _json_object(resp, worker)
             finally:
-                worker.outstanding -= 1
+                lease.release()
             tokens = (answer.get("usage") or {}).get("completion_tokens")
             if isinstance(tokens, int):
                 state.output_tokens = tokens
@@ -729,16 +754,17 @@ class _Router:
             raise _RouteError.make(400, f"the request body is not valid JSON: {exc}") from exc
 
     async def _relay_stream(
-        self, worker: _Worker, resp: httpx.Response, state: _RequestState, include_usage: bool
+        self, lease: _Lease, resp: httpx.Response, state: _RequestState, include_usage: bool
     ) -> AsyncIterator[bytes]:
         """Relay the decode worker's SSE events one by one as they arrive, each as it
-        came: never added, split or merged. Owns ``resp``, the worker's ``outstanding``
-        slot and the span: all are released when it ends.
+        came: never added, split or merged. Owns ``resp``, the worker's lease and the
+        span: all are released when it ends.
 
         The router always asks the worker for the usage chunk (for the token counts).
         When the client did not, that chunk is not passed on, and the finishing chunk,
         which vLLM sends with the stream's ``system_fingerprint`` when no usage chunk
         follows, waits for it (it comes right after) to take its fingerprint."""
+        worker = lease.worker
         saw_done = False
         held: dict[str, Any] | None = None  # the finishing chunk, waiting for the usage one
         try:
@@ -800,7 +826,7 @@ class _Router:
                 state.error, state.status = "client disconnected", 499
             raise
         finally:
-            worker.outstanding -= 1
+            lease.release()
             state.finish()
             if saw_done:
                 # Read the stream's end in the background so the connection goes back
