@@ -479,20 +479,39 @@ class _ProgressBar:
 # -- CLI -----------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``tokentrace load``'s options to ``parser``."""
-    parser.add_argument("--url", required=True, help="router (or worker) base URL")
+def add_workload_arguments(
+    parser: argparse.ArgumentParser, *, requests: int, input_len: int, output_len: int
+) -> None:
+    """The workload options ``load`` and ``verify`` share (with their own defaults):
+    endpoint, request count, concurrency, prompt and output lengths, model."""
     parser.add_argument(
         "--endpoint",
         choices=ENDPOINTS,
         default="completions",
         help="/v1/completions or /v1/chat/completions (default: %(default)s)",
     )
-    parser.add_argument("--requests", type=int, default=100, help="requests to send")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
-    parser.add_argument("--input-len", type=int, default=128, help="prompt length in tokens")
-    parser.add_argument("--output-len", type=int, default=64, help="output tokens per request")
+    parser.add_argument(
+        "--requests", type=int, default=requests, help="requests to send (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight at most (default: 8)"
+    )
+    parser.add_argument(
+        "--input-len", type=int, default=input_len, help="prompt tokens (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--output-len",
+        type=int,
+        default=output_len,
+        help="output tokens per request (default: %(default)s)",
+    )
     parser.add_argument("--model", default=None, help="default: first id of GET /v1/models")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``tokentrace load``'s options to ``parser``."""
+    parser.add_argument("--url", required=True, help="router (or worker) base URL")
+    add_workload_arguments(parser, requests=100, input_len=128, output_len=64)
     parser.add_argument(
         "--request-rate",
         type=float,

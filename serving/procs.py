@@ -6,7 +6,6 @@ command itself, so what they run is exactly what a multi-node deployment runs.
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 import signal
@@ -18,16 +17,6 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
-
-
-def freeze_startup_heap() -> None:
-    """Move everything alive after start-up (imports, the app, the model) out of the
-    garbage collector's reach, as vLLM's engine does after its init: otherwise every
-    full collection walks those objects again, a pause of milliseconds on the event
-    loop that a client sees in its TTFT and gaps and the stamps taken after it do not.
-    Call once, just before serving."""
-    gc.collect()
-    gc.freeze()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

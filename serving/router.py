@@ -45,7 +45,6 @@ from tokentrace.instrument import (
     extract,
     inject,
     setup_tracing,
-    stamping_http_protocol,
     wall_ns,
 )
 from tokentrace.instrument.clock import (
@@ -59,7 +58,7 @@ from tokentrace.schemas import attributes as A
 from tokentrace.schemas.auth import BearerAuthMiddleware
 from tokentrace.schemas.tls import TlsConfig
 from tokentrace.serving import openai_protocol as P
-from tokentrace.serving.procs import freeze_startup_heap
+from tokentrace.serving.serve import serve
 
 __all__ = [
     "PREFILL_KV_TRANSFER_PARAMS",
@@ -953,16 +952,12 @@ def create_app(config: RouterConfig, tracing: Tracing | None = None) -> FastAPI:
 
 def run(config: RouterConfig) -> None:
     """Serve the router with uvicorn (HTTPS with ``config.tls``) until interrupted. Blocks."""
-    import uvicorn
-
     app = create_app(config)
     tls = config.tls
-    freeze_startup_heap()
-    uvicorn.run(
+    serve(
         app,
-        host=config.host,
-        port=config.port,
-        http=stamping_http_protocol(),  # requests' arrival: when their bytes are read
+        config.host,
+        config.port,
         log_level="info",
         access_log=False,
         ssl_certfile=tls.cert_file if tls else None,

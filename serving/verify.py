@@ -362,17 +362,7 @@ async def drive_vllm(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", required=True, help="the endpoint's base URL (router or server)")
-    parser.add_argument(
-        "--endpoint",
-        choices=L.ENDPOINTS,
-        default="completions",
-        help="/v1/completions or /v1/chat/completions (default: %(default)s)",
-    )
-    parser.add_argument("--requests", type=int, default=32, help="requests (default: 32)")
-    parser.add_argument("--concurrency", type=int, default=8, help="in flight (default: 8)")
-    parser.add_argument("--input-len", type=int, default=64, help="prompt tokens (default: 64)")
-    parser.add_argument("--output-len", type=int, default=32, help="output tokens (default: 32)")
-    parser.add_argument("--model", default=None, help="default: first id of GET /v1/models")
+    L.add_workload_arguments(parser, requests=32, input_len=64, output_len=32)
     parser.add_argument("--seed", type=int, default=0, help="prompt RNG seed (default: 0)")
     parser.add_argument(
         "--client",

@@ -53,7 +53,6 @@ from tokentrace.instrument import (
     extract,
     inject,
     setup_tracing,
-    stamping_http_protocol,
     wall_ns,
 )
 from tokentrace.instrument.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -69,7 +68,7 @@ from tokentrace.serving.engine import (
     load_or_create,
 )
 from tokentrace.serving.kv import KVRegion, KVTransferError, NixlKVEndpoint
-from tokentrace.serving.procs import freeze_startup_heap
+from tokentrace.serving.serve import serve
 from tokentrace.serving.stream_shape import OutputText, StreamShaper
 
 log = logging.getLogger(__name__)
@@ -739,8 +738,6 @@ def create_app(config: WorkerConfig) -> FastAPI:
 
 def run(config: WorkerConfig) -> None:
     """Serve until interrupted (blocking)."""
-    import uvicorn
-
     app = create_app(config)
     worker: Worker = app.state.worker
     print(
@@ -748,11 +745,4 @@ def run(config: WorkerConfig) -> None:
         f"url=http://{config.host}:{config.port} model={config.model}",
         flush=True,
     )
-    freeze_startup_heap()
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        http=stamping_http_protocol(),  # requests' arrival: when their bytes are read
-        log_level="warning",
-    )
+    serve(app, config.host, config.port, log_level="warning")

@@ -10,7 +10,7 @@ import sys
 PROBE = """
 import gc
 import tokentrace.serving.worker  # what a worker imports before it serves
-from tokentrace.serving.procs import freeze_startup_heap
+from tokentrace.serving.serve import freeze_startup_heap
 before = len(gc.get_objects())
 freeze_startup_heap()
 print(gc.get_freeze_count(), before, len(gc.get_objects()))
