@@ -37,8 +37,9 @@ def register(subparsers: Any) -> None:
             "write-ahead log (DATA_DIR/wal); what the log holds is inserted when ClickHouse "
             "takes it, also after a crash or restart, exactly once. SIGINT/SIGTERM stop it "
             "after everything accepted is stored or logged. With "
-            "--forward-otlp it also sends every stored span to other OTLP endpoints "
-            "(e.g. Jaeger), without ever delaying or failing storage. With --tls-cert and "
+            "--forward-otlp it also sends every accepted span to other OTLP endpoints "
+            "(e.g. Jaeger), each from its own cursor over the write-ahead log: ClickHouse "
+            "and every target get every span at their own pace. With --tls-cert and "
             "--tls-key all three ports serve TLS (https://) and no plaintext."
         ),
     )
@@ -68,20 +69,13 @@ def register(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="URL",
-        help="also forward every stored span to this OTLP endpoint; repeatable. "
+        help="also forward every accepted span to this OTLP endpoint; repeatable. "
         "grpc://HOST:PORT for OTLP/gRPC (insecure), http(s)://HOST:PORT for OTLP/HTTP "
-        "protobuf to /v1/traces (or the URL's own path). Each target has its own bounded "
-        "queue and sender: a slow or dead target is retried with exponential backoff, "
-        "never delays storage, and overflow is dropped and counted under 'forwarded' in "
-        "GET /health",
-    )
-    p.add_argument(
-        "--forward-queue-batches",
-        type=int,
-        default=1024,
-        metavar="N",
-        help="per forward target: batches queued while the target is slow or down "
-        "before new ones are dropped (default: %(default)s)",
+        "protobuf to /v1/traces (or the URL's own path). Each target reads the "
+        "write-ahead log from its own cursor: a slow or dead target is retried with "
+        "exponential backoff and never delays ClickHouse; what it has not had stays in "
+        "the log (also across restarts) within --wal-max-bytes, shared by all sinks. "
+        "Progress is under 'forwarded' in GET /health",
     )
     p.add_argument(
         "--forward-max-backoff",
@@ -89,6 +83,15 @@ def register(subparsers: Any) -> None:
         default=30.0,
         metavar="SECONDS",
         help="per forward target: longest wait between retries (default: %(default)s)",
+    )
+    p.add_argument(
+        "--forward-shutdown-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="at shutdown, how long each forward target may take to catch up with the "
+        "log; what it has not had then is sent after the next start (default: "
+        "%(default)s)",
     )
     p.add_argument(
         "--wal-dir",
@@ -390,12 +393,12 @@ def _run_collector(args: argparse.Namespace) -> int:
             forward=tuple(
                 ForwardConfig(
                     url,
-                    queue_batches=args.forward_queue_batches,
                     max_backoff_s=args.forward_max_backoff,
                     initial_backoff_s=min(0.5, args.forward_max_backoff),
                 )
                 for url in args.forward_otlp
             ),
+            forward_shutdown_s=args.forward_shutdown_timeout,
         )
         collector = Collector(config)
     except ValueError as exc:

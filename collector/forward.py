@@ -1,14 +1,18 @@
 """OTLP forwarder: every accepted export → any OTLP endpoint (e.g. Jaeger v2).
 
-One :class:`OtlpForwarder` per target. :meth:`OtlpForwarder.consume` only enqueues (it
-never blocks and never raises), so forwarding adds no latency to an export's ack and a
-slow or dead target never holds up storage. One sender thread per target drains a
-bounded queue: transient failures (gRPC ``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
-``RESOURCE_EXHAUSTED``, ``ABORTED``; HTTP 429/502/503/504 and connection errors) are
-retried with exponential backoff and jitter, honouring ``Retry-After``; permanent ones
-(anything else, e.g. ``INVALID_ARGUMENT`` or HTTP 400) drop the batch and count it.
-When the queue is full new batches are dropped and counted, with one log line per burst
-of drops.
+One :class:`OtlpForwarder` per target, each a reader of the collector's write-ahead log
+with its own persisted cursor (:mod:`.wal`): its thread sends the log's records in order,
+at the target's pace, and moves the cursor past each one the target has taken. It never
+waits for ClickHouse and ClickHouse never waits for it: while ClickHouse is unreachable
+the target still gets every span, and while the target is down the log keeps what it has
+not had (also across a restart), within the log's disk budget, which all sinks share.
+Transient failures (gRPC ``UNAVAILABLE``, ``DEADLINE_EXCEEDED``, ``RESOURCE_EXHAUSTED``,
+``ABORTED``; HTTP 429/502/503/504 and connection errors) are retried with exponential
+backoff and jitter, honouring ``Retry-After``; permanent ones (anything else, e.g.
+``INVALID_ARGUMENT`` or HTTP 400) drop that export and count it. Each export is sent as
+it was accepted (rejected spans removed; a packed decode span followed by its
+``llm.token`` spans, as stored): exactly once while the collector runs, at least once
+across a crash (the export in flight when it died is sent again).
 
 Targets: ``grpc://host:port`` (OTLP/gRPC, insecure; default port 4317) and
 ``http://host:port[/path]`` / ``https://...`` (OTLP/HTTP protobuf; default path
@@ -17,9 +21,10 @@ Targets: ``grpc://host:port`` (OTLP/gRPC, insecure; default port 4317) and
 
 from __future__ import annotations
 
-import collections
 import email.utils
+import hashlib
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -27,14 +32,22 @@ from urllib.parse import urlsplit
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
 )
 
+from tokentrace.schemas import attributes as attrs
+
+from .decode import DecodeError, expanded_request, parse_protobuf
+from .logrecord import decode_record
 from .retry import CollectorError, jittered_backoff_s
+from .wal import LogReader, WalError, WriteAheadLog
 
 __all__ = [
     "ForwardConfig",
     "ForwardError",
     "OtlpForwarder",
+    "forward_reader",
+    "forwarded_export",
     "retry_after_s",
 ]
 
@@ -46,19 +59,21 @@ _TRACES_PATH = "/v1/traces"
 _PROTOBUF = "application/x-protobuf"
 _RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
 _RETRYABLE_GRPC_NAMES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED")
+_EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+_PACKED_KEY = attrs.TOKEN_PACKED.encode()
+# How often an idle sender thread looks whether it is being shut down.
+_IDLE_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
 class ForwardConfig:
     """One forward target.
 
-    ``queue_batches`` bounds the batches waiting for this target (beyond it new batches
-    are dropped); a failed send is retried after ``initial_backoff_s`` doubling up to
+    A failed send is retried after ``initial_backoff_s`` doubling up to
     ``max_backoff_s`` (with jitter); each send may take up to ``timeout_s``.
     """
 
     url: str
-    queue_batches: int = 1024
     max_backoff_s: float = 30.0
     timeout_s: float = 10.0
     initial_backoff_s: float = 0.5
@@ -80,8 +95,6 @@ class ForwardConfig:
             raise ValueError(f"forward URL {self.url!r} has port 0")
         if parts.scheme == "grpc" and parts.path not in ("", "/"):
             raise ValueError(f"forward URL {self.url!r}: a grpc:// target takes no path")
-        if self.queue_batches < 1:
-            raise ValueError(f"queue_batches must be >= 1, got {self.queue_batches!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
         if not self.max_backoff_s > 0:
@@ -143,13 +156,31 @@ def span_count(request: ExportTraceServiceRequest) -> int:
     return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
 
 
+def forward_reader(url: str) -> LogReader:
+    """The log reader (cursor) of the target ``url``: a name readable in the log's
+    directory, unique per URL; a target new to the log starts at its end."""
+    readable = re.sub(r"[^A-Za-z0-9.-]+", "_", url).strip("_.-")[:120]
+    tag = hashlib.blake2b(url.encode(), digest_size=4).hexdigest()
+    return LogReader(f"forward-{readable}-{tag}", starts_at_end=True)
+
+
+def forwarded_export(wire: bytes) -> tuple[bytes, int]:
+    """What the target gets for one logged export (its accepted spans, serialized), and
+    how many spans that is: the same bytes, unless it holds packed decode spans, which
+    are sent expanded into their ``llm.token`` spans, as they were stored."""
+    request = parse_protobuf(wire)
+    if _PACKED_KEY in wire:  # a cheap test first: most exports hold no packed span
+        request = expanded_request(request)
+        return request.SerializeToString(), span_count(request)
+    return wire, span_count(request)
+
+
 # -- senders: one transport each, used only by the forwarder's thread -------------------
 
 
 class _GrpcSender:
     def __init__(self, config: ForwardConfig) -> None:
         import grpc
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
         self._grpc = grpc
         max_backoff_ms = int(config.max_backoff_s * 1000)
@@ -166,12 +197,17 @@ class _GrpcSender:
                 ("grpc.enable_retries", 0),
             ],
         )
-        self._stub = trace_service_pb2_grpc.TraceServiceStub(self._channel)
+        # The logged bytes go out as they are (no serializer): they are the request.
+        self._export = self._channel.unary_unary(
+            _EXPORT_METHOD,
+            request_serializer=None,
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
         self._retryable = frozenset(getattr(grpc.StatusCode, n) for n in _RETRYABLE_GRPC_NAMES)
 
-    def send(self, request: ExportTraceServiceRequest, timeout_s: float) -> None:
+    def send(self, body: bytes, timeout_s: float) -> None:
         try:
-            self._stub.Export(request, timeout=timeout_s)
+            self._export(body, timeout=timeout_s)
         except self._grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -192,8 +228,7 @@ class _HttpSender:
         self._url = config.http_url
         self._client = httpx.Client(headers={"content-type": _PROTOBUF})
 
-    def send(self, request: ExportTraceServiceRequest, timeout_s: float) -> None:
-        body = request.SerializeToString()
+    def send(self, body: bytes, timeout_s: float) -> None:
         try:
             response = self._client.post(self._url, content=body, timeout=timeout_s)
         except self._httpx.TransportError as exc:
@@ -215,28 +250,29 @@ class _HttpSender:
 
 
 class OtlpForwarder:
-    """Forwards export requests to one OTLP target.
+    """Forwards the log's records to one OTLP target, from its own cursor.
 
-    Thread-safe: :meth:`consume` may be called from any thread, never blocks and never
-    raises. Requests handed to :meth:`consume` are owned by the forwarder afterwards
-    (read only, on its sender thread). :meth:`start` and :meth:`shutdown` are idempotent;
-    shutdown is safe without start.
+    Thread-safe. The log is borrowed and must list :func:`forward_reader` of the URL
+    among its readers. :meth:`start` and :meth:`shutdown` are idempotent; shutdown is
+    safe without start.
     """
 
-    def __init__(self, config: ForwardConfig) -> None:
+    def __init__(self, config: ForwardConfig, log: WriteAheadLog) -> None:
         config.validate()
         self.config = config
+        self.reader = forward_reader(config.url).name
+        log.position(self.reader)  # KeyError now, not on the thread, if not a reader
+        self._log = log
         self._cond = threading.Condition()
-        self._queue: collections.deque[tuple[ExportTraceServiceRequest, int]] = collections.deque()
-        self._inflight = 0  # spans of the batch the sender holds (0: none)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stop_deadline = 0.0
         self._finished = False  # counters are final; the sender must not touch them
+        # (seq, exports of it sent): a record is committed once all its exports went.
+        self._progress = (0, 0)
         self._sent_spans = 0
         self._dropped_spans = 0
         self._retries = 0
-        self._in_drop_burst = False
         self._failing = False
         self._refusing = False
 
@@ -253,8 +289,9 @@ class OtlpForwarder:
             self._thread.start()
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
-        """Stop accepting, send what can be sent within ``timeout_s``, count the rest
-        as dropped. Idempotent; blocks at most about ``timeout_s``."""
+        """Send what the log holds for this target within ``timeout_s``, then stop; what
+        is left stays in the log for the next start. Idempotent; blocks at most about
+        ``timeout_s``."""
         with self._cond:
             if self._stopping:
                 return
@@ -265,68 +302,33 @@ class OtlpForwarder:
         if thread is not None:
             # A send in flight at the deadline is cut short by its own timeout (capped by
             # the time left); a little slack lets it report before we give up on it.
-            thread.join(timeout=max(0.0, timeout_s) + 1.0)
+            thread.join(timeout=max(0.0, timeout_s) + _IDLE_POLL_S + 1.0)
         with self._cond:
             self._finished = True
-            batches = len(self._queue) + (1 if self._inflight else 0)
-            spans = sum(n for _, n in self._queue) + self._inflight
-            self._queue.clear()
-            self._inflight = 0
-            self._dropped_spans += spans
-        if spans:
+        left = self._log.pending_count(self.reader)
+        if left:
             _log.warning(
-                "forwarding to %s: dropped %d spans in %d batches not sent within the "
-                "%.1f s shutdown timeout",
+                "forwarding to %s: %d write-ahead log records not sent within the %.1f s "
+                "shutdown timeout; they stay in the log and are sent after the next start",
                 self.config.url,
-                spans,
-                batches,
+                left,
                 timeout_s,
             )
 
     # -- counters ------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        """``sent_spans``, ``dropped_spans``, ``retries`` (failed attempts that were
-        retried) and ``queue_batches`` (batches waiting or in flight)."""
+        """``sent_spans`` and ``dropped_spans`` (refused permanently by the target) since
+        start, ``retries`` (failed attempts that were retried) and ``pending_records``
+        (write-ahead log records this target has not had yet)."""
         with self._cond:
-            return {
+            out = {
                 "sent_spans": self._sent_spans,
                 "dropped_spans": self._dropped_spans,
                 "retries": self._retries,
-                "queue_batches": len(self._queue) + (1 if self._inflight else 0),
             }
-
-    # -- the stage -----------------------------------------------------------------
-
-    def consume(self, request: ExportTraceServiceRequest) -> None:
-        """Enqueue ``request`` for sending; drop and count it if the queue is full or the
-        forwarder is shut down. Never blocks on the target, never raises."""
-        spans = span_count(request)
-        if spans == 0:
-            return
-        with self._cond:
-            if self._stopping:
-                self._drop_locked(spans, "forwarder is shut down")
-                return
-            if len(self._queue) + (1 if self._inflight else 0) >= self.config.queue_batches:
-                self._drop_locked(spans, f"queue of {self.config.queue_batches} batches is full")
-                return
-            self._in_drop_burst = False
-            self._queue.append((request, spans))
-            self._cond.notify()
-
-    def _drop_locked(self, spans: int, why: str) -> None:
-        self._dropped_spans += spans
-        if not self._in_drop_burst:
-            # One line per burst: a dead target would otherwise log every batch.
-            self._in_drop_burst = True
-            _log.warning(
-                "forwarding to %s: dropping spans (%s); %d dropped so far, further drops "
-                "until the queue drains are counted in /health without logging",
-                self.config.url,
-                why,
-                self._dropped_spans,
-            )
+        out["pending_records"] = self._log.pending_count(self.reader)
+        return out
 
     # -- the sender thread ---------------------------------------------------------
 
@@ -338,33 +340,57 @@ class OtlpForwarder:
                 if self.config.scheme == "grpc"
                 else _HttpSender(self.config)
             )
-        except Exception:  # never raise into the collector; the queue is dropped at shutdown
+        except Exception:  # never raise into the collector; the log keeps the records
             _log.exception("forwarding to %s: cannot create a client", self.config.url)
             return
         try:
-            while True:
-                with self._cond:
-                    while not self._queue and not self._stopping:
-                        self._cond.wait()
-                    if not self._queue or self._past_deadline_locked():
+            while not self._done():
+                seqs = self._log.pending(self.reader)
+                if not seqs:
+                    self._log.wait_for_records(self.reader, _IDLE_POLL_S)
+                    continue
+                for seq in seqs:
+                    if not self._forward_record(sender, seq):
                         return
-                    request, spans = self._queue.popleft()
-                    self._inflight = spans
-                self._deliver(sender, request, spans)
+        except WalError:  # the log was closed under a send that outlived shutdown
+            return
         finally:
             try:
                 sender.close()
             except Exception:
                 _log.debug("closing the forward client failed", exc_info=True)
 
-    def _past_deadline_locked(self) -> bool:
-        return self._stopping and time.monotonic() >= self._stop_deadline
+    def _done(self) -> bool:
+        """Shutting down, and caught up with the log or out of time."""
+        with self._cond:
+            if not self._stopping:
+                return False
+            if time.monotonic() >= self._stop_deadline:
+                return True
+        return self._log.pending_count(self.reader) == 0
 
-    def _deliver(
-        self, sender: _GrpcSender | _HttpSender, request: ExportTraceServiceRequest, spans: int
-    ) -> None:
-        """Send one batch until it is sent, permanently refused, or shutdown's deadline
-        passes (then shutdown counts it as dropped)."""
+    def _forward_record(self, sender: _GrpcSender | _HttpSender, seq: int) -> bool:
+        """Send every export of record ``seq`` not sent yet and move the cursor past it;
+        False when shutdown's deadline came first."""
+        _written_ns, exports = decode_record(self._log.read(seq))
+        done_seq, done = self._progress
+        for k in range(done if done_seq == seq else 0, len(exports)):
+            try:
+                body, spans = forwarded_export(exports[k][1])
+            except DecodeError as exc:  # cannot happen for what the collector logged
+                _log.error(
+                    "forwarding to %s: log record %d unreadable: %s", self.config.url, seq, exc
+                )
+                body, spans = b"", 0
+            if spans and not self._deliver(sender, body, spans):
+                return False
+            self._progress = (seq, k + 1)
+        self._log.commit(seq, self.reader)
+        return True
+
+    def _deliver(self, sender: _GrpcSender | _HttpSender, body: bytes, spans: int) -> bool:
+        """Send one export until it is sent or permanently refused (True), or shutdown's
+        deadline passes (False: it stays in the log)."""
         attempt = 0
         while True:
             with self._cond:
@@ -372,9 +398,9 @@ class OtlpForwarder:
                 if self._stopping:
                     timeout_s = min(timeout_s, self._stop_deadline - time.monotonic())
                 if timeout_s <= 0 or self._finished:
-                    return  # left in flight: shutdown counts it
+                    return False
             try:
-                sender.send(request, timeout_s)
+                sender.send(body, timeout_s)
             except ForwardError as exc:
                 error: ForwardError | None = exc
             except Exception as exc:  # a client bug must not kill the sender thread
@@ -383,21 +409,19 @@ class OtlpForwarder:
                 error = None
             with self._cond:
                 if self._finished:
-                    return
+                    return False
                 if error is None:
                     self._sent_spans += spans
-                    self._inflight = 0
                     self._refusing = False
                     if self._failing:
                         self._failing = False
                         _log.warning("forwarding to %s: target reachable again", self.config.url)
-                    return
+                    return True
                 if not error.transient:
-                    self._inflight = 0
                     self._dropped_spans += spans
                     if not self._refusing:
                         # Logged once until a send succeeds: a target that refuses
-                        # everything would otherwise log every batch.
+                        # everything would otherwise log every export.
                         self._refusing = True
                         _log.error(
                             "forwarding to %s: target refused %d spans permanently, "
@@ -406,12 +430,13 @@ class OtlpForwarder:
                             spans,
                             error,
                         )
-                    return
+                    return True
                 self._retries += 1
                 if not self._failing:
                     self._failing = True
                     _log.warning(
-                        "forwarding to %s failed, retrying with backoff: %s",
+                        "forwarding to %s failed, retrying with backoff (the write-ahead "
+                        "log keeps what it has not had): %s",
                         self.config.url,
                         error,
                     )

@@ -73,13 +73,13 @@ FORWARDED: dict[str, tuple[str, str, bool]] = {
     "sent_spans": ("spans_forwarded", "Spans a forward target acknowledged.", True),
     "dropped_spans": (
         "spans_forward_dropped",
-        "Spans dropped for a forward target (queue full or refused).",
+        "Spans a forward target refused permanently (never retried).",
         True,
     ),
     "retries": ("forward_retries", "Failed forward attempts that were retried.", True),
-    "queue_batches": (
-        "forward_queue_batches",
-        "Batches waiting for (or in flight to) a forward target.",
+    "pending_records": (
+        "forward_pending_records",
+        "Write-ahead log records a forward target has not had yet.",
         False,
     ),
 }

@@ -1,4 +1,4 @@
-"""decode → derive → write-ahead log → group-committed ClickHouse writes → forwarders.
+"""decode → derive → write-ahead log → group-committed ClickHouse writes.
 
 :meth:`Pipeline.consume` decodes and derives an export on the caller's thread and hands
 it to the log writer thread, which appends the exports that arrived together (a group
@@ -14,23 +14,22 @@ When is an export acknowledged (``consume`` returns)? Normally once its rows are
 ClickHouse, so what a sender was told is stored can be queried at once. While
 ClickHouse is failing, or a backlog from an earlier run or outage is being replayed, it
 is acknowledged as soon as its record is fsynced: durable, and stored when ClickHouse
-takes it. Past the disk budget (:attr:`WalConfig.max_bytes` of records not yet in
-ClickHouse) ``consume`` raises :class:`PipelineFull` and accepts nothing more until the
-backlog shrinks. Stored exports go to each forward stage's non-blocking ``consume`` (an
-enqueue) from the inserter thread, so forwarding never delays storage and never sees
-spans that were not stored.
+takes it. Past the disk budget (:attr:`WalConfig.max_bytes` of records that some
+exporter has not delivered yet) ``consume`` raises :class:`PipelineFull` and accepts
+nothing more until the backlog shrinks.
+
+The ClickHouse writer here is one reader of the log (:data:`.wal.STORE_READER`); the
+OTLP forwarders are others, each with its own cursor (:mod:`.forward`), so an outage of
+one sink holds back only its own cursor, never the other sinks.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import queue
-import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,21 +39,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from prometheus_client import Histogram
 
-from .decode import (
-    SpanBatch,
-    accepted_request,
-    decode_request,
-    expanded_request,
-    parse_protobuf,
-)
+from .decode import SpanBatch, accepted_request, decode_request, parse_protobuf
 from .derive import DerivedRows, derive_rows
+from .logrecord import decode_record, encode_record, export_digest
 from .retry import jittered_backoff_s
 from .store import Store, StoreError
-from .wal import WriteAheadLog
+from .wal import STORE_READER, WriteAheadLog
 
 __all__ = [
     "ExportResult",
-    "ForwardStage",
     "Pipeline",
     "PipelineConfig",
     "PipelineFull",
@@ -122,20 +115,18 @@ class _Pending:
     rows: DerivedRows
     digest: bytes  # of the request as received
     wire: bytes  # the accepted spans, serialized: what the log holds
-    request: ExportTraceServiceRequest  # the accepted spans, for forwarding
     future: Future[None] = field(default_factory=Future)
 
 
 @dataclass
 class _Record:
-    """One log record on its way into ClickHouse. ``batch``/``rows``/``requests`` are
-    None when they were not kept in memory (replay, backlog): read back from the log."""
+    """One log record on its way into ClickHouse. ``batch``/``rows`` are None when they
+    were not kept in memory (replay, backlog): read back from the log."""
 
     seq: int
     spans: int
     batch: SpanBatch | None
     rows: DerivedRows | None
-    requests: list[ExportTraceServiceRequest] | None
     futures: list[Future[None]]
     # time.monotonic() when logged (for records found at start: the start), for the lag
     logged_s: float = field(default_factory=time.monotonic)
@@ -143,11 +134,6 @@ class _Record:
 
 _STOP = object()
 _ENQUEUE_TIMEOUT_S = 5.0
-# A log record: when it was written (the clock decoding's time bounds used), how many
-# exports, then each export's length and bytes.
-_RECORD_HEAD = struct.Struct("<QI")
-_LENGTH = struct.Struct("<I")
-_DIGEST_BYTES = 16
 # Digests of the exports accepted last, to recognise a sender's retry of one of them.
 _RECENT_EXPORTS = 16_384
 # While backlogged, records beyond this many keep only their sequence number in memory.
@@ -158,62 +144,19 @@ INSERT_BUCKETS_S = (
 )  # fmt: skip
 
 
-#: A next stage after storage: takes the stored request, must not block or raise.
-ForwardStage = Callable[[ExportTraceServiceRequest], None]
-
-
-def export_digest(wire: bytes) -> bytes:
-    """What identifies an export when a sender sends it again: a hash of its bytes."""
-    return hashlib.blake2b(wire, digest_size=_DIGEST_BYTES).digest()
-
-
-def encode_record(written_ns: int, exports: Sequence[tuple[bytes, bytes]]) -> bytes:
-    """A log record's payload: the write time, then each export's digest (of the
-    request as received) and its accepted spans, serialized."""
-    parts = [_RECORD_HEAD.pack(written_ns, len(exports))]
-    for digest, wire in exports:
-        parts.append(digest)
-        parts.append(_LENGTH.pack(len(wire)))
-        parts.append(wire)
-    return b"".join(parts)
-
-
-def decode_record(payload: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
-    """``(written_ns, [(digest, wire), ...])`` of a payload :func:`encode_record` made."""
-    written_ns, count = _RECORD_HEAD.unpack_from(payload, 0)
-    offset = _RECORD_HEAD.size
-    exports = []
-    for _ in range(count):
-        digest = payload[offset : offset + _DIGEST_BYTES]
-        offset += _DIGEST_BYTES
-        (length,) = _LENGTH.unpack_from(payload, offset)
-        offset += _LENGTH.size
-        exports.append((digest, payload[offset : offset + length]))
-        offset += length
-    if offset != len(payload):
-        raise ValueError(f"log record has {len(payload) - offset} bytes after its exports")
-    return written_ns, exports
-
-
 class Pipeline:
     """Thread-safe. ``consume`` may be called from any number of threads; it blocks for
-    up to one flush interval plus the fsync and (normally) the insert time. The store,
-    the log and the ``forward`` stages (each an ``OtlpForwarder.consume``) are borrowed,
-    not owned; the forward stages receive every stored export minus its rejected spans,
-    on the inserter thread, after the commit."""
+    up to one flush interval plus the fsync and (normally) the insert time. The store and
+    the log are borrowed, not owned. Other exporters (the OTLP forwarders) read the log
+    themselves, each from its own cursor (:class:`~.forward.OtlpForwarder`)."""
 
     def __init__(
-        self,
-        store: Store,
-        wal: WriteAheadLog,
-        config: PipelineConfig | None = None,
-        forward: Sequence[ForwardStage] = (),
+        self, store: Store, wal: WriteAheadLog, config: PipelineConfig | None = None
     ) -> None:
         self.config = config or PipelineConfig()
         self.config.validate()
         self._store = store
         self._wal = wal
-        self._forward = tuple(forward)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.config.queue_exports)
         self._writer: threading.Thread | None = None
         self._inserter: threading.Thread | None = None
@@ -261,9 +204,9 @@ class Pipeline:
             for _seq, payload in self._wal.records():
                 for digest, _wire in decode_record(payload)[1]:
                     self._remember(digest)
-            backlog = self._wal.pending()
+            backlog = self._wal.pending(STORE_READER)
             for seq in backlog:
-                self._records.append(_Record(seq, 0, None, None, None, []))
+                self._records.append(_Record(seq, 0, None, None, []))
             self._replayed = len(backlog)
             self._backlogged = bool(backlog)
             self._writer = threading.Thread(
@@ -382,7 +325,7 @@ class Pipeline:
         if batch.rejected_spans:
             request = accepted_request(request, now_ns=now_ns)
             wire = request.SerializeToString()
-        pending = _Pending(batch, derive_rows(batch), digest, wire, request)
+        pending = _Pending(batch, derive_rows(batch), digest, wire)
         try:
             self._enqueue(pending)
             pending.future.result()
@@ -473,14 +416,7 @@ class Pipeline:
         for pending in group:
             batch.extend(pending.batch)
             rows.extend(pending.rows)
-        record = _Record(
-            seq,
-            spans,
-            batch,
-            rows,
-            [p.request for p in group] if self._forward else None,
-            [p.future for p in group],
-        )
+        record = _Record(seq, spans, batch, rows, [p.future for p in group])
         with self._records_cv:
             self._records.append(record)
             if self._backlogged:
@@ -495,7 +431,7 @@ class Pipeline:
             future.set_result(None)
         record.futures = []
         if not keep:
-            record.batch = record.rows = record.requests = None
+            record.batch = record.rows = None
 
     # -- the inserter thread ----------------------------------------------------------
 
@@ -554,23 +490,20 @@ class Pipeline:
             )
 
     def _load(self, record: _Record) -> None:
-        """Rebuild a record's rows (and forwarded requests) from the log."""
+        """Rebuild a record's rows from the log."""
         written_ns, exports = decode_record(self._wal.read(record.seq))
-        batch, rows, requests = SpanBatch(), DerivedRows(), []
+        batch, rows = SpanBatch(), DerivedRows()
         for _digest, wire in exports:
-            request = parse_protobuf(wire)
             # The time bounds as they were when these spans were accepted: a replay a
             # day later must not reject what was acknowledged.
-            part = decode_request(request, now_ns=written_ns)
+            part = decode_request(parse_protobuf(wire), now_ns=written_ns)
             batch.extend(part)
             rows.extend(derive_rows(part))
-            requests.append(request)
         record.batch, record.rows = batch, rows
-        record.requests = requests if self._forward else None
         record.spans = batch.expanded_spans
 
     def _on_stored(self, record: _Record) -> None:
-        self._wal.commit(record.seq)
+        self._wal.commit(record.seq, STORE_READER)
         with self._counter_lock:
             self._stored += record.spans
             self._last_store_error = ""
@@ -578,13 +511,7 @@ class Pipeline:
             futures, record.futures = record.futures, []
         for future in futures:
             future.set_result(None)
-        if self._forward and record.requests:
-            packed = record.batch is not None and record.batch.packed_spans > 0
-            for request in record.requests:
-                accepted = expanded_request(request) if packed else request
-                for forward in self._forward:
-                    forward(accepted)
-        record.batch = record.rows = record.requests = None
+        record.batch = record.rows = None
 
     def _on_store_down(self, exc: StoreError) -> None:
         with self._counter_lock:
@@ -628,7 +555,7 @@ class Pipeline:
     def _drop_bad_record(self, record: _Record, exc: BaseException) -> None:
         """ClickHouse refuses the record's rows for good (or they cannot be rebuilt):
         retrying cannot help, and it must not block everything after it."""
-        self._wal.commit(record.seq)
+        self._wal.commit(record.seq, STORE_READER)
         with self._records_cv:
             futures, record.futures = record.futures, []
         if futures:

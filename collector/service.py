@@ -4,7 +4,8 @@ receivers.
 Start order is sinks first, receivers last; shutdown runs the other way and drains the
 pipeline, so every export that was acknowledged is in ClickHouse before the store
 closes (or, if ClickHouse is failing, stays in the write-ahead log for the next start);
-then each OTLP forwarder gets ``forward_shutdown_s`` to flush its queue. The
+then each OTLP forwarder gets ``forward_shutdown_s`` to send what the log holds for it
+(the rest waits in the log for the next start). The
 two HTTP apps (OTLP/HTTP and the API) run as uvicorn servers in one asyncio loop on a
 background thread; the gRPC receiver is a threaded grpc server. With ``tls`` all three
 ports serve TLS with the same certificate, and none of them plaintext.
@@ -28,7 +29,7 @@ from tokentrace.schemas.ddl import query_user_statements
 from tokentrace.schemas.tls import TlsConfig
 
 from .api import ApiConfig, QueryCounters, create_api_app
-from .forward import ForwardConfig, OtlpForwarder
+from .forward import ForwardConfig, OtlpForwarder, forward_reader
 from .metrics import collector_registry
 from .otlp_grpc import OtlpGrpcConfig, OtlpGrpcReceiver
 from .otlp_http import OtlpHttpConfig, create_otlp_http_app
@@ -36,7 +37,7 @@ from .pipeline import Pipeline, PipelineConfig
 from .sqlguard import QueryLimits
 from .store import ReaderConfig, Store, StoreError, open_store
 from .ui import UI_PATHS
-from .wal import WalConfig, WriteAheadLog
+from .wal import STORE_READER, LogReader, WalConfig, WriteAheadLog
 
 __all__ = ["Collector", "CollectorConfig", "parse_hostport", "write_collector_file"]
 
@@ -74,7 +75,7 @@ class CollectorConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     forward: tuple[ForwardConfig, ...] = ()  # OTLP targets every stored span goes to
-    forward_shutdown_s: float = 5.0  # per target: time to flush its queue at shutdown
+    forward_shutdown_s: float = 5.0  # per target: time to catch up with the log at shutdown
     auth_token: str | None = None  # when set, every endpoint but /health requires it
     # Listening beyond loopback without a token is refused unless this says so.
     allow_unauthenticated: bool = False
@@ -264,14 +265,15 @@ class Collector:
             # A server that is not up yet (or down): accept spans into the log meanwhile;
             # the pipeline connects and creates the tables when it answers.
             _log.warning("%s; accepting spans into the write-ahead log until it answers", exc)
-        self.wal = WriteAheadLog(cfg.wal)
+        self.wal = WriteAheadLog(
+            cfg.wal,
+            readers=(LogReader(STORE_READER), *(forward_reader(f.url) for f in cfg.forward)),
+        )
         for target in cfg.forward:
-            forwarder = OtlpForwarder(target)
+            forwarder = OtlpForwarder(target, self.wal)
             self.forwarders.append(forwarder)
             forwarder.start()
-        self.pipeline = Pipeline(
-            self.store, self.wal, cfg.pipeline, forward=[f.consume for f in self.forwarders]
-        )
+        self.pipeline = Pipeline(self.store, self.wal, cfg.pipeline)
         self.pipeline.start()
         self._http = _AsgiServers()
         # /metrics reads the same counters as /health, at scrape time.
@@ -333,7 +335,7 @@ class Collector:
     def counters(self) -> dict[str, Any]:
         """What ``GET /health`` reports: the pipeline's span counters, the query API's
         (``queries_running``, ``queries_refused``) and, with forward targets,
-        ``"forwarded": {url: {sent_spans, dropped_spans, retries, queue_batches}}``."""
+        ``"forwarded": {url: {sent_spans, dropped_spans, retries, pending_records}}``."""
         out: dict[str, Any] = dict(self.pipeline.counters()) if self.pipeline else {}
         out.update(self.queries.counters())
         if self.forwarders:

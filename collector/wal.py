@@ -1,27 +1,41 @@
-"""The write-ahead log: accepted exports on local disk until ClickHouse has them.
+"""The write-ahead log: accepted exports on local disk until every exporter has them.
 
 The collector acknowledges an export once its spans are in this log and fsynced, so a
-crash (``kill -9``) or a ClickHouse outage loses nothing that was acknowledged. Each
-record is one group commit: an opaque payload with a sequence number. The pipeline
-inserts records into ClickHouse in sequence order and then :meth:`WriteAheadLog.commit`\\ s
-them; on the next start :meth:`WriteAheadLog.pending` lists what was never committed.
+crash (``kill -9``) or an outage of ClickHouse or of a forward target loses nothing that
+was acknowledged. Each record is one group commit: an opaque payload with a sequence
+number. Each exporter is a *reader* of the log with its own persisted cursor: the
+ClickHouse writer (:data:`STORE_READER`) and one per OTLP forward target read records in
+sequence order at their own pace and :meth:`WriteAheadLog.commit` each one they have
+delivered; :meth:`WriteAheadLog.pending` lists what a reader has not committed yet, also
+after a restart. A record stays on disk until every reader has passed it, and
+``pending_bytes`` (what the disk budget limits) counts those records: a sink that is
+down holds back only its own cursor, until the budget is full.
 
 Layout of the directory::
 
     LOCK                    flock'ed by the owning process (one collector per log)
     ID                      random id of this log, part of ClickHouse insert tokens
-    CHECKPOINT              highest committed sequence number
+    CHECKPOINT              the ClickHouse writer's cursor: highest committed sequence
+    CHECKPOINT.<reader>     every other reader's cursor (``forward-…`` for a target)
     00000000000000000001.wal  segments, named by their first sequence number
 
 A segment is an 8-byte magic followed by records ``<length u32> <crc32 u32> <seq u64>
 <payload>``; the CRC covers the sequence number and the payload. A record cut short by a
 crash (the only place one can be: the end of the newest segment, and its export was
 never acknowledged) is truncated away on open. Segments are ``segment_bytes`` or a
-little more, and deleted once every record in them is committed, except the newest two.
+little more, and deleted once every reader has committed every record in them, except
+the newest two.
 
-The checkpoint is not fsynced: after a crash it can be behind, and records between it
-and the truth are replayed. The pipeline makes that harmless by inserting every record
-with the same ClickHouse insert deduplication tokens both times.
+A reader the log has no cursor for starts where :class:`LogReader` says: the ClickHouse
+writer at the beginning (a log whose first checkpoint was never written is replayed
+whole), a newly added forward target at the end (it gets what arrives from now on, not
+the history). The cursor file of a reader that is no longer configured is ignored and
+holds nothing back.
+
+The checkpoints are not fsynced: after a crash one can be behind, and records between it
+and the truth are delivered again. The ClickHouse writer makes that harmless by
+inserting every record with the same insert deduplication tokens both times; a forward
+target can receive the record it was being sent at the crash twice (at least once).
 """
 
 from __future__ import annotations
@@ -29,15 +43,16 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import secrets
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["WalConfig", "WalError", "WriteAheadLog"]
+__all__ = ["STORE_READER", "LogReader", "WalConfig", "WalError", "WriteAheadLog"]
 
 _log = logging.getLogger(__name__)
 
@@ -47,6 +62,11 @@ _SEQ = struct.Struct("<Q")
 _SUFFIX = ".wal"
 MAX_RECORD_BYTES = 1 << 31
 _RETAINED_SEGMENTS = 2
+_CHECKPOINT = "CHECKPOINT"
+_READER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+#: The ClickHouse writer's reader name; its cursor is the ``CHECKPOINT`` file.
+STORE_READER = "clickhouse"
 
 
 class WalError(Exception):
@@ -73,6 +93,23 @@ class WalConfig:
             raise ValueError(f"WAL segment_bytes must be positive, got {self.segment_bytes!r}")
 
 
+@dataclass(frozen=True)
+class LogReader:
+    """One exporter reading the log from its own cursor. ``name`` is a file-name-safe
+    identifier (letters, digits, ``.``, ``_``, ``-``); ``starts_at_end``: without a
+    cursor yet, start after the newest record instead of at the oldest."""
+
+    name: str
+    starts_at_end: bool = False
+
+    def validate(self) -> None:
+        if not _READER_NAME.fullmatch(self.name):
+            raise ValueError(
+                f"log reader name {self.name!r} must be 1-200 letters, digits, '.', '_' "
+                "or '-', starting with a letter or digit"
+            )
+
+
 @dataclass
 class _Segment:
     first_seq: int
@@ -90,13 +127,23 @@ class _Location:
 class WriteAheadLog:
     """Thread-safe; one process owns a directory from construction to :meth:`close`.
 
-    :meth:`append` and :meth:`commit` block on disk I/O. ``pending_bytes`` counts the
-    payload bytes appended and not yet committed (what the disk budget limits).
+    :meth:`append` and :meth:`commit` block on disk I/O. ``readers`` are the exporters
+    that read the log (by default only the ClickHouse writer); ``pending_bytes`` counts
+    the payload bytes of records some reader has not committed (what the disk budget
+    limits).
     """
 
-    def __init__(self, config: WalConfig) -> None:
+    def __init__(
+        self, config: WalConfig, readers: Sequence[LogReader] = (LogReader(STORE_READER),)
+    ) -> None:
         config.validate()
+        for reader in readers:
+            reader.validate()
+        names = [r.name for r in readers]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"the log needs distinct reader names, got {names!r}")
         self.config = config
+        self.readers = tuple(readers)
         self.directory = Path(config.directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -112,6 +159,7 @@ class WriteAheadLog:
                 "give this one its own --wal-dir"
             ) from None
         self._mutex = threading.Lock()
+        self._appended = threading.Condition(self._mutex)
         self._closed = False
         self._file: int | None = None  # the newest segment, open for appending
         self._file_bytes = 0
@@ -120,8 +168,27 @@ class WriteAheadLog:
         self.pending_bytes = 0
         try:
             self.log_id = self._read_or_create_id()
-            self._committed = self._read_checkpoint()
+            found = {r.name: self._read_checkpoint(r.name) for r in readers}
+            # What every reader has passed: nothing older is indexed or kept.
+            self._committed = min((s for s in found.values() if s is not None), default=0)
+            if any(
+                s is None and not r.starts_at_end
+                for r, s in zip(readers, found.values(), strict=True)
+            ):
+                self._committed = 0
+            # Sequence numbers are never reused, even when the segments are gone: the
+            # ClickHouse writer's insert tokens are made of them.
+            self._highest_cursor = max((s for s in found.values() if s is not None), default=0)
             self._next_seq = self._recover()
+            self._cursors = {
+                name: (self._next_seq - 1 if seq is None and r.starts_at_end else seq or 0)
+                for (name, seq), r in zip(found.items(), readers, strict=True)
+            }
+            for name, seq in found.items():
+                if seq is None:
+                    self._write_checkpoint(name, self._cursors[name])
+            self._forget_committed()
+            self._warn_about_stale_cursors()
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -140,18 +207,42 @@ class WriteAheadLog:
         _write_atomically(path, value + "\n", fsync=True)
         return value
 
-    def _read_checkpoint(self) -> int:
+    def _checkpoint_path(self, reader: str) -> Path:
+        return self.directory / (
+            _CHECKPOINT if reader == STORE_READER else f"{_CHECKPOINT}.{reader}"
+        )
+
+    def _read_checkpoint(self, reader: str) -> int | None:
+        """The reader's cursor, None when it has none yet."""
+        path = self._checkpoint_path(reader)
         try:
-            return int((self.directory / "CHECKPOINT").read_text().strip() or 0)
+            return int(path.read_text().strip() or 0)
         except FileNotFoundError:
-            return 0
+            return None
         except ValueError as exc:
-            raise WalError(f"{self.directory / 'CHECKPOINT'} is not a number: {exc}") from exc
+            raise WalError(f"{path} is not a number: {exc}") from exc
+
+    def _write_checkpoint(self, reader: str, seq: int) -> None:
+        try:
+            _write_atomically(self._checkpoint_path(reader), f"{seq}\n", fsync=False)
+        except OSError as exc:  # harmless: a cursor behind only delivers again
+            _log.warning("write-ahead log cursor of %s not written: %s", reader, exc)
+
+    def _warn_about_stale_cursors(self) -> None:
+        known = {self._checkpoint_path(r.name).name for r in self.readers}
+        for path in sorted(self.directory.glob(f"{_CHECKPOINT}.*")):
+            if path.name not in known and not path.name.endswith(".tmp"):
+                _log.warning(
+                    "write-ahead log %s: %s belongs to an exporter that is not configured "
+                    "now; it is ignored and holds nothing back",
+                    self.directory,
+                    path.name,
+                )
 
     def _recover(self) -> int:
         """Index every record after the checkpoint; returns the next sequence number."""
         paths = sorted(p for p in self.directory.iterdir() if p.name.endswith(_SUFFIX))
-        next_seq = self._committed + 1
+        next_seq = max(self._committed, self._highest_cursor) + 1
         for k, path in enumerate(paths):
             try:
                 first = int(path.name[: -len(_SUFFIX)])
@@ -172,7 +263,7 @@ class WriteAheadLog:
         if self._index:
             _log.warning(
                 "write-ahead log %s: %d records (%d bytes) from a previous run are not "
-                "known to be in ClickHouse; replaying them",
+                "known to have reached every exporter; delivering them again",
                 self.directory,
                 len(self._index),
                 self.pending_bytes,
@@ -234,10 +325,38 @@ class WriteAheadLog:
 
     # -- use -------------------------------------------------------------------------
 
-    def pending(self) -> list[int]:
-        """Sequence numbers appended and not committed, oldest first."""
+    def pending(self, reader: str = STORE_READER) -> list[int]:
+        """Sequence numbers appended and not committed by ``reader``, oldest first."""
         with self._mutex:
-            return sorted(self._index)
+            cursor = self._cursor(reader)
+            return sorted(s for s in self._index if s > cursor)
+
+    def pending_count(self, reader: str) -> int:
+        """How many records ``reader`` has not committed."""
+        with self._mutex:
+            return max(0, self._next_seq - 1 - self._cursor(reader))
+
+    def position(self, reader: str) -> int:
+        """The newest sequence number ``reader`` has committed (0: none)."""
+        with self._mutex:
+            return self._cursor(reader)
+
+    def wait_for_records(self, reader: str, timeout_s: float) -> bool:
+        """Block until ``reader`` has a record to read, at most ``timeout_s``; True when
+        it has one."""
+        with self._appended:
+            return (
+                self._appended.wait_for(
+                    lambda: self._closed or self._next_seq - 1 > self._cursor(reader), timeout_s
+                )
+                and not self._closed
+            )
+
+    def _cursor(self, reader: str) -> int:
+        try:
+            return self._cursors[reader]
+        except KeyError:
+            raise KeyError(f"{reader!r} is not a reader of this log") from None
 
     def append(self, payload: bytes) -> int:
         """Write one record and make it durable (fsync); returns its sequence number.
@@ -267,6 +386,7 @@ class WriteAheadLog:
             self._index[seq] = _Location(segment, offset + _HEADER.size, len(payload))
             self.pending_bytes += len(payload)
             self._next_seq = seq + 1
+            self._appended.notify_all()
             return seq
 
     def records(self) -> Iterator[tuple[int, bytes]]:
@@ -287,7 +407,8 @@ class WriteAheadLog:
                 offset = start + length
 
     def read(self, seq: int) -> bytes:
-        """The payload of pending record ``seq``; KeyError if it is not pending."""
+        """The payload of record ``seq``, pending for some reader; KeyError if every
+        reader has committed it (or it was never appended)."""
         with self._mutex:
             location = self._index[seq]
         with open(location.segment.path, "rb") as f:
@@ -297,21 +418,27 @@ class WriteAheadLog:
             raise WalError(f"{location.segment.path}: record {seq} is cut short")
         return data
 
-    def commit(self, seq: int) -> None:
-        """Record ``seq`` (and anything older) is in ClickHouse: forget it, move the
-        checkpoint, delete segments that hold nothing pending."""
+    def commit(self, seq: int, reader: str = STORE_READER) -> None:
+        """``reader`` has delivered record ``seq`` (and everything older): move its
+        cursor; forget and delete what every reader has passed."""
         with self._mutex:
             self._check_open()
-            for done in [s for s in self._index if s <= seq]:
-                self.pending_bytes -= self._index.pop(done).length
-            if seq <= self._committed:
+            if seq <= self._cursor(reader):
                 return
-            self._committed = seq
+            self._cursors[reader] = seq
+            self._write_checkpoint(reader, seq)
+            self._forget_committed()
+
+    def _forget_committed(self) -> None:
+        oldest = min(self._cursors.values())
+        for done in [s for s in self._index if s <= oldest]:
+            self.pending_bytes -= self._index.pop(done).length
+        if oldest > self._committed:
+            self._committed = oldest
             try:
-                _write_atomically(self.directory / "CHECKPOINT", f"{seq}\n", fsync=False)
                 self._delete_committed_segments()
-            except OSError as exc:  # harmless: replay after a crash is deduplicated
-                _log.warning("write-ahead log checkpoint not written: %s", exc)
+            except OSError as exc:  # harmless: the next commit tries again
+                _log.warning("write-ahead log segments not deleted: %s", exc)
 
     def close(self) -> None:
         """Close files and release the directory; idempotent."""
@@ -319,6 +446,7 @@ class WriteAheadLog:
             if self._closed:
                 return
             self._closed = True
+            self._appended.notify_all()
             if self._file is not None:
                 os.close(self._file)
                 self._file = None

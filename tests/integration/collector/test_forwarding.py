@@ -9,11 +9,9 @@ partially rejected export).
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -76,6 +74,10 @@ class _Recorder:
         with self._lock:
             self.spans.extend(_keys(request))
             self.exports += 1
+
+    def snapshot(self) -> list[SpanKey]:
+        with self._lock:
+            return list(self.spans)
 
     def wait_for(self, count: int, timeout_s: float) -> list[SpanKey]:
         deadline = time.monotonic() + timeout_s
@@ -173,8 +175,9 @@ class Running:
 def start_collector(tmp_path: Path) -> Iterator[Callable[..., Running]]:
     started: list[Running] = []
 
-    def start(*extra: str) -> Running:
-        data_dir = tmp_path / f"collector-{len(started)}"
+    def start(*extra: str, data_dir: Path | None = None) -> Running:
+        """A collector; ``data_dir`` of an earlier one to restart it on its log."""
+        data_dir = data_dir or tmp_path / f"collector-{len(started)}"
         stderr_path = tmp_path / f"collector-{len(started)}.stderr"
         proc, info, _ = launch_collector(data_dir, *extra, stderr=stderr_path.open("w"))
         running = Running(proc, data_dir, info, stderr_path)
@@ -302,7 +305,7 @@ def test_forwards_exactly_the_accepted_spans_over_grpc_and_http(
                 "sent_spans": 6,
                 "dropped_spans": 0,
                 "retries": 0,
-                "queue_batches": 0,
+                "pending_records": 0,
             }
         assert collector.stop() == 0
     finally:
@@ -355,80 +358,105 @@ def test_packed_token_spans_are_forwarded_expanded(
         server.stop(0)
 
 
+def _exactly(recorder: _Recorder, expected: list[SpanKey], timeout_s: float) -> list[SpanKey]:
+    """What the target received once it has as many spans as expected, and a moment
+    later: nothing more may arrive (a span sent twice would)."""
+    recorder.wait_for(len(expected), timeout_s=timeout_s)
+    time.sleep(0.3)
+    return recorder.snapshot()
+
+
 def test_dead_target_never_blocks_storage_and_catches_up_when_it_comes_back(
     start_collector: Callable[..., Running],
 ) -> None:
     port = _free_port()
     target = f"grpc://127.0.0.1:{port}"
-    collector = start_collector("--forward-otlp", target, "--forward-max-backoff", "2")
+    collector = start_collector("--forward-otlp", target, "--forward-max-backoff", "1")
     sent, ack_s = _send_spans(collector, 6, "dead")
     # Storage acks in group-commit time; a blocking forwarder would wait out the RPC.
     assert max(ack_s) < 1.0, ack_s
     assert sorted(_stored(collector, "dead")) == sorted(sent)
     down = _wait_health(collector, target, lambda c: c["retries"] >= 2, timeout_s=10)
-    assert down["retries"] >= 2 and down["queue_batches"] >= 1, down
+    assert down["retries"] >= 2 and down["pending_records"] >= 1, down
     assert down["sent_spans"] == 0 and down["dropped_spans"] == 0, down
+    health = collector.health()
+    assert health["store_ok"] and health["wal_pending_bytes"] > 0  # held for the target
     assert "retrying with backoff" in collector.stderr_path.read_text()
 
     server, bound, recorder = _grpc_target(port)
     try:
         assert bound == port
-        received = recorder.wait_for(len(sent), timeout_s=15)
-        assert sorted(received) == sorted(sent)
-        up = _wait_health(collector, target, lambda c: c["sent_spans"] == 6, timeout_s=5)
-        assert up["sent_spans"] == 6 and up["queue_batches"] == 0 and up["dropped_spans"] == 0
+        assert sorted(_exactly(recorder, sent, timeout_s=15)) == sorted(sent)
+        up = _wait_health(collector, target, lambda c: c["pending_records"] == 0, timeout_s=5)
+        assert up == {
+            "sent_spans": 6,
+            "dropped_spans": 0,
+            "retries": up["retries"],
+            "pending_records": 0,
+        }
+        assert collector.health()["wal_pending_bytes"] == 0
         assert collector.stop() == 0
     finally:
         server.stop(0)
     assert "target reachable again" in collector.stderr_path.read_text()
 
 
-def test_full_queue_drops_and_counts_without_touching_storage(
+def test_a_backlog_for_a_dead_target_outlives_a_restart_and_arrives_once(
     start_collector: Callable[..., Running],
 ) -> None:
-    target = f"grpc://127.0.0.1:{_free_port()}"
-    collector = start_collector(
-        "--forward-otlp", target, "--forward-queue-batches", "2", "--forward-max-backoff", "1"
-    )
-    sent, ack_s = _send_spans(collector, 8, "full")
-    assert max(ack_s) < 1.0, ack_s
-    assert sorted(_stored(collector, "full")) == sorted(sent)
-    counters = collector.health()["forwarded"][target]
-    # Capacity 2 (the batch being retried counts): the other 6 one-span batches dropped.
-    assert counters["dropped_spans"] == 6 and counters["queue_batches"] == 2, counters
-    assert counters["sent_spans"] == 0
-    assert collector.health()["spans_stored"] == 8
+    port = _free_port()
+    target = f"grpc://127.0.0.1:{port}"
+    args = ("--forward-otlp", target, "--forward-max-backoff", "0.5")
+    first = start_collector(*args, "--forward-shutdown-timeout", "0")
+    sent, _ = _send_spans(first, 5, "restart")
+    _wait_health(first, target, lambda c: c["retries"] >= 1, timeout_s=10)
+    assert first.stop() == 0
+    log = first.stderr_path.read_text()
+    assert "records not sent within the 0.0 s shutdown timeout" in log, log
 
-    assert collector.stop() == 0  # the 2 queued batches are dropped after the timeout
-    log = collector.stderr_path.read_text()
-    assert log.count("dropping spans (queue of 2 batches is full)") == 1, log
-    assert "dropped 2 spans in 2 batches not sent within" in log
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tokentrace",
-            "query",
-            "SELECT count() AS n FROM otel_traces",
-            "--data-dir",
-            str(collector.data_dir),
-            "--format",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == [{"n": 8}]
+    server, bound, recorder = _grpc_target(port)
+    try:
+        assert bound == port
+        second = start_collector(*args, data_dir=first.data_dir)
+        assert sorted(_exactly(recorder, sent, timeout_s=15)) == sorted(sent)
+        more, _ = _send_spans(second, 2, "restart")  # and what arrives now, after them
+        assert sorted(_exactly(recorder, sent + more, timeout_s=15)) == sorted(sent + more)
+        assert sorted(_stored(second, "restart")) == sorted(sent + more)  # once each
+        assert second.stop() == 0
+    finally:
+        server.stop(0)
 
 
-def test_http_target_retry_after_is_honoured_and_400_is_never_retried() -> None:
+def test_an_unreachable_clickhouse_does_not_stop_forwarding(
+    start_collector: Callable[..., Running],
+) -> None:
+    closed = _free_port()  # nothing listens: every insert fails with a transient error
+    server, port, recorder = _grpc_target()
+    target = f"grpc://127.0.0.1:{port}"
+    try:
+        collector = start_collector(
+            "--clickhouse", f"http://127.0.0.1:{closed}", "--forward-otlp", target
+        )
+        sent, ack_s = _send_spans(collector, 6, "no-clickhouse")
+        assert max(ack_s) < 5.0, ack_s  # acknowledged once durable in the log
+        assert sorted(_exactly(recorder, sent, timeout_s=15)) == sorted(sent)
+        health = collector.health()
+        assert not health["store_ok"] and health["spans_stored"] == 0, health
+        assert health["forwarded"][target]["pending_records"] == 0
+        assert health["wal_pending_records"] >= 1  # kept for ClickHouse
+        assert collector.stop() == 0
+    finally:
+        server.stop(0)
+
+
+def test_http_target_retry_after_is_honoured_and_400_is_never_retried(tmp_path: Path) -> None:
     """The forward stage in-process against real HTTP servers: 503 + Retry-After is
     retried after the given delay; 400 drops the batch at once."""
     from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-    from tokentrace.collector.forward import ForwardConfig, OtlpForwarder
+    from tokentrace.collector.forward import ForwardConfig, OtlpForwarder, forward_reader
+    from tokentrace.collector.logrecord import encode_record, export_digest
+    from tokentrace.collector.wal import STORE_READER, LogReader, WalConfig, WriteAheadLog
 
     arrivals: list[tuple[float, int]] = []  # (monotonic time, status answered)
 
@@ -471,28 +499,38 @@ def test_http_target_retry_after_is_honoured_and_400_is_never_retried() -> None:
             )
         ]
     )
-    retried = OtlpForwarder(ForwardConfig(f"http://127.0.0.1:{port}", initial_backoff_s=0.05))
-    refused = OtlpForwarder(ForwardConfig(f"http://127.0.0.1:{port}/bad", initial_backoff_s=0.05))
+    urls = (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/bad")
+    log = WriteAheadLog(
+        WalConfig(str(tmp_path / "wal")),
+        readers=(LogReader(STORE_READER), *(forward_reader(u) for u in urls)),
+    )
+    retried, refused = (
+        OtlpForwarder(ForwardConfig(url, initial_backoff_s=0.05), log) for url in urls
+    )
+    wire = request.SerializeToString()
+    log.append(encode_record(T0_NS, [(export_digest(wire), wire)]))
     try:
         for forwarder in (retried, refused):
             forwarder.start()
-            forwarder.consume(request)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and (
             retried.counters()["sent_spans"] < 1 or refused.counters()["dropped_spans"] < 1
         ):
             time.sleep(0.02)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and log.pending_bytes:
+            time.sleep(0.02)
         assert retried.counters() == {
             "sent_spans": 1,
             "dropped_spans": 0,
             "retries": 1,
-            "queue_batches": 0,
+            "pending_records": 0,
         }
         assert refused.counters() == {
             "sent_spans": 0,
             "dropped_spans": 1,
             "retries": 0,
-            "queue_batches": 0,
+            "pending_records": 0,
         }
         good = [(t, s) for t, s in arrivals if s != 400]
         assert [s for _, s in good] == [503, 200]
@@ -501,5 +539,6 @@ def test_http_target_retry_after_is_honoured_and_400_is_never_retried() -> None:
     finally:
         retried.shutdown(1.0)
         refused.shutdown(1.0)
+        log.close()
         server.shutdown()
         server.server_close()

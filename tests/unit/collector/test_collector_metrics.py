@@ -31,8 +31,8 @@ HEALTH: dict[str, Any] = {
     "queries_running": 1,
     "queries_refused": 9,
     "forwarded": {
-        "grpc://a:4317": {"sent_spans": 10, "dropped_spans": 1, "retries": 2, "queue_batches": 3},
-        "http://b:4318": {"sent_spans": 20, "dropped_spans": 0, "retries": 0, "queue_batches": 0},
+        "grpc://a:4317": {"sent_spans": 10, "dropped_spans": 1, "retries": 2, "pending_records": 3},
+        "http://b:4318": {"sent_spans": 20, "dropped_spans": 0, "retries": 0, "pending_records": 0},
     },
 }
 
@@ -63,7 +63,7 @@ def test_forward_targets_are_labelled_by_url() -> None:
     assert scraped[("tokentrace_collector_spans_forwarded_total", b)] == 20
     assert scraped[("tokentrace_collector_spans_forward_dropped_total", a)] == 1
     assert scraped[("tokentrace_collector_forward_retries_total", a)] == 2
-    assert scraped[("tokentrace_collector_forward_queue_batches", a)] == 3
+    assert scraped[("tokentrace_collector_forward_pending_records", a)] == 3
 
 
 def test_counters_are_read_at_every_scrape() -> None:

@@ -1,8 +1,10 @@
-"""ForwardConfig validation, target URLs, the backoff schedule and Retry-After; pure."""
+"""ForwardConfig validation, target URLs, Retry-After, what is sent for a logged export,
+and the forwarder's cursor on a real write-ahead log (targets that do not answer)."""
 
 from __future__ import annotations
 
 import email.utils
+from pathlib import Path
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -14,8 +16,14 @@ from tokentrace.collector.decode import accepted_request, decode_request
 from tokentrace.collector.forward import (
     ForwardConfig,
     OtlpForwarder,
+    forward_reader,
+    forwarded_export,
     retry_after_s,
 )
+from tokentrace.collector.logrecord import encode_record, export_digest
+from tokentrace.collector.wal import STORE_READER, LogReader, WalConfig, WriteAheadLog
+from tokentrace.instrument.recorder import TokenRecorder
+from tokentrace.schemas import attributes as A
 
 
 @pytest.mark.parametrize(
@@ -47,7 +55,6 @@ def test_validate_rejects_bad_urls_naming_them(url: str, named: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "named"),
     [
-        ({"queue_batches": 0}, "queue_batches"),
         ({"timeout_s": 0}, "timeout_s"),
         ({"max_backoff_s": 0}, "max_backoff_s"),
         ({"initial_backoff_s": 2.0, "max_backoff_s": 1.0}, "max_backoff_s"),
@@ -58,9 +65,28 @@ def test_validate_rejects_bad_numbers(kwargs: dict[str, float], named: str) -> N
         ForwardConfig("grpc://h:1", **kwargs).validate()
 
 
-def test_forwarder_constructor_validates() -> None:
-    with pytest.raises(ValueError, match="'udp'"):
-        OtlpForwarder(ForwardConfig("udp://h:1"))
+def _log(path: Path, *urls: str) -> WriteAheadLog:
+    readers = (LogReader(STORE_READER), *(forward_reader(u) for u in urls))
+    return WriteAheadLog(WalConfig(str(path)), readers=readers)
+
+
+def test_forwarder_constructor_validates(tmp_path: Path) -> None:
+    log = _log(tmp_path, "grpc://h:1")
+    try:
+        with pytest.raises(ValueError, match="'udp'"):
+            OtlpForwarder(ForwardConfig("udp://h:1"), log)
+        with pytest.raises(KeyError, match="not a reader"):
+            OtlpForwarder(ForwardConfig("grpc://h:2"), log)
+    finally:
+        log.close()
+
+
+def test_each_target_has_its_own_readable_cursor_name() -> None:
+    a, b = forward_reader("grpc://jaeger:4317"), forward_reader("grpc://jaeger_4317")
+    assert a.name.startswith("forward-grpc_jaeger_4317-") and a.starts_at_end
+    assert a.name != b.name
+    a.validate()
+    forward_reader("https://x.io/" + "p" * 500).validate()  # long URLs still make a name
 
 
 def test_target_addresses() -> None:
@@ -119,22 +145,53 @@ def test_accepted_request_strips_exactly_the_rejected_spans() -> None:
     assert len(decode_request(accepted)) == len(decode_request(request)) == 2
 
 
-def test_forwarder_lifecycle_without_start_counts_drops() -> None:
-    forwarder = OtlpForwarder(ForwardConfig("grpc://127.0.0.1:9", queue_batches=1))
+def test_a_logged_export_is_sent_as_is_and_a_packed_one_expanded() -> None:
+    plain = ExportTraceServiceRequest(
+        resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[_span(1, "a")])])]
+    )
+    wire = plain.SerializeToString()
+    assert forwarded_export(wire) == (wire, 1)
+
+    recorder = TokenRecorder(4)
+    recorder.start()
+    for step in range(3):
+        recorder.record(1, step, 2)
+    decode = _span(2, A.SPAN_DECODE)
+    decode.attributes.add(key=A.TOKEN_PACKED).value.string_value = recorder.pack(
+        decode.start_time_unix_nano
+    )
+    packed = ExportTraceServiceRequest(
+        resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[decode])])]
+    )
+    body, spans = forwarded_export(packed.SerializeToString())
+    sent = ExportTraceServiceRequest.FromString(body)
+    names = [s.name for s in sent.resource_spans[0].scope_spans[0].spans]
+    assert spans == 4 and names == [A.SPAN_DECODE] + [A.SPAN_TOKEN] * 3
+
+
+def test_an_unreachable_target_holds_back_only_its_own_cursor(tmp_path: Path) -> None:
+    url = "grpc://127.0.0.1:9"  # discard port: nothing answers
+    log = _log(tmp_path, url)
     request = ExportTraceServiceRequest(
         resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[_span(1, "a")])])]
     )
-    forwarder.consume(request)
-    forwarder.consume(request)  # queue of one is full: dropped
+    wire = request.SerializeToString()
+    seq = log.append(encode_record(T0_NS, [(export_digest(wire), wire)]))
+    log.commit(seq, STORE_READER)  # ClickHouse has it; the target has not
+    forwarder = OtlpForwarder(ForwardConfig(url, initial_backoff_s=0.01, timeout_s=0.2), log)
     assert forwarder.counters() == {
         "sent_spans": 0,
-        "dropped_spans": 1,
+        "dropped_spans": 0,
         "retries": 0,
-        "queue_batches": 1,
+        "pending_records": 1,
     }
-    forwarder.shutdown(0.0)  # never started: what is queued is dropped
+    assert log.pending_bytes > 0  # kept for the target
+    forwarder.shutdown(0.0)  # never started: nothing is sent, nothing is lost
     forwarder.shutdown(0.0)
     forwarder.start()  # no-op after shutdown
-    forwarder.consume(request)
-    assert forwarder.counters()["dropped_spans"] == 3
-    assert forwarder.counters()["queue_batches"] == 0
+    assert forwarder.counters()["pending_records"] == 1
+    log.close()
+    log = _log(tmp_path, url)
+    assert log.pending(forward_reader(url).name) == [seq]  # still there after a restart
+    assert log.pending(STORE_READER) == []
+    log.close()

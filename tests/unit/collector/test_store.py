@@ -299,7 +299,7 @@ def test_log_records_replayed_after_a_crash_are_stored_exactly_once(
     repeat in every table (the MV-filled ones too) by the records' insert tokens."""
     import time
 
-    from tokentrace.collector.pipeline import encode_record, export_digest
+    from tokentrace.collector.logrecord import encode_record, export_digest
 
     unpacked_req, packed_req = packed_and_unpacked()
     trace_ids = [

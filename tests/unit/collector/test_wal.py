@@ -3,12 +3,19 @@ is cut off, committed segments go away, and one process owns a directory."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
-from tokentrace.collector.pipeline import decode_record, encode_record, export_digest
-from tokentrace.collector.wal import WalConfig, WalError, WriteAheadLog
+from tokentrace.collector.logrecord import decode_record, encode_record, export_digest
+from tokentrace.collector.wal import (
+    STORE_READER,
+    LogReader,
+    WalConfig,
+    WalError,
+    WriteAheadLog,
+)
 
 
 def _open(path: Path, **kwargs: int) -> WriteAheadLog:
@@ -110,3 +117,107 @@ def test_record_payload_round_trips() -> None:
     assert decode_record(encode_record(123, exports)) == (123, exports)
     with pytest.raises(ValueError, match="after its exports"):
         decode_record(encode_record(1, exports[:1]) + b"junk")
+
+
+# -- readers: each exporter's own cursor ---------------------------------------------------
+
+FORWARD = LogReader("forward-a", starts_at_end=True)
+
+
+def _open_readers(path: Path, *readers: LogReader) -> WriteAheadLog:
+    return WriteAheadLog(WalConfig(str(path)), readers=(LogReader(STORE_READER), *readers))
+
+
+def test_a_record_stays_until_every_reader_has_passed_it(tmp_path: Path) -> None:
+    log = _open_readers(tmp_path, FORWARD)
+    seqs = [log.append(b"x" * 10) for _ in range(3)]
+    log.commit(3, STORE_READER)
+    assert log.pending(STORE_READER) == [] and log.pending(FORWARD.name) == seqs
+    assert log.pending_bytes == 30  # the forward target has had none of them
+    assert log.read(1) == b"x" * 10
+    log.commit(2, FORWARD.name)
+    assert log.pending_bytes == 10 and log.pending_count(FORWARD.name) == 1
+    log.close()
+
+    log = _open_readers(tmp_path, FORWARD)  # cursors survive a restart
+    assert log.position(STORE_READER) == 3 and log.position(FORWARD.name) == 2
+    assert log.pending(FORWARD.name) == [3] and log.pending(STORE_READER) == []
+    assert (tmp_path / f"CHECKPOINT.{FORWARD.name}").read_text() == "2\n"
+    log.close()
+
+
+def test_a_new_forward_reader_starts_at_the_end_and_the_store_at_the_start(
+    tmp_path: Path,
+) -> None:
+    log = _open(tmp_path)
+    log.append(b"before")
+    log.close()
+    log = _open_readers(tmp_path, FORWARD)
+    assert log.pending(FORWARD.name) == [] and log.pending(STORE_READER) == [1]
+    assert log.append(b"after") == 2
+    assert log.pending(FORWARD.name) == [2]
+    log.close()
+
+
+def test_an_unconfigured_readers_cursor_is_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = _open_readers(tmp_path, FORWARD)
+    log.append(b"one")
+    log.commit(1, STORE_READER)
+    log.close()
+    log = _open(tmp_path)  # the forward target was dropped from the configuration
+    assert log.pending_bytes == 0 and log.pending() == []
+    assert f"CHECKPOINT.{FORWARD.name} belongs to an exporter that is not configured" in (
+        caplog.text
+    )
+    log.close()
+
+
+def test_numbering_never_goes_back_below_a_cursor(tmp_path: Path) -> None:
+    log = _open(tmp_path)
+    for _ in range(4):
+        log.append(b"r")
+    log.commit(4)
+    log.close()
+    for segment in _segments(tmp_path):
+        segment.unlink()  # lost or moved aside by an operator
+    log = _open(tmp_path)
+    assert log.append(b"next") == 5  # 1-4 again would reuse ClickHouse insert tokens
+    log.close()
+
+
+def test_a_reader_waiting_for_records_wakes_when_one_is_appended(tmp_path: Path) -> None:
+    log = _open_readers(tmp_path, FORWARD)
+    assert log.wait_for_records(FORWARD.name, 0.01) is False
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(log.wait_for_records(FORWARD.name, 30)))
+    waiter.start()
+    log.append(b"now")
+    waiter.join(timeout=30)
+    assert woke == [True]
+    log.close()
+
+
+@pytest.mark.parametrize(
+    ("readers", "named"),
+    [
+        ((LogReader(STORE_READER), LogReader(STORE_READER)), "distinct"),
+        ((), "distinct"),
+        ((LogReader("../up"),), "'../up'"),
+        ((LogReader(""),), "''"),
+    ],
+)
+def test_reader_names_are_checked(
+    tmp_path: Path, readers: tuple[LogReader, ...], named: str
+) -> None:
+    with pytest.raises(ValueError, match=named):
+        WriteAheadLog(WalConfig(str(tmp_path)), readers=readers)
+    assert not list(tmp_path.glob("CHECKPOINT*"))
+
+
+def test_an_unknown_reader_is_a_key_error_naming_it(tmp_path: Path) -> None:
+    log = _open(tmp_path)
+    with pytest.raises(KeyError, match="'nobody' is not a reader"):
+        log.pending("nobody")
+    log.close()
