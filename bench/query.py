@@ -167,7 +167,7 @@ def _timed(fn: Callable[[], object], repeats: int) -> float:
 
 
 def run(args: argparse.Namespace) -> list[Figure]:
-    from tokentrace.serving.demo import REPORTS
+    from tokentrace.collector.reports import REPORTS
 
     tmp = Path(tempfile.mkdtemp(prefix="tt-bench-query-"))
     proc: subprocess.Popen[str] | None = None
@@ -214,11 +214,12 @@ def run(args: argparse.Namespace) -> list[Figure]:
             f"WHERE SpanName = '{A.SPAN_TOKEN}' AND Timestamp > now() - INTERVAL 1 HOUR "
             f"AND SpanAttributes['{A.TOKEN_INDEX}'] != '0' GROUP BY node ORDER BY node"
         )
-        since = f"fromUnixTimestamp64Milli({int((time.time() - 3600) * 1000)})"
+        now_ms = int(time.time() * 1000)
+        window = {"from_ms": now_ms - 3_600_000, "to_ms": now_ms + 60_000}
 
         def demo_tables() -> None:
-            for _, report_sql, _ in REPORTS:
-                sql(report_sql.format(since=since))
+            for report in REPORTS:  # GET /reports/{name}: what the demo and the page read
+                client.get(f"{api}/reports/{report.name}", params=window).raise_for_status()
 
         figures = [
             Figure(

@@ -1,5 +1,6 @@
 """The collector's own HTTP API: ``GET /health``, ``GET /metrics`` (Prometheus; see
-:mod:`.metrics`), read-only ``POST /query``, the Jaeger-compatible query API
+:mod:`.metrics`), read-only ``POST /query``, the named reports (``GET /reports``,
+``GET /reports/{name}?from_ms=…&to_ms=…``; see :mod:`.reports`), the Jaeger-compatible query API
 (``/api/...``, ``/api/v3/...``; see :mod:`.jaeger`) and the latency page that reads them
 (``GET /ui``; see :mod:`.ui`).
 
@@ -27,11 +28,23 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .jaeger import jaeger_router
+from .reports import REPORTS, report, window_params
 from .sqlguard import UnsafeQuery, guarded_query
 from .store import QueryResult, Store, StoreError
 from .ui import ui_router
 
 __all__ = ["ApiConfig", "QueryCounters", "create_api_app", "json_safe", "result_to_json"]
+
+
+def _int_param(request: Request, name: str) -> int:
+    value = request.query_params.get(name)
+    if value is None:
+        raise ValueError(f"query parameter {name} (milliseconds since the epoch) is required")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"query parameter {name} must be an integer, got {value!r}") from None
+
 
 # ClickHouse error codes of a query that hit one of the read session's limits.
 _LIMIT_CODES = {
@@ -143,20 +156,8 @@ def create_api_app(
         async def prometheus_metrics() -> Response:
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/query")
-    async def query(request: Request) -> JSONResponse:
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            return JSONResponse({"error": f"request body must be JSON: {exc}"}, status_code=400)
-        sql = body.get("sql") if isinstance(body, dict) else None
-        if not isinstance(sql, str) or not sql.strip():
-            return JSONResponse(
-                {"error": 'request body must be {"sql": "<statement>"}'}, status_code=400
-            )
-        params = body.get("params")
-        if params is not None and not isinstance(params, dict):
-            return JSONResponse({"error": '"params" must be an object'}, status_code=400)
+    async def run(sql: str, params: dict[str, Any] | None) -> JSONResponse:
+        """One read through the guard, answered as /query answers; every report too."""
         query_counts.add(running=1)
         try:
             result = await asyncio.to_thread(guarded_query, store, sql, params)
@@ -176,6 +177,39 @@ def create_api_app(
         finally:
             query_counts.add(running=-1)
         return JSONResponse(result_to_json(result))
+
+    @app.post("/query")
+    async def query(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            return JSONResponse({"error": f"request body must be JSON: {exc}"}, status_code=400)
+        sql = body.get("sql") if isinstance(body, dict) else None
+        if not isinstance(sql, str) or not sql.strip():
+            return JSONResponse(
+                {"error": 'request body must be {"sql": "<statement>"}'}, status_code=400
+            )
+        params = body.get("params")
+        if params is not None and not isinstance(params, dict):
+            return JSONResponse({"error": '"params" must be an object'}, status_code=400)
+        return await run(sql, params)
+
+    # The named report queries (reports.py): the demo's and tokentrace report's tables.
+    @app.get("/reports")
+    async def list_reports() -> dict[str, Any]:
+        return {"reports": [r.describe() for r in REPORTS]}
+
+    @app.get("/reports/{name}")
+    async def run_report(name: str, request: Request) -> JSONResponse:
+        try:
+            chosen = report(name)
+        except KeyError as exc:
+            return JSONResponse({"error": exc.args[0]}, status_code=404)
+        try:
+            window = window_params(_int_param(request, "from_ms"), _int_param(request, "to_ms"))
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return await run(chosen.sql_for(), window)
 
     # Jaeger's query API (v1 JSON and v3) for Grafana and the Jaeger UI.
     app.include_router(jaeger_router(store))

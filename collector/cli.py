@@ -13,6 +13,8 @@ from typing import Any
 
 from tokentrace.schemas.ddl import QUERY_USER
 
+from .reports import REPORTS
+
 __all__ = ["register"]
 
 _DATA_DIR_HELP = (
@@ -167,6 +169,57 @@ def register(subparsers: Any) -> None:
     )
     _add_ca_arg(q)
     q.set_defaults(func=_run_query)
+
+    r = subparsers.add_parser(
+        "report",
+        help="the per-node report tables: TTFT, prefill, KV transfer, handoff, ITL",
+        description=(
+            "Print the named report queries over a time window: the tables tokentrace "
+            "demo prints, the collector serves as GET /reports/NAME, the latency page "
+            "draws and the Grafana dashboard's report panels show, so every surface shows "
+            "the same numbers for the same store and window. Percentiles are exact, "
+            "interpolated linearly between the nearest ranks (ClickHouse's "
+            "quantilesExactInclusive, numpy.percentile's default). Reads like tokentrace "
+            "query: through the collector running on DATA_DIR, else the store directly."
+        ),
+    )
+    _add_store_args(r)
+    r.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="which reports (default: all): " + ", ".join(rep.name for rep in REPORTS),
+    )
+    r.add_argument(
+        "--since",
+        default="15m",
+        metavar="DURATION",
+        help="the window ends now and starts this far back: 30s, 15m, 2h, 1d "
+        "(default: %(default)s); ignored with --from-ms",
+    )
+    r.add_argument(
+        "--from-ms",
+        type=int,
+        default=None,
+        metavar="MS",
+        help="window start, milliseconds since the epoch (with --to-ms)",
+    )
+    r.add_argument(
+        "--to-ms",
+        type=int,
+        default=None,
+        metavar="MS",
+        help="window end (exclusive), milliseconds since the epoch (default: now)",
+    )
+    r.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="rich tables, or JSON: {report name: [row objects]} with latencies in "
+        "seconds (default: %(default)s)",
+    )
+    _add_ca_arg(r)
+    r.set_defaults(func=_run_report)
 
     t = subparsers.add_parser(
         "trace",
@@ -514,8 +567,11 @@ def _run_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _query(args: argparse.Namespace, sql: str) -> dict[str, Any]:
-    """``{"columns", "types", "rows"}`` as the /query API returns it."""
+def _query(
+    args: argparse.Namespace, sql: str, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``{"columns", "types", "rows"}`` as the /query API returns it; ``params`` are
+    ClickHouse query parameters."""
     from tokentrace.schemas.auth import auth_headers
     from tokentrace.schemas.layout import collector_file, default_dsn
     from tokentrace.schemas.tls import (
@@ -526,7 +582,7 @@ def _query(args: argparse.Namespace, sql: str) -> dict[str, Any]:
     )
 
     if args.clickhouse:
-        return _query_direct(args.clickhouse, sql)
+        return _query_direct(args.clickhouse, sql, params)
     data_dir = _data_dir(args)
     info = _running_collector(collector_file(data_dir))
     if info is not None:
@@ -541,7 +597,7 @@ def _query(args: argparse.Namespace, sql: str) -> dict[str, Any]:
         try:
             response = httpx.post(
                 f"{url}/query",
-                json={"sql": sql},
+                json={"sql": sql, **({"params": params} if params else {})},
                 headers=auth_headers(),
                 timeout=300.0,
                 verify=verify,
@@ -560,10 +616,10 @@ def _query(args: argparse.Namespace, sql: str) -> dict[str, Any]:
         if response.status_code != 200:
             raise _QueryFailed(body.get("error") or response.text)
         return dict(body)
-    return _query_direct(default_dsn(data_dir), sql)
+    return _query_direct(default_dsn(data_dir), sql, params)
 
 
-def _query_direct(dsn: str, sql: str) -> dict[str, Any]:
+def _query_direct(dsn: str, sql: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
     from .api import result_to_json
     from .sqlguard import QueryLimits, UnsafeQuery, guarded_query
     from .store import ReaderConfig, StoreError, open_store
@@ -573,7 +629,7 @@ def _query_direct(dsn: str, sql: str) -> dict[str, Any]:
     except (StoreError, ValueError) as exc:
         raise _QueryFailed(str(exc)) from exc
     try:
-        return result_to_json(guarded_query(store, sql))
+        return result_to_json(guarded_query(store, sql, params))
     except UnsafeQuery as exc:
         raise _QueryFailed(f"refused: {exc}") from exc
     except StoreError as exc:
@@ -658,6 +714,41 @@ def _run_trace(args: argparse.Namespace) -> int:
         print(f"tokentrace trace: no spans of trace {trace_id} in the store", file=sys.stderr)
         return 1
     Console().print(render_waterfall(trace_id, [TraceSpan.from_row(r) for r in rows]))
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from rich.console import Console
+
+    from .reports import report, report_table, window_params
+
+    try:
+        chosen = [report(name) for name in args.names] or list(REPORTS)
+        now_ms = time.time_ns() // 1_000_000
+        to_ms = args.to_ms if args.to_ms is not None else now_ms + 1
+        from_ms = (
+            args.from_ms if args.from_ms is not None else to_ms - 1000 * _parse_since(args.since)
+        )
+        params = window_params(from_ms, to_ms)
+    except (KeyError, ValueError) as exc:
+        print(f"tokentrace report: {exc.args[0]}", file=sys.stderr)
+        return 2
+    results = {}
+    for rep in chosen:
+        try:
+            results[rep.name] = _rows(_query(args, rep.sql_for(), params))
+        except _QueryFailed as exc:
+            print(f"tokentrace report: {rep.name}: {exc}", file=sys.stderr)
+            return 1
+    if args.format == "json":
+        print(json.dumps(results, indent=2))
+        return 0
+    console = Console()
+    for rep in chosen:
+        console.print(report_table(rep, results[rep.name]))
     return 0
 
 

@@ -21,89 +21,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tokentrace.collector.reports import PERCENTILES as _Q
+from tokentrace.collector.reports import REPORTS, Report, report_table, window_params
 from tokentrace.serving.stack import LocalStack
-
-# Exact percentiles with linear interpolation, like numpy.percentile in vLLM's benchmark.
-_Q = "quantilesExactInclusive(0.5, 0.9, 0.99)"
-
-REPORTS: list[tuple[str, str, list[tuple[str, str]]]] = [
-    (
-        "TTFT per router node (client-visible: first content chunk written − arrival)",
-        f"""SELECT router_node AS node, count() AS requests,
-               {_Q}(ttft_s) AS q, avg(e2e_s) AS e2e
-            FROM tokentrace.requests WHERE ts >= {{since}} GROUP BY node ORDER BY node""",
-        [
-            ("node", "node"),
-            ("requests", "requests"),
-            ("p50 ms", "q0"),
-            ("p90 ms", "q1"),
-            ("p99 ms", "q2"),
-            ("mean e2e ms", "e2e"),
-        ],
-    ),
-    (
-        "Prefill time per prefill node (arrival → KV ready)",
-        f"""SELECT prefill_node AS node, count() AS requests, {_Q}(prefill_s) AS q
-            FROM tokentrace.requests WHERE ts >= {{since}} AND prefill_node IS NOT NULL
-            GROUP BY node ORDER BY node""",
-        [
-            ("node", "node"),
-            ("requests", "requests"),
-            ("p50 ms", "q0"),
-            ("p90 ms", "q1"),
-            ("p99 ms", "q2"),
-        ],
-    ),
-    (
-        "KV transfer per source → destination (NIXL, initiator clock)",
-        f"""SELECT src_node, dst_node, count() AS transfers, avg(bytes) AS avg_bytes,
-               {_Q}(duration_s) AS q, sum(bytes) / sum(duration_s) / 1e6 AS mb_s
-            FROM tokentrace.kv_transfers WHERE ts >= {{since}}
-            GROUP BY src_node, dst_node ORDER BY src_node, dst_node""",
-        [
-            ("source", "src_node"),
-            ("destination", "dst_node"),
-            ("transfers", "transfers"),
-            ("avg KiB", "avg_kib"),
-            ("p50 ms", "q0"),
-            ("p99 ms", "q2"),
-            ("MB/s", "mb_s"),
-        ],
-    ),
-    (
-        "Prefill done → decode receives it (p50/p99) and → first KV read (p50), "
-        "on the router's clock; skew = decode clock − prefill clock, measured and removed",
-        f"""SELECT prefill_node, decode_node,
-               {_Q}(prefill_to_decode_s) AS q, {_Q}(kv_handoff_s) AS h,
-               avg(decode_clock_offset_s - prefill_clock_offset_s) AS skew_s
-            FROM tokentrace.requests WHERE ts >= {{since}} AND prefill_to_decode_s IS NOT NULL
-                AND prefill_node != decode_node
-            GROUP BY prefill_node, decode_node ORDER BY prefill_node, decode_node""",
-        [
-            ("prefill", "prefill_node"),
-            ("decode", "decode_node"),
-            ("p50 ms", "q0"),
-            ("p99 ms", "q2"),
-            ("KV read p50 ms", "h0"),
-            ("skew ms", "skew_ms"),
-        ],
-    ),
-    (
-        "Inter-token latency per decode node (gap between emissions)",
-        f"""SELECT node, count() AS gaps, {_Q}(itl_s) AS q, avg(batch_size) AS batch
-            FROM tokentrace.token_latencies WHERE ts >= {{since}} AND itl_s IS NOT NULL
-            GROUP BY node ORDER BY node""",
-        [
-            ("node", "node"),
-            ("gaps", "gaps"),
-            ("p50 ms", "q0"),
-            ("p90 ms", "q1"),
-            ("p99 ms", "q2"),
-            ("mean batch", "batch"),
-        ],
-    ),
-]
-
 
 # The comparison of --mode both: per deployment (router node), over one run's requests.
 # A deployment's token rows are those of its requests' traces; the ITL tail is the gaps
@@ -213,40 +133,18 @@ def _since_sql(epoch_s: float) -> str:
     return f"fromUnixTimestamp64Milli({int(epoch_s * 1000)})"
 
 
-def _cell(key: str, row: dict[str, Any]) -> str:
-    if key[:1] in ("q", "h") and key[1:].isdigit():
-        return f"{row[key[0]][int(key[1:])] * 1000:.2f}"
-    if key == "avg_kib":
-        return f"{row['avg_bytes'] / 1024:.0f}"
-    if key == "skew_ms":
-        skew = row["skew_s"]
-        return "—" if skew is None else f"{skew * 1000:+.2f}"
-    value = row[key]
-    if key == "e2e":
-        return f"{value * 1000:.1f}"
-    if isinstance(value, float):
-        return f"{value:.1f}"
-    return str(value)
-
-
-def print_report(stack: LocalStack, since_epoch_s: float, console: Console) -> None:
-    """Per-node tables, each one SQL query against ClickHouse through the collector."""
-    since = _since_sql(since_epoch_s)
-    for title, sql, columns in REPORTS:
-        rows = stack.query(sql.format(since=since))
-        table = Table(title=title, title_justify="left")
-        for header, _ in columns:
-            table.add_column(
-                header,
-                justify="left"
-                if header in ("node", "source", "destination", "prefill", "decode")
-                else "right",
-            )
-        for row in rows:
-            table.add_row(*[_cell(key, row) for _, key in columns])
-        if not rows:
-            table.add_row(*(["—"] * len(columns)))
-        console.print(table)
+def print_report(
+    stack: LocalStack, window_ms: tuple[int, int], console: Console
+) -> list[tuple[Report, list[dict[str, Any]]]]:
+    """The named reports (:mod:`tokentrace.collector.reports`) over ``window_ms`` (from,
+    to), each one query through the collector, as tables; returns their rows."""
+    params = window_params(*window_ms)
+    out = []
+    for rep in REPORTS:
+        rows = stack.query(rep.sql_for(), params=params)
+        console.print(report_table(rep, rows))
+        out.append((rep, rows))
+    return out
 
 
 MODES = ("disaggregated", "aggregated", "both")
@@ -369,7 +267,7 @@ def run_from_args(args: argparse.Namespace, data_dir: Path) -> int:
             if failed:
                 console.print(f"[red]{failed} requests failed[/red]")
         else:
-            print_report(stack, since, console)
+            print_report(stack, (int(since * 1000), time.time_ns() // 1_000_000 + 1), console)
         _print_next_steps(console, stack, data_dir, args.keep_running)
         if args.keep_running:
             _serve_until_interrupted(console, stack)
@@ -385,6 +283,9 @@ def _print_next_steps(console: Console, stack: LocalStack, data_dir: Path, live:
     command = _command_name()
     console.print()
     console.print("[bold]Query further[/bold] (works with or without a running collector):")
+    console.print(
+        f"  {command} report{dd} --since 1h   # these tables again, any window", highlight=False
+    )
     for sql in (
         "SELECT node, quantileExactInclusive(0.99)(itl_s) AS p99_itl_s "
         "FROM tokentrace.token_latencies WHERE ts > now() - INTERVAL 1 HOUR GROUP BY node",

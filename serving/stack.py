@@ -287,11 +287,14 @@ class LocalStack:
             self.collector.stop(timeout_s=60)
 
     # -- reading back through the collector -----------------------------------------
-    def query(self, sql: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
-        """Rows as dicts, read from ClickHouse through the collector's query API."""
+    def query(
+        self, sql: str, timeout_s: float = 30.0, params: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Rows as dicts, read from ClickHouse through the collector's query API
+        (``params``: ClickHouse query parameters)."""
         resp = httpx.post(
             f"{self.collector_http}/query",
-            json={"sql": sql},
+            json={"sql": sql, **({"params": params} if params else {})},
             headers=auth_headers(),
             timeout=timeout_s,
         )

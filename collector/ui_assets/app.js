@@ -1,4 +1,4 @@
-// The latency page: reads the collector's POST /query and Jaeger GET /api/traces/{id},
+// The latency page: reads the collector's POST /query, GET /reports and Jaeger GET /api/traces/{id},
 // nothing else. Paths are relative to /ui/, so the page also works behind a proxy prefix.
 "use strict";
 
@@ -173,6 +173,7 @@
     })), "KV transfer bandwidth");
     renderPrefillSteps(prefill);
     renderSlowest(slow);
+    await loadReports(w);
     setStatus(`${C.fmtClock(w.from_ms)} – ${C.fmtClock(w.to_ms)}, ${w.bucket_ms / 1000} s buckets`);
   }
 
@@ -214,6 +215,66 @@
     }
     table.appendChild(tbody);
     box.appendChild(table);
+  }
+
+  // The named reports (GET /reports): the tables tokentrace report and the demo print,
+  // from the same SQL on the server; numbers formatted as they format them.
+  const UNITS = {
+    ms: (v) => (v * 1000).toFixed(2),
+    signed_ms: (v) => `${v >= 0 ? "+" : ""}${(v * 1000).toFixed(2)}`,
+    kib: (v) => (v / 1024).toFixed(0),
+    mb_s: (v) => (v / 1e6).toFixed(1),
+    float: (v) => Number(v).toFixed(2),
+  };
+  let reportList = null;
+
+  async function loadReports(w) {
+    if (!reportList) reportList = (await api("../reports")).reports;
+    const box = $("reports");
+    box.dataset.fromMs = w.from_ms;
+    box.dataset.toMs = w.to_ms;
+    const params = `from_ms=${w.from_ms}&to_ms=${w.to_ms}`;
+    const results = await Promise.all(reportList.map((r) => api(
+      `../reports/${encodeURIComponent(r.name)}?${params}`)));
+    box.replaceChildren();
+    reportList.forEach((report, k) => {
+      const body = results[k];
+      const h = document.createElement("h3");
+      h.textContent = report.title;
+      const table = document.createElement("table");
+      table.dataset.report = report.name;
+      const head = document.createElement("tr");
+      for (const c of report.columns) {
+        const th = document.createElement("th");
+        th.textContent = c.header;
+        if (c.unit !== "text") th.className = "num";
+        head.appendChild(th);
+      }
+      const thead = document.createElement("thead");
+      thead.appendChild(head);
+      table.appendChild(thead);
+      const tbody = document.createElement("tbody");
+      for (const values of body.rows) {
+        const row = Object.fromEntries(body.columns.map((c, i) => [c, values[i]]));
+        const tr = document.createElement("tr");
+        tr.className = "report-row";
+        for (const c of report.columns) {
+          const v = row[c.key];
+          tr.setAttribute(`data-${c.key}`, v === null ? "" : String(v));
+          const text = v === null || Number.isNaN(v) ? "—"
+            : (UNITS[c.unit] ? UNITS[c.unit](v) : String(v));
+          cell(tr, text, c.unit === "text" ? "" : "num");
+        }
+        tbody.appendChild(tr);
+      }
+      if (!body.rows.length) {
+        const tr = document.createElement("tr");
+        cell(tr, "no rows in this window");
+        tbody.appendChild(tr);
+      }
+      table.appendChild(tbody);
+      box.append(h, table);
+    });
   }
 
   function renderSlowest(rows) {

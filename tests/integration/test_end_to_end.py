@@ -350,13 +350,14 @@ def test_trace_and_traces_commands(stack: LocalStack, load: LoadResult) -> None:
 def test_demo_report_reads_every_table(stack: LocalStack, load: LoadResult) -> None:
     from rich.console import Console
 
-    from tokentrace.serving.demo import REPORTS, print_report
+    from tokentrace.collector.reports import REPORTS
+    from tokentrace.serving.demo import print_report
 
     console = Console(width=200, record=True)
-    print_report(stack, 0.0, console)
+    print_report(stack, (0, time.time_ns() // 1_000_000 + 1), console)
     text = console.export_text()
-    for title, _, _ in REPORTS:
-        assert title.split(" (")[0].split(",")[0] in text
+    for report in REPORTS:
+        assert report.title.split(" (")[0].split(",")[0] in text
     assert "—" not in text  # every table has rows
     for node in ("router-0", "prefill-0", "decode-0", "decode-1"):
         assert node in text

@@ -466,3 +466,107 @@ def test_ui_command_serves_the_page_from_a_store_no_collector_runs_on(tmp_path: 
     finally:
         ui.send_signal(signal.SIGINT)
         assert ui.wait(timeout=30) == 0
+
+
+ROOT = Path(__file__).resolve().parents[3]
+SAME_NUMBERS = {"ttft_by_router": "ttft_p99_s", "itl_by_decode": "itl_p99_s"}
+
+
+def _grafana_sql(name: str, from_ms: int, to_ms: int) -> str:
+    """The dashboard panel of report ``name``, its time filter expanded as the ClickHouse
+    plugin expands ``$__timeFilter_ms`` (see tests/integration/test_grafana_dashboard.py)."""
+    import json
+
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/tokentrace.json").read_text())
+    (panel,) = [
+        p for p in dashboard["panels"] if p.get("description") == f"tokentrace report {name}"
+    ]
+    sql = str(panel["targets"][0]["rawSql"])
+    return sql.replace(
+        "$__timeFilter_ms(ts)",
+        f"ts >= fromUnixTimestamp64Milli({from_ms}) AND ts <= fromUnixTimestamp64Milli({to_ms})",
+    )
+
+
+def test_one_p99_per_node_on_every_surface(stack: LocalStack, opened: Opened) -> None:
+    """The page, GET /reports, tokentrace report, the Grafana panel and the demo's tables
+    give the same p99 TTFT and ITL per node for the same store and window."""
+    import json
+
+    from rich.console import Console
+
+    from tokentrace.serving.demo import print_report
+
+    page = opened.page
+    box = page.locator("#reports")
+    from_ms, to_ms = (
+        int(box.get_attribute("data-from-ms") or ""),
+        int(box.get_attribute("data-to-ms") or ""),
+    )
+    params = {"from_ms": from_ms, "to_ms": to_ms}
+    cli = subprocess.run(
+        [
+            sys.executable, "-m", "tokentrace", "report", *SAME_NUMBERS,
+            "--data-dir", str(stack.data_dir),
+            "--from-ms", str(from_ms), "--to-ms", str(to_ms), "--format", "json",
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    from_cli = json.loads(cli.stdout)
+    console = Console(width=200, record=True)
+    from_demo = dict(
+        (rep.name, rows) for rep, rows in print_report(stack, (from_ms, to_ms), console)
+    )
+    demo_text = console.export_text()
+    for name, p99 in SAME_NUMBERS.items():
+        key = "node"
+        on_page = {
+            r[f"data-{key}"]: float(r[f"data-{p99}"])
+            for r in _attrs(
+                page,
+                f"#reports table[data-report={name}] tr.report-row",
+                f"data-{key}",
+                f"data-{p99}",
+            )
+        }
+        response = httpx.get(
+            f"{stack.collector_http}/reports/{name}",
+            params=params,
+            headers=auth_headers(),
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        api = {row[0]: row[body["columns"].index(p99)] for row in body["rows"]}
+        grafana = {r["node"]: r[p99] for r in stack.query(_grafana_sql(name, from_ms, to_ms))}
+        cli_rows = {r["node"]: r[p99] for r in from_cli[name]}
+        demo = {r["node"]: r[p99] for r in from_demo[name]}
+        assert len(api) >= 1 and all(v > 0 for v in api.values()), api
+        assert on_page == api == cli_rows == grafana == demo, (
+            on_page,
+            api,
+            cli_rows,
+            grafana,
+            demo,
+        )
+        for value in api.values():
+            assert f"{value * 1000:.2f}" in demo_text  # as the demo prints it
+    nodes = {r["node"] for r in from_cli["itl_by_decode"]}
+    assert nodes == {"decode-0", "decode-1"}
+
+
+def test_reports_api_names_what_is_wrong(stack: LocalStack) -> None:
+    base, headers = stack.collector_http, auth_headers()
+    listed = httpx.get(f"{base}/reports", headers=headers, timeout=30).json()["reports"]
+    assert [r["name"] for r in listed][:1] == ["ttft_by_router"]
+    assert httpx.get(f"{base}/reports", timeout=30).status_code == 401  # the token guards it
+    missing = httpx.get(f"{base}/reports/nope?from_ms=0&to_ms=1", headers=headers, timeout=30)
+    assert missing.status_code == 404 and "no report 'nope'" in missing.json()["error"]
+    for query, named in (
+        ("", "from_ms"),
+        ("from_ms=0&to_ms=x", "to_ms"),
+        ("from_ms=5&to_ms=5", "end after"),
+    ):
+        bad = httpx.get(f"{base}/reports/itl_by_decode?{query}", headers=headers, timeout=30)
+        assert bad.status_code == 400 and named in bad.json()["error"], bad.text
