@@ -46,6 +46,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.context import Context
 
+from tokentrace.instrument import spans
 from tokentrace.instrument.propagation import extract, inject
 from tokentrace.instrument.recorder import TokenRecorder
 from tokentrace.instrument.tracing import Tracing, resolve_endpoint, setup_tracing
@@ -374,20 +375,12 @@ class _TraceState:
         arrival_mono_s = time.monotonic() - max(0.0, time.time() - arrival_wall_s)
         input_tokens = len(getattr(request, "prompt_token_ids", None) or [])
         request_id = header_id or str(getattr(request, "external_req_id", None) or "")
-        attrs: dict[str, Any] = {
-            A.REQUEST_ID: request_id,
-            A.GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
-        }
         max_tokens = getattr(params, "max_tokens", None)
-        if isinstance(max_tokens, int):
-            attrs[A.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
-        span = self.tracing.tracer.start_span(
-            A.SPAN_PREFILL if prefill else A.SPAN_DECODE,
-            context=parent,
-            kind=trace.SpanKind.SERVER,
-            attributes=attrs,
-            start_time=int(arrival_wall_s * 1e9),
-        )
+        if not isinstance(max_tokens, int):
+            max_tokens = None
+        attrs = spans.request_attributes(request_id, input_tokens, max_tokens=max_tokens)
+        start = spans.start_prefill if prefill else spans.start_decode
+        span = start(self.tracing.tracer, parent, int(arrival_wall_s * 1e9), attrs)
         if kv.get("do_remote_prefill") and isinstance(kv, dict):
             # Travels with the request to the engine core and, on the connector's
             # metadata, to the worker that reads the KV: the llm.kv_transfer parent.
@@ -458,19 +451,20 @@ class _TraceState:
 def _end_spans(tracing: Tracing, req: _Request, reason: str) -> None:
     rec = req.recorder
     span = req.span
-    span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, [reason.lower()])
     if req.prefill:
+        span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, [reason.lower()])
         span.end(end_time=rec.emission_wall_ns(0) if rec.emissions else None)
         return
     rec.start_mono_ns = int(req.arrival_mono_s * 1e9)
     rec.emit(tracing.tracer, span, tracing.packed)
-    span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, rec.tokens)
-    first = rec.first_emission_s()
-    if first is not None:
-        span.set_attribute(A.GEN_AI_SERVER_TTFT, first)
-    if reason == "abort":
-        span.set_status(trace.StatusCode.ERROR, "aborted")
-    span.end(end_time=rec.emission_wall_ns(rec.emissions - 1) if rec.emissions else None)
+    spans.end_decode(
+        span,
+        output_tokens=rec.tokens,
+        finish_reason=reason.lower(),
+        ttft_s=rec.first_emission_s(),
+        error="aborted" if reason == "abort" else None,
+        end_ns=rec.emission_wall_ns(rec.emissions - 1) if rec.emissions else None,
+    )
 
 
 # -- KV transfers (NixlConnector, pull mode) ------------------------------------------
@@ -617,20 +611,16 @@ def _kv_span(tracing: Tracing, read: _Read, ok: bool) -> None:
     duration_ns = 0
     if read.start_us is not None and read.end_us is not None:
         duration_ns = int((read.end_us - read.start_us) * 1000)
-    span = tracing.tracer.start_span(
-        A.SPAN_KV_TRANSFER,
-        context=extract({"traceparent": read.parent} if read.parent else None),
-        kind=trace.SpanKind.CLIENT,
-        start_time=read.post_ns,
-        attributes={
-            A.KV_BYTES: read.bytes,
-            A.KV_BLOCKS: read.blocks,
-            A.KV_BACKEND: "nixl/UCX",
-            A.KV_SRC_NODE: read.src_node,
-            A.KV_DST_NODE: tracing.node_id,
-            A.KV_DESCRIPTORS: read.descs,
-        },
+    spans.kv_transfer(
+        tracing.tracer,
+        extract({"traceparent": read.parent} if read.parent else None),
+        read.post_ns,
+        read.post_ns + duration_ns,
+        bytes_moved=read.bytes,
+        blocks=read.blocks,
+        backend="nixl/UCX",
+        src_node=read.src_node,
+        dst_node=tracing.node_id,
+        descriptors=read.descs,
+        error=None if ok else "NIXL transfer failed",
     )
-    if not ok:
-        span.set_status(trace.StatusCode.ERROR, "NIXL transfer failed")
-    span.end(end_time=read.post_ns + duration_ns)

@@ -34,7 +34,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span
 from starlette.background import BackgroundTask
 
 from tokentrace.instrument import (
@@ -45,6 +45,7 @@ from tokentrace.instrument import (
     extract,
     inject,
     setup_tracing,
+    spans,
     wall_ns,
 )
 from tokentrace.instrument.clock import (
@@ -385,36 +386,33 @@ class _RequestState:
     def finish(self) -> None:
         """Set the end-of-request attributes, observe the request's metrics and end the
         span. Call exactly once."""
-        span = self.span
         now = time.monotonic()
-        if self.input_tokens is not None:
-            span.set_attribute(A.GEN_AI_USAGE_INPUT_TOKENS, self.input_tokens)
-        if self.output_tokens is not None:
-            span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, self.output_tokens)
-        ttft_s = None
+        ttft_s = e2e_attr = None
         e2e_s = now - self.arrival_s
         if self.error is None:
             first = self.first_chunk_s if self.stream else now
             if first is not None:
                 ttft_s = first - self.arrival_s
-                span.set_attribute(A.GEN_AI_SERVER_TTFT, ttft_s)
             # As a benchmark client times E2E: to the last content, not past the usage
             # chunk and [DONE], which can wait for the worker's next write under load.
             last = self.last_chunk_s if self.stream else now
             if last is not None:
-                e2e_s = last - self.arrival_s
-                span.set_attribute(A.E2E_S, e2e_s)
+                e2e_s = e2e_attr = last - self.arrival_s
         if self.metrics is not None:
             # Before the span ends, so a request whose row is stored is always counted.
             self.metrics.observe_request(
                 self.model, self.error is None, e2e_s, ttft_s, self.output_tokens
             )
-        if self.finish_reasons:
-            span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, self.finish_reasons)
-        span.set_attribute(A.HTTP_STATUS, self.status)
-        if self.error is not None:
-            span.set_status(Status(StatusCode.ERROR, self.error))
-        span.end()
+        spans.end_request(
+            self.span,
+            status=self.status,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            ttft_s=ttft_s,
+            e2e_s=e2e_attr,
+            finish_reasons=self.finish_reasons,
+            error=self.error,
+        )
 
 
 class _Router:
@@ -659,14 +657,13 @@ class _Router:
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
         path = _CHAT if chat else _COMPLETIONS
         # The span starts at arrival, stamped before routing and body parsing.
-        span = self.tracing.tracer.start_span(
-            A.SPAN_REQUEST,
-            context=extract(dict(request.headers)),
-            kind=SpanKind.SERVER,
-            start_time=wall_ns(arrival),
+        span = spans.start_request(
+            self.tracing.tracer,
+            extract(dict(request.headers)),
+            wall_ns(arrival),
+            request_id,
+            chat=chat,
         )
-        span.set_attribute(A.GEN_AI_OPERATION_NAME, "chat" if chat else "text_completion")
-        span.set_attribute(A.REQUEST_ID, request_id)
         state = _RequestState(request_id, span, arrival, stream=False, metrics=self.metrics)
         reply_headers = {REQUEST_ID_HEADER: request_id}
         try:

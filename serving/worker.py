@@ -53,6 +53,7 @@ from tokentrace.instrument import (
     extract,
     inject,
     setup_tracing,
+    spans,
     wall_ns,
 )
 from tokentrace.instrument.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -280,25 +281,16 @@ class Worker:
         return await self._decode(parsed, prompt_ids, request_id, header_ctx, chat, None, arrival)
 
     def _request_attrs(self, parsed: oai.ParsedRequest, request_id: str, n: int) -> dict[str, Any]:
-        return {
-            A.GEN_AI_REQUEST_MODEL: self.config.model,
-            A.REQUEST_ID: request_id,
-            A.GEN_AI_USAGE_INPUT_TOKENS: n,
-            A.GEN_AI_REQUEST_MAX_TOKENS: parsed.max_tokens,
-        }
+        return spans.request_attributes(
+            request_id, n, max_tokens=parsed.max_tokens, model=self.config.model
+        )
 
     async def _run_prefill(
         self, prompt_ids: list[int], parent: Context, attrs: dict[str, Any], arrival: float
     ) -> tuple[list[int], int, trace.Span]:
         """Compute the prompt's KV under an ``llm.prefill`` span that starts at
         ``arrival`` (monotonic seconds) and is ended by the caller."""
-        span = self.tracing.tracer.start_span(
-            A.SPAN_PREFILL,
-            context=parent,
-            kind=trace.SpanKind.SERVER,
-            attributes=attrs,
-            start_time=wall_ns(arrival),
-        )
+        span = spans.start_prefill(self.tracing.tracer, parent, wall_ns(arrival), attrs)
         started: list[float] = []
 
         def run() -> Any:
@@ -313,8 +305,7 @@ class Worker:
             span.end()
             raise
         done = time.monotonic()
-        span.set_attribute(A.QUEUE_TIME_S, started[0] - arrival)
-        span.set_attribute(A.COMPUTE_TIME_S, done - started[0])
+        spans.set_stage_times(span, started[0] - arrival, done - started[0])
         return list(result.block_ids), int(result.next_token), span
 
     async def _prefill_for_remote(
@@ -397,12 +388,6 @@ class Worker:
                 "kv_transfer_params",
             )
         src_node = str(kv.get("remote_node_id") or kv.get("remote_engine_id"))
-        attrs: dict[str, Any] = {
-            A.KV_BACKEND: KV_BACKEND,
-            A.KV_SRC_NODE: src_node,
-            A.KV_DST_NODE: self.node_id,
-            A.KV_BLOCKS: need,
-        }
         links = []
         prefill_span = trace.get_current_span(extract(kv)).get_span_context()
         if prefill_span.is_valid:
@@ -411,35 +396,34 @@ class Worker:
         notif = f"done:{kv.get('remote_request_id')}".encode()
         start_ns = time.time_ns()
         error: BaseException | None = None
+        moved, blocks, backend = 0, need, KV_BACKEND
         try:
             region = await self._region(kv)
             result = await asyncio.to_thread(
                 self.kv.read_blocks, region, [int(b) for b in remote_ids], local_ids, notif
             )
             start_ns, end_ns = result.start_ns, result.end_ns
-            attrs.update(
-                {A.KV_BYTES: result.bytes, A.KV_BLOCKS: result.blocks, A.KV_BACKEND: result.backend}
-            )
+            moved, blocks, backend = result.bytes, result.blocks, result.backend
         except BaseException as exc:
             self.pool.free(local_ids)
             error, end_ns = exc, time.time_ns()
-            attrs[A.KV_BYTES] = 0
-        span = self.tracing.tracer.start_span(
-            A.SPAN_KV_TRANSFER,
-            context=decode_ctx,
-            kind=trace.SpanKind.CLIENT,
-            start_time=start_ns,
-            attributes=attrs,
-            links=links,
-        )
-        if error is not None:
-            span.record_exception(error)
-            span.set_status(trace.StatusCode.ERROR, str(error))
         # Before the span ends, so a transfer whose row is stored is always counted.
         self.metrics.observe_kv_transfer(
-            self.config.model, error is None, (end_ns - start_ns) / 1e9, int(attrs[A.KV_BYTES])
+            self.config.model, error is None, (end_ns - start_ns) / 1e9, moved
         )
-        span.end(end_time=end_ns)
+        spans.kv_transfer(
+            self.tracing.tracer,
+            decode_ctx,
+            start_ns,
+            end_ns,
+            bytes_moved=moved,
+            blocks=blocks,
+            backend=backend,
+            src_node=src_node,
+            dst_node=self.node_id,
+            links=links,
+            error=error,
+        )
         if error is not None:
             raise error
         return local_ids
@@ -455,13 +439,7 @@ class Worker:
         arrival: float,
     ) -> Response:
         attrs = self._request_attrs(parsed, request_id, len(prompt_ids))
-        span = self.tracing.tracer.start_span(
-            A.SPAN_DECODE,
-            context=parent,
-            kind=trace.SpanKind.SERVER,
-            attributes=attrs,
-            start_time=wall_ns(arrival),
-        )
+        span = spans.start_decode(self.tracing.tracer, parent, wall_ns(arrival), attrs)
         ctx = trace.set_span_in_context(span)
         prefill_in_step = kv is None and self.config.role == "both"
         # (started_ns, done_ns) of the in-step prefill, set on the engine thread.
@@ -537,20 +515,33 @@ class Worker:
         def finish_spans(end_ns: int) -> None:
             # Before the spans end, so an emission whose row is stored is always counted.
             self.metrics.observe_emissions(self.config.model, recorder)
+            ttft_s = None
             if self.tracing.enabled:
                 recorder.emit(self.tracing.tracer, span, self.tracing.packed)
                 first = recorder.first_emission_s()
                 if first is not None:
-                    span.set_attribute(
-                        A.GEN_AI_SERVER_TTFT, recorder.start_mono_ns / 1e9 - arrival + first
-                    )
+                    ttft_s = recorder.start_mono_ns / 1e9 - arrival + first
             if prefilled:
-                self._in_step_prefill_span(ctx, attrs, arrival, *prefilled[0])
-            span.set_attribute(A.GEN_AI_USAGE_OUTPUT_TOKENS, out.tokens)
-            span.set_attribute(A.GEN_AI_RESPONSE_FINISH_REASONS, [out.reason or "abort"])
-            if out.error is not None:
-                span.set_status(trace.StatusCode.ERROR, out.error)
-            span.end(end_time=end_ns)
+                # A prompt prefilled inside an engine step: arrival → KV ready, as on a
+                # prefill worker, so requests.prefill_s means the same in both
+                # deployments. Built after the request, off the engine thread.
+                started_ns, done_ns = prefilled[0]
+                spans.ended_prefill(
+                    self.tracing.tracer,
+                    ctx,
+                    attrs,
+                    wall_ns(arrival),
+                    wall_ns(started_ns / 1e9),
+                    wall_ns(done_ns / 1e9),
+                )
+            spans.end_decode(
+                span,
+                output_tokens=out.tokens,
+                finish_reason=out.reason or "abort",
+                ttft_s=ttft_s,
+                error=out.error,
+                end_ns=end_ns,
+            )
 
         async def steps() -> AsyncIterator[tuple[_Step, str]]:
             """The request's engine steps, each with the text it adds for the client,
@@ -640,28 +631,6 @@ class Worker:
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"X-Request-Id": request_id}
         )
-
-    def _in_step_prefill_span(
-        self,
-        parent: Context,
-        attrs: dict[str, Any],
-        arrival: float,
-        started_ns: int,
-        done_ns: int,
-    ) -> None:
-        """The ``llm.prefill`` span of a prompt prefilled inside an engine step: arrival →
-        KV ready, as on a prefill worker, so ``requests.prefill_s`` means the same in
-        both deployments. Built after the request, off the engine thread."""
-        span = self.tracing.tracer.start_span(
-            A.SPAN_PREFILL,
-            context=parent,
-            kind=trace.SpanKind.SERVER,
-            attributes=attrs,
-            start_time=wall_ns(arrival),
-        )
-        span.set_attribute(A.QUEUE_TIME_S, started_ns / 1e9 - arrival)
-        span.set_attribute(A.COMPUTE_TIME_S, (done_ns - started_ns) / 1e9)
-        span.end(end_time=wall_ns(done_ns / 1e9))
 
 
 @dataclass
