@@ -89,6 +89,9 @@ def _load(data_dir: Path, token_rows: int, spans: int, progress: Progress) -> No
             FROM numbers({traces * SPANS_PER_TRACE})
         """)
         progress.advance(task)
+        # The token spans above made token rows of their own (token_latencies_mv): the
+        # figures want exactly token_rows of them, spread as below.
+        store.command("TRUNCATE TABLE tokentrace.token_latencies")
         # Token rows: the last hour, spread over the decode nodes.
         store.command(f"""
             INSERT INTO tokentrace.token_latencies

@@ -1,5 +1,8 @@
-"""Span batch → rows for ``request_parts``, ``token_latencies``, ``kv_transfers`` and
-``node_clocks``.
+"""Span batch → rows for ``request_parts``, ``kv_transfers`` and ``node_clocks``.
+
+``token_latencies`` rows are not made here: ClickHouse derives them from the stored
+``llm.token`` spans, one SQL definition for tokens sent one span each and tokens
+expanded from a packed decode span (``token_latencies_mv`` in :mod:`tokentrace.schemas.ddl`).
 
 Pure and column-wise. Each span contributes at most one partial row per table; the
 ``requests`` view folds a request's parts together, so arrival order does not matter.
@@ -27,7 +30,6 @@ __all__ = [
     "KV_TRANSFERS_COLUMNS",
     "NODE_CLOCKS_COLUMNS",
     "REQUEST_PARTS_COLUMNS",
-    "TOKEN_LATENCIES_COLUMNS",
     "derive_rows",
 ]
 
@@ -57,16 +59,6 @@ REQUEST_PARTS_COLUMNS = (
     "prefill_clock_offset_s",
     "decode_clock_offset_s",
 )
-TOKEN_LATENCIES_COLUMNS = (
-    "ts",
-    "trace_id",
-    "node",
-    "token_index",
-    "itl_s",
-    "tokens",
-    "batch_size",
-    "step_prefill_tokens",
-)
 KV_TRANSFERS_COLUMNS = (
     "ts",
     "trace_id",
@@ -80,7 +72,6 @@ KV_TRANSFERS_COLUMNS = (
 )
 NODE_CLOCKS_COLUMNS = ("ts", "node", "offset_s", "error_s", "reference_node")
 
-_UINT16_MAX = 2**16 - 1
 _UINT32_MAX = 2**32 - 1
 _UINT64_MAX = 2**64 - 1
 _INT64_MAX = 2**63 - 1
@@ -97,9 +88,6 @@ class DerivedRows:
     request_parts: dict[str, list[Any]] = field(
         default_factory=lambda: _columns(REQUEST_PARTS_COLUMNS)
     )
-    token_latencies: dict[str, list[Any]] = field(
-        default_factory=lambda: _columns(TOKEN_LATENCIES_COLUMNS)
-    )
     kv_transfers: dict[str, list[Any]] = field(
         default_factory=lambda: _columns(KV_TRANSFERS_COLUMNS)
     )
@@ -108,7 +96,6 @@ class DerivedRows:
     def _all(self) -> dict[str, dict[str, list[Any]]]:
         return {
             "request_parts": self.request_parts,
-            "token_latencies": self.token_latencies,
             "kv_transfers": self.kv_transfers,
             "node_clocks": self.node_clocks,
         }
@@ -192,8 +179,6 @@ def derive_rows(batch: SpanBatch) -> DerivedRows:
             )
         elif name == attrs.SPAN_KV_TRANSFER:
             _derive_kv_transfer(rows, batch, i)
-        elif name == attrs.SPAN_TOKEN:
-            _derive_token(rows, batch, i)
     return rows
 
 
@@ -276,25 +261,3 @@ def _derive_kv_transfer(rows: DerivedRows, batch: SpanBatch, i: int) -> None:
     kv["blocks"].append(_uint(a.get(attrs.KV_BLOCKS), _UINT32_MAX) or 0)
     kv["backend"].append(a.get(attrs.KV_BACKEND, ""))
     kv["status"].append(_status(batch.status_code[i]))
-
-
-def _derive_token(rows: DerivedRows, batch: SpanBatch, i: int) -> None:
-    a = batch.attributes[i]
-    token_index = _uint(a.get(attrs.TOKEN_INDEX), _UINT32_MAX) or 0
-    tokens = _uint(a.get(attrs.TOKEN_COUNT), _UINT16_MAX)
-    emission = _uint(a.get(attrs.EMISSION_INDEX), _UINT32_MAX)
-    # The first emission's span starts at decode start, so it is not an inter-token gap.
-    # Emitters that do not number emissions (older ones) are read by token index.
-    first = emission == 0 if emission is not None else token_index == 0
-    batch_size = _uint(a.get(attrs.BATCH_SIZE), _UINT16_MAX)
-    t = rows.token_latencies
-    t["ts"].append(batch.end_ns[i])  # the emission time
-    t["trace_id"].append(batch.trace_id[i])
-    t["node"].append(node_of(batch.resource_attributes[i]))
-    t["token_index"].append(token_index)
-    t["itl_s"].append(None if first else _duration_s(batch, i))
-    t["tokens"].append(1 if tokens is None else tokens)
-    t["batch_size"].append(batch_size or 0)
-    # NULL when the emitter did not report it (the vLLM plugin, older nodes): unknown
-    # prefill work is not the same as none.
-    t["step_prefill_tokens"].append(_uint(a.get(attrs.STEP_PREFILL_TOKENS), _UINT32_MAX))

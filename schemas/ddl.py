@@ -28,6 +28,8 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+from tokentrace.schemas import attributes as A
+from tokentrace.schemas.attributes import node_sql
 from tokentrace.schemas.packed import token_span_id_sql
 
 DATABASE = "tokentrace"
@@ -326,22 +328,38 @@ FROM (
 {array_join}
 """
 
-_PACKED_TOKENS_ROWS_MV = """
-CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.packed_tokens_rows_v3_mv{on_cluster}
+# The one definition of a token_latencies row: from an llm.token span in otel_traces,
+# whether it arrived as its own span or ClickHouse expanded it from a packed decode span
+# (the view above inserts into otel_traces, which fires this one). Attribute values that
+# are missing, unparsable or out of range become NULL or the column's default.
+_TOKEN_LATENCIES_MV = """
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.token_latencies_mv{on_cluster}
 TO {db}.token_latencies
 AS SELECT
-    fromUnixTimestamp64Nano(start_ns + t_end) AS ts,
+    fromUnixTimestamp64Nano(toUnixTimestamp64Nano(Timestamp) + toInt64(Duration)) AS ts,
     TraceId AS trace_id,
-    node,
-    toUInt32(upto - cnt) AS token_index,
-    -- the first emission has no gap (by position: a chat role chunk carries 0 tokens)
-    if(i > 1, (t_end - t_start) / 1e9, NULL) AS itl_s,
-    cnt AS tokens,
-    bs AS batch_size,
-    pf AS step_prefill_tokens
-FROM {db}.packed_tokens
-{array_join}
+    {node} AS node,
+    ifNull({token_index}, 0) AS token_index,
+    -- the first emission has no gap: its span starts at decode start (by emission
+    -- index: a chat role chunk carries 0 tokens; older emitters by token index)
+    if(ifNull({emission_index} = 0, token_index = 0), NULL, Duration / 1e9) AS itl_s,
+    ifNull({token_count}, 1) AS tokens,
+    ifNull({batch_size}, 0) AS batch_size,
+    {step_prefill_tokens} AS step_prefill_tokens
+FROM {db}.otel_traces
+WHERE SpanName = 'llm.token'
 """
+
+
+def _uint_sql(attribute: str, type_name: str, max_value: int) -> str:
+    """A non-negative integer span attribute (sent as an int, or a float or string of
+    one) as ``type_name``, NULL when missing, unparsable or above ``max_value``."""
+    value = f"toFloat64OrNull(SpanAttributes['{attribute}'])"
+    return (
+        f"if({value} >= 0 AND {value} <= {max_value} AND {value} = floor({value}), "
+        f"to{type_name}({value}), NULL)"
+    )
+
 
 TABLES = (
     "otel_traces",
@@ -414,18 +432,30 @@ def ddl_statements(
         _PACKED_TOKENS_ADD,
     ):
         statements.append(template.format(**fmt).strip())
-    # Earlier versions of the two views below (v1: no prefill counts; v2: no emission
-    # index, and the first emission found by token index).
+        # Earlier versions of the views below (v1: no prefill counts; v2: no emission
+    # index, and the first emission found by token index; the rows views: token rows
+    # from packed spans by a definition of their own, before token_latencies_mv).
     for view in (
         "packed_tokens_spans_mv",
         "packed_tokens_rows_mv",
         "packed_tokens_spans_v2_mv",
         "packed_tokens_rows_v2_mv",
+        "packed_tokens_rows_v3_mv",
     ):
         statements.append(_PACKED_TOKENS_DROP_OLD.format(view=view, **fmt).strip())
     span_id = token_span_id_sql("decode_id", "i")  # i: arrayEnumerate, 1-based
-    for template in (_PACKED_TOKENS_SPANS_MV, _PACKED_TOKENS_ROWS_MV):
-        statements.append(template.format(token_span_id=span_id, **fmt).strip())
+    statements.append(_PACKED_TOKENS_SPANS_MV.format(token_span_id=span_id, **fmt).strip())
+    statements.append(
+        _TOKEN_LATENCIES_MV.format(
+            node=node_sql("ResourceAttributes"),
+            token_index=_uint_sql(A.TOKEN_INDEX, "UInt32", 2**32 - 1),
+            emission_index=_uint_sql(A.EMISSION_INDEX, "UInt32", 2**32 - 1),
+            token_count=_uint_sql(A.TOKEN_COUNT, "UInt16", 2**16 - 1),
+            batch_size=_uint_sql(A.BATCH_SIZE, "UInt16", 2**16 - 1),
+            step_prefill_tokens=_uint_sql(A.STEP_PREFILL_TOKENS, "UInt32", 2**32 - 1),
+            **fmt,
+        ).strip()
+    )
     if not cluster:
         # Replays of the collector's write-ahead log insert with the same deduplication
         # tokens as the first attempt; a plain MergeTree only remembers tokens with a

@@ -1,4 +1,5 @@
-"""derive: span batch → request_parts / token_latencies / kv_transfers rows."""
+"""derive: span batch → request_parts / kv_transfers / node_clocks rows (token rows
+come from ClickHouse's one definition: tests/unit/collector/test_store.py)."""
 
 from __future__ import annotations
 
@@ -142,41 +143,6 @@ def test_kv_transfer_rows() -> None:
     }
 
 
-def test_token_rows_first_has_no_itl_and_multi_token_emissions_count() -> None:
-    resource = {A.SERVICE_NAME: "decode", A.NODE_ID: "d1"}
-    rows = _rows(
-        resource,
-        [
-            span(
-                A.SPAN_TOKEN,
-                10,
-                T0_NS,
-                T0_NS + 20 * MS,
-                {A.TOKEN_INDEX: 0, A.BATCH_SIZE: 4, A.STEP_PREFILL_TOKENS: 0},
-            ),
-            span(
-                A.SPAN_TOKEN,
-                11,
-                T0_NS + 20 * MS,
-                T0_NS + 25 * MS,
-                {A.TOKEN_INDEX: 1, A.TOKEN_COUNT: 3, A.BATCH_SIZE: 4, A.STEP_PREFILL_TOKENS: 96},
-            ),
-            span(A.SPAN_TOKEN, 12, T0_NS + 25 * MS, T0_NS + 31 * MS, {A.TOKEN_INDEX: 4}),
-        ],
-    )
-    t = rows.token_latencies
-    assert t["ts"] == [T0_NS + 20 * MS, T0_NS + 25 * MS, T0_NS + 31 * MS]  # emission = end
-    assert t["token_index"] == [0, 1, 4]
-    assert t["itl_s"][0] is None
-    assert t["itl_s"][1:] == [pytest.approx(0.005), pytest.approx(0.006)]
-    assert t["tokens"] == [1, 3, 1]
-    assert t["batch_size"] == [4, 4, 0]
-    # Reported 0 (a step with no prefill work) is kept apart from not reported (NULL).
-    assert t["step_prefill_tokens"] == [0, 96, None]
-    assert t["node"] == ["d1"] * 3 and t["trace_id"] == [TID] * 3
-    assert rows.tables().keys() == {"token_latencies"}
-
-
 def test_unparsable_or_out_of_range_attributes_become_null_or_default() -> None:
     rows = _rows(
         {},
@@ -193,21 +159,12 @@ def test_unparsable_or_out_of_range_attributes_become_null_or_default() -> None:
                     A.GEN_AI_SERVER_TTFT: "soon",
                 },
             ),
-            span(
-                A.SPAN_TOKEN,
-                2,
-                T0_NS,
-                T0_NS + MS,
-                {A.TOKEN_INDEX: 2, A.TOKEN_COUNT: 1 << 20, A.STEP_PREFILL_TOKENS: -1},
-            ),
         ],
     )
     assert rows.request_parts["output_tokens"] == [None]
     assert rows.request_parts["input_tokens"] == [None]
     assert rows.request_parts["ttft_s"] == [None] and rows.request_parts["tpot_s"] == [None]
     assert rows.request_parts["router_node"] == [None]
-    assert rows.token_latencies["tokens"] == [1]
-    assert rows.token_latencies["step_prefill_tokens"] == [None]
 
 
 def test_node_fallback_order() -> None:

@@ -188,6 +188,57 @@ def test_pipeline_stores_spans_and_derived_rows(store: Store, wal: WriteAheadLog
     assert count == 16
 
 
+def test_token_rows_come_from_the_stored_token_spans(store: Store, wal: WriteAheadLog) -> None:
+    """One SQL definition (token_latencies_mv) makes a token_latencies row of every
+    stored llm.token span: the emission time is the span's end, the first emission has
+    no gap, a multi-token emission counts its tokens, and attributes that are missing,
+    unparsable or out of range become NULL or the column's default."""
+    tid = bytes([0x7E]) * 16
+    ms = 1_000_000
+    req = request(
+        {A.SERVICE_NAME: "decode", A.NODE_ID: "d1"},
+        [
+            span(
+                A.SPAN_TOKEN, 10, T0_NS, T0_NS + 20 * ms,
+                {A.TOKEN_INDEX: 0, A.BATCH_SIZE: 4, A.STEP_PREFILL_TOKENS: 0}, trace_id=tid,
+            ),
+            span(
+                A.SPAN_TOKEN, 11, T0_NS + 20 * ms, T0_NS + 25 * ms,
+                {A.TOKEN_INDEX: 1, A.TOKEN_COUNT: 3, A.BATCH_SIZE: 4, A.STEP_PREFILL_TOKENS: 96},
+                trace_id=tid,
+            ),
+            span(
+                A.SPAN_TOKEN, 12, T0_NS + 25 * ms, T0_NS + 31 * ms, {A.TOKEN_INDEX: 4}, trace_id=tid
+            ),
+            span(
+                A.SPAN_TOKEN, 13, T0_NS + 31 * ms, T0_NS + 32 * ms,
+                {A.TOKEN_INDEX: "5.0", A.TOKEN_COUNT: 1 << 20, A.STEP_PREFILL_TOKENS: -1,
+                 A.BATCH_SIZE: "many"},
+                trace_id=tid,
+            ),
+            span(A.SPAN_DECODE, 14, T0_NS, T0_NS + 32 * ms, trace_id=tid),  # not a token row
+        ],
+    )  # fmt: skip
+    pipeline = Pipeline(store, wal, PipelineConfig(flush_interval_ms=20))
+    pipeline.start()
+    try:
+        assert pipeline.consume(req).stored_spans == 5
+    finally:
+        pipeline.shutdown()
+    rows = store.query(
+        "SELECT toUnixTimestamp64Nano(ts), node, token_index, itl_s, tokens, batch_size, "
+        "step_prefill_tokens FROM token_latencies WHERE trace_id = {t:String} ORDER BY ts",
+        {"t": tid.hex()},
+    ).rows
+    assert rows == [
+        (T0_NS + 20 * ms, "d1", 0, None, 1, 4, 0),
+        (T0_NS + 25 * ms, "d1", 1, pytest.approx(0.005), 3, 4, 96),
+        (T0_NS + 31 * ms, "d1", 4, pytest.approx(0.006), 1, 0, None),
+        # Reported 0 (a step with no prefill work) stays apart from not reported (NULL).
+        (T0_NS + 32 * ms, "d1", 5, pytest.approx(0.001), 1, 0, None),
+    ]
+
+
 def test_bad_dsn_names_it() -> None:
     with pytest.raises(ValueError, match="nowhere"):
         open_store("nowhere")
