@@ -15,8 +15,8 @@ import tempfile
 import time
 
 from bench.ingest import build_template
-from tokentrace.collector.decode import decode_request, parse_protobuf
-from tokentrace.collector.derive import derive_rows
+from tokentrace.collector.ingest.decode import decode_request, parse_protobuf
+from tokentrace.collector.ingest.derive import derive_rows
 from tokentrace.collector.store import open_store
 
 

@@ -170,7 +170,7 @@ def _timed(fn: Callable[[], object], repeats: int) -> float:
 
 
 def run(args: argparse.Namespace) -> list[Figure]:
-    from tokentrace.collector.reports import REPORTS
+    from tokentrace.collector.query.reports import REPORTS
 
     tmp = Path(tempfile.mkdtemp(prefix="tt-bench-query-"))
     proc: subprocess.Popen[str] | None = None

@@ -1,5 +1,7 @@
-"""The tokentrace collector: OTLP receivers → decode → derive → write-ahead log →
-ClickHouse / OTLP forwarders.
+"""The tokentrace collector: ``ingest`` (OTLP receivers → decode → derive → write-ahead
+log → exporters, each on its own cursor: the ClickHouse writer and OTLP forwarders) and
+``query`` (the SQL API, named reports, Jaeger's query API, the latency page), over one
+``store``; ``service`` runs them as one process, ``cli`` is its commands.
 
 Importing this package is cheap: the public names load their modules on first use, so
 ``tokentrace --help`` does not pull in grpc, FastAPI or ClickHouse clients.
@@ -11,19 +13,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .decode import DecodeError, SpanBatch, decode_request, parse_json, parse_protobuf
-    from .derive import DerivedRows, derive_rows
-    from .forward import ForwardConfig, OtlpForwarder
-    from .pipeline import (
+    from .ingest.decode import DecodeError, SpanBatch, decode_request, parse_json, parse_protobuf
+    from .ingest.derive import DerivedRows, derive_rows
+    from .ingest.forward import ForwardConfig, OtlpForwarder
+    from .ingest.pipeline import (
         ExportResult,
         Pipeline,
         PipelineConfig,
         PipelineFull,
         PipelineUnavailable,
     )
+    from .ingest.wal import WalConfig, WalError, WriteAheadLog
     from .service import Collector, CollectorConfig
     from .store import NsDatetime, QueryResult, Store, StoreError, open_store
-    from .wal import WalConfig, WalError, WriteAheadLog
 
 __all__ = [
     "Collector",
@@ -53,20 +55,20 @@ __all__ = [
 ]
 
 _WHERE = {
-    "DecodeError": "decode",
-    "SpanBatch": "decode",
-    "decode_request": "decode",
-    "parse_json": "decode",
-    "parse_protobuf": "decode",
-    "DerivedRows": "derive",
-    "derive_rows": "derive",
-    "ForwardConfig": "forward",
-    "OtlpForwarder": "forward",
-    "ExportResult": "pipeline",
-    "Pipeline": "pipeline",
-    "PipelineConfig": "pipeline",
-    "PipelineFull": "pipeline",
-    "PipelineUnavailable": "pipeline",
+    "DecodeError": "ingest.decode",
+    "SpanBatch": "ingest.decode",
+    "decode_request": "ingest.decode",
+    "parse_json": "ingest.decode",
+    "parse_protobuf": "ingest.decode",
+    "DerivedRows": "ingest.derive",
+    "derive_rows": "ingest.derive",
+    "ForwardConfig": "ingest.forward",
+    "OtlpForwarder": "ingest.forward",
+    "ExportResult": "ingest.pipeline",
+    "Pipeline": "ingest.pipeline",
+    "PipelineConfig": "ingest.pipeline",
+    "PipelineFull": "ingest.pipeline",
+    "PipelineUnavailable": "ingest.pipeline",
     "Collector": "service",
     "CollectorConfig": "service",
     "NsDatetime": "store",
@@ -74,9 +76,9 @@ _WHERE = {
     "Store": "store",
     "StoreError": "store",
     "open_store": "store",
-    "WalConfig": "wal",
-    "WalError": "wal",
-    "WriteAheadLog": "wal",
+    "WalConfig": "ingest.wal",
+    "WalError": "ingest.wal",
+    "WriteAheadLog": "ingest.wal",
 }
 
 

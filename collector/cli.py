@@ -13,7 +13,7 @@ from typing import Any
 
 from tokentrace.schemas.ddl import QUERY_USER
 
-from .reports import REPORTS
+from .query.reports import REPORTS
 
 __all__ = ["register"]
 
@@ -332,7 +332,7 @@ def _byte_size(text: str) -> int:
 
 
 def _add_query_limit_args(parser: argparse.ArgumentParser) -> None:
-    from .sqlguard import QueryLimits
+    from .query.sqlguard import QueryLimits
 
     defaults = QueryLimits()
     parser.add_argument(
@@ -359,7 +359,7 @@ def _add_query_limit_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _query_limits(args: argparse.Namespace) -> Any:
-    from .sqlguard import QueryLimits
+    from .query.sqlguard import QueryLimits
 
     return QueryLimits(
         max_execution_time_s=args.query_timeout,
@@ -369,14 +369,14 @@ def _query_limits(args: argparse.Namespace) -> Any:
 
 
 def _add_tls_args(parser: argparse.ArgumentParser) -> None:
-    from tokentrace.schemas.tls import TLS_CERT_HELP, TLS_KEY_HELP
+    from tokentrace.runtime.tls import TLS_CERT_HELP, TLS_KEY_HELP
 
     parser.add_argument("--tls-cert", default=None, metavar="PEM", help=TLS_CERT_HELP)
     parser.add_argument("--tls-key", default=None, metavar="PEM", help=TLS_KEY_HELP)
 
 
 def _add_ca_arg(parser: argparse.ArgumentParser) -> None:
-    from tokentrace.schemas.tls import CA_CERT_HELP
+    from tokentrace.runtime.tls import CA_CERT_HELP
 
     parser.add_argument(
         "--ca-cert",
@@ -387,7 +387,7 @@ def _add_ca_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
-    from tokentrace.schemas.layout import default_data_dir
+    from tokentrace.runtime.layout import default_data_dir
 
     return Path(args.data_dir) if args.data_dir is not None else default_data_dir()
 
@@ -400,17 +400,17 @@ def _run_collector(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from tokentrace.schemas.auth import resolve_token
-    from tokentrace.schemas.layout import collector_file, default_dsn, wal_dir
-    from tokentrace.schemas.tls import tls_from_args
+    from tokentrace.runtime.auth import resolve_token
+    from tokentrace.runtime.layout import collector_file, default_dsn, wal_dir
+    from tokentrace.runtime.tls import tls_from_args
 
-    from .api import ApiConfig
-    from .forward import ForwardConfig
-    from .otlp_grpc import OtlpGrpcConfig
-    from .otlp_http import OtlpHttpConfig
+    from .ingest.forward import ForwardConfig
+    from .ingest.otlp_grpc import OtlpGrpcConfig
+    from .ingest.otlp_http import OtlpHttpConfig
+    from .ingest.wal import WalConfig, WalError
+    from .query.api import ApiConfig
     from .service import Collector, CollectorConfig, parse_hostport, write_collector_file
     from .store import StoreError
-    from .wal import WalConfig, WalError
 
     logging.basicConfig(
         level=logging.WARNING,
@@ -572,9 +572,9 @@ def _query(
 ) -> dict[str, Any]:
     """``{"columns", "types", "rows"}`` as the /query API returns it; ``params`` are
     ClickHouse query parameters."""
-    from tokentrace.schemas.auth import auth_headers
-    from tokentrace.schemas.layout import collector_file, default_dsn
-    from tokentrace.schemas.tls import (
+    from tokentrace.runtime.auth import auth_headers
+    from tokentrace.runtime.layout import collector_file, default_dsn
+    from tokentrace.runtime.tls import (
         CA_CERT_ENV,
         certificate_error,
         client_verify,
@@ -620,8 +620,8 @@ def _query(
 
 
 def _query_direct(dsn: str, sql: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    from .api import result_to_json
-    from .sqlguard import QueryLimits, UnsafeQuery, guarded_query
+    from .query.api import result_to_json
+    from .query.sqlguard import QueryLimits, UnsafeQuery, guarded_query
     from .store import ReaderConfig, StoreError, open_store
 
     try:
@@ -697,7 +697,7 @@ def _run_trace(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from .waterfall import TRACE_SQL, TraceSpan, render_waterfall
+    from .query.waterfall import TRACE_SQL, TraceSpan, render_waterfall
 
     trace_id = args.trace_id.strip().lower()
     if not re.fullmatch(r"[0-9a-f]{32}", trace_id) or trace_id == "0" * 32:
@@ -723,7 +723,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from .reports import report, report_table, window_params
+    from .query.reports import report, report_table, window_params
 
     try:
         chosen = [report(name) for name in args.names] or list(REPORTS)
@@ -803,7 +803,7 @@ def _run_traces(args: argparse.Namespace) -> int:
 
 
 def _run_ui(args: argparse.Namespace) -> int:
-    from tokentrace.schemas.layout import collector_file
+    from tokentrace.runtime.layout import collector_file
 
     data_dir = _data_dir(args)
     info = None if args.clickhouse else _running_collector(collector_file(data_dir))
@@ -829,19 +829,18 @@ def _serve_ui(args: argparse.Namespace, data_dir: Path) -> int:
     import signal
     import threading
 
-    import uvicorn
-
-    from tokentrace.schemas.auth import (
+    from tokentrace.runtime.auth import (
         BearerAuthMiddleware,
         refuse_unauthenticated_exposure,
         resolve_token,
     )
-    from tokentrace.schemas.layout import default_dsn
+    from tokentrace.runtime.layout import default_dsn
 
-    from .api import create_api_app
+    from .query.api import create_api_app
+    from .query.ui import UI_PATHS
+    from .servers import AsgiServers, hostport
     from .service import parse_hostport
     from .store import ReaderConfig, StoreError, open_store
-    from .ui import UI_PATHS
 
     # Ctrl-C and SIGTERM only set this, whatever the main thread is doing at the time
     # (set before chDB loads, as the collector does).
@@ -864,40 +863,26 @@ def _serve_ui(args: argparse.Namespace, data_dir: Path) -> int:
     except (ValueError, StoreError) as exc:
         print(f"tokentrace ui: {exc}", file=sys.stderr)
         return 1
+    servers = AsgiServers()
     try:
         app: Any = create_api_app(
             store, lambda: {"serving": "tokentrace ui (read-only, no receivers)"}
         )
         if token:
             app = BearerAuthMiddleware(app, token, open_paths=("/health", *UI_PATHS))
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host=host,
-                port=port,
-                log_level="warning",
-                lifespan="off",
-                timeout_graceful_shutdown=2,
-            )
-        )
-        thread = threading.Thread(target=server.run, name="tokentrace-ui", daemon=True)
-        thread.start()
-        while not server.started:
-            if not thread.is_alive():
-                print(f"tokentrace ui: cannot serve on {args.http}", file=sys.stderr)
-                return 1
-            thread.join(0.05)
-        bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
-        shown = f"[{host}]" if ":" in host else host
-        url = f"http://{shown}:{bound}/ui/"
+        try:
+            bound = servers.serve("the page", app, host, port)
+        except OSError as exc:
+            print(f"tokentrace ui: cannot serve on {args.http}: {exc}", file=sys.stderr)
+            return 1
+        url = f"http://{hostport(host, bound)}/ui/"
         print(url, flush=True)
         print(f"serving {store.dsn} read-only; Ctrl-C to stop", file=sys.stderr, flush=True)
         if args.open and _open_in_browser(url):
             stop.set()
-        while thread.is_alive() and not stop.wait(0.5):
+        while not stop.wait(0.5):
             pass
-        server.should_exit = True
-        thread.join(10)
         return 0
     finally:
+        servers.close()
         store.close()

@@ -13,31 +13,29 @@ ports serve TLS with the same certificate, and none of them plaintext.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import socket
 import threading
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokentrace.schemas.auth import BearerAuthMiddleware, refuse_unauthenticated_exposure
+from tokentrace.runtime.auth import BearerAuthMiddleware, refuse_unauthenticated_exposure
+from tokentrace.runtime.tls import TlsConfig
 from tokentrace.schemas.ddl import query_user_statements
-from tokentrace.schemas.tls import TlsConfig
 
-from .api import ApiConfig, QueryCounters, create_api_app
-from .forward import ForwardConfig, OtlpForwarder, forward_reader
+from .ingest.forward import ForwardConfig, OtlpForwarder, forward_reader
+from .ingest.otlp_grpc import OtlpGrpcConfig, OtlpGrpcReceiver
+from .ingest.otlp_http import OtlpHttpConfig, create_otlp_http_app
+from .ingest.pipeline import Pipeline, PipelineConfig
+from .ingest.wal import STORE_READER, LogReader, WalConfig, WriteAheadLog
 from .metrics import collector_registry
-from .otlp_grpc import OtlpGrpcConfig, OtlpGrpcReceiver
-from .otlp_http import OtlpHttpConfig, create_otlp_http_app
-from .pipeline import Pipeline, PipelineConfig
-from .sqlguard import QueryLimits
+from .query.api import ApiConfig, QueryCounters, create_api_app
+from .query.sqlguard import QueryLimits
+from .query.ui import UI_PATHS
+from .servers import AsgiServers, hostport
 from .store import ReaderConfig, Store, StoreError, open_store
-from .ui import UI_PATHS
-from .wal import STORE_READER, LogReader, WalConfig, WriteAheadLog
 
 __all__ = ["Collector", "CollectorConfig", "parse_hostport", "write_collector_file"]
 
@@ -58,10 +56,6 @@ def parse_hostport(value: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be 0..65535 in {value!r}")
     return host, port
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -129,81 +123,6 @@ class CollectorConfig:
         )
 
 
-class _AsgiServers:
-    """uvicorn servers sharing one asyncio loop on a daemon thread."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="tokentrace-http", daemon=True
-        )
-        self._thread.start()
-        self._servers: dict[str, tuple[Any, asyncio.Task[None]]] = {}
-
-    def serve(self, name: str, app: Any, host: str, port: int, tls: TlsConfig | None = None) -> int:
-        """Bind ``host:port`` and serve ``app`` (HTTPS with ``tls``); returns the bound
-        port once listening."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say
-        # they are TCP; with it on, every response after a connection's first waited for the
-        # client's delayed ACK, 40 ms.
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(f"cannot bind {name} to {_hostport(host, port)}: {exc}") from exc
-        bound_port = int(sock.getsockname()[1])
-        future: Future[None] = asyncio.run_coroutine_threadsafe(
-            self._start(name, app, sock, tls), self._loop
-        )
-        future.result(timeout=30)
-        return bound_port
-
-    async def _start(self, name: str, app: Any, sock: socket.socket, tls: TlsConfig | None) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=5,
-            ssl_certfile=tls.cert_file if tls else None,
-            ssl_keyfile=tls.key_file if tls else None,
-        )
-        server = uvicorn.Server(config)
-        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-        while not server.started:
-            if task.done():
-                task.result()  # raises what went wrong
-                raise OSError(f"{name} server exited during startup")
-            await asyncio.sleep(0.01)
-        self._servers[name] = (server, task)
-
-    def stop(self, name: str) -> None:
-        """Stop one server after its in-flight requests finish; idempotent."""
-        if name not in self._servers or not self._thread.is_alive():
-            return
-
-        async def _stop() -> None:
-            server, task = self._servers.pop(name)
-            server.should_exit = True
-            await task
-
-        asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=30)
-
-    def close(self) -> None:
-        for name in list(self._servers):
-            self.stop(name)
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
-
-
 class Collector:
     """One collector: owns its store (and a chDB path) from :meth:`start` to
     :meth:`shutdown`. Both are idempotent; shutdown is safe without start and blocks until
@@ -220,7 +139,7 @@ class Collector:
         self.pipeline: Pipeline | None = None
         self.forwarders: list[OtlpForwarder] = []
         self.queries = QueryCounters()
-        self._http: _AsgiServers | None = None
+        self._http: AsgiServers | None = None
         self._grpc: OtlpGrpcReceiver | None = None
         self.otlp_grpc_address = ""
         self.otlp_http_address = ""
@@ -275,7 +194,7 @@ class Collector:
             forwarder.start()
         self.pipeline = Pipeline(self.store, self.wal, cfg.pipeline)
         self.pipeline.start()
-        self._http = _AsgiServers()
+        self._http = AsgiServers()
         # /metrics reads the same counters as /health, at scrape time.
         metrics = collector_registry(self.counters, (self.pipeline.insert_duration,))
         api_app: Any = create_api_app(
@@ -289,16 +208,16 @@ class Collector:
             )
             otlp_http_app = BearerAuthMiddleware(otlp_http_app, cfg.auth_token)
         api_port = self._http.serve("API", api_app, cfg.api.host, cfg.api.port, cfg.tls)
-        self.api_address = _hostport(cfg.api.host, api_port)
+        self.api_address = hostport(cfg.api.host, api_port)
         http_port = self._http.serve(
             "OTLP/HTTP", otlp_http_app, cfg.otlp_http.host, cfg.otlp_http.port, cfg.tls
         )
-        self.otlp_http_address = _hostport(cfg.otlp_http.host, http_port)
+        self.otlp_http_address = hostport(cfg.otlp_http.host, http_port)
         self._grpc = OtlpGrpcReceiver(
             cfg.otlp_grpc, self.pipeline, auth_token=cfg.auth_token, tls=cfg.tls
         )
         self._grpc.start()
-        self.otlp_grpc_address = _hostport(cfg.otlp_grpc.host, self._grpc.port or 0)
+        self.otlp_grpc_address = hostport(cfg.otlp_grpc.host, self._grpc.port or 0)
 
     def shutdown(self) -> None:
         """Stop receivers, drain the pipeline, stop the API, close the store."""

@@ -24,8 +24,8 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tokentrace.instrument.clock import skew_ns
 from tokentrace.instrument.export import CountingBatchProcessor, ExporterCounts
+from tokentrace.runtime.auth import auth_headers
 from tokentrace.schemas import attributes as A
-from tokentrace.schemas.auth import auth_headers
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Names and DDL shared by the instrumentation and the collector — nothing else."""
 
-from tokentrace.schemas import attributes, layout
+from tokentrace.schemas import attributes
 from tokentrace.schemas.ddl import DATABASE, QUERY_USER, ddl_statements, query_user_statements
 
 __all__ = [
@@ -8,6 +8,5 @@ __all__ = [
     "QUERY_USER",
     "attributes",
     "ddl_statements",
-    "layout",
     "query_user_statements",
 ]

@@ -9,8 +9,8 @@ import argparse
 from pathlib import Path
 
 from tokentrace.instrument.tracing import TOKEN_SPANS_HELP, TOKEN_SPANS_MODES
-from tokentrace.schemas.layout import DATA_DIR_ENV
-from tokentrace.schemas.tls import TLS_CERT_HELP, TLS_KEY_HELP
+from tokentrace.runtime.layout import DATA_DIR_ENV
+from tokentrace.runtime.tls import TLS_CERT_HELP, TLS_KEY_HELP
 
 DATA_DIR_HELP = (
     f"data directory (models, the embedded ClickHouse store); default ${DATA_DIR_ENV} "
@@ -216,7 +216,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _data_dir(value: Path | None) -> Path:
-    from tokentrace.schemas.layout import default_data_dir
+    from tokentrace.runtime.layout import default_data_dir
 
     return (value or default_data_dir()).expanduser()
 
@@ -251,8 +251,8 @@ def _worker(args: argparse.Namespace) -> int:
 def _router(args: argparse.Namespace) -> int:
     import sys
 
-    from tokentrace.schemas.auth import resolve_token
-    from tokentrace.schemas.tls import tls_from_args
+    from tokentrace.runtime.auth import resolve_token
+    from tokentrace.runtime.tls import tls_from_args
     from tokentrace.serving import router
 
     try:

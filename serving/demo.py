@@ -21,8 +21,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tokentrace.collector.reports import PERCENTILES as _Q
-from tokentrace.collector.reports import REPORTS, Report, report_table, window_params
+from tokentrace.collector.query.reports import PERCENTILES as _Q
+from tokentrace.collector.query.reports import REPORTS, Report, report_table, window_params
 from tokentrace.serving.stack import LocalStack
 
 # The comparison of --mode both: per deployment (router node), over one run's requests.
@@ -75,7 +75,7 @@ def comparison(stack: LocalStack, since_epoch_s: float) -> dict[str, dict[str, A
     return {deployment: by_node[node] for deployment, node in nodes.items()}
 
 
-def _comparison_rows(numbers: dict[str, Any]) -> list[tuple[str, str]]:
+def comparison_rows(numbers: dict[str, Any]) -> list[tuple[str, str]]:
     """(metric, formatted value) for one deployment, in the table's order."""
 
     def ms(key: str, i: int) -> str:
@@ -122,7 +122,7 @@ def print_comparison(stack: LocalStack, since_epoch_s: float, console: Console) 
     for deployment, values in numbers.items():
         workers = stack.both if deployment == "aggregated" else {**stack.prefill, **stack.decode}
         table.add_column(f"{deployment}\n{', '.join(workers)}", justify="right")
-        columns[deployment] = _comparison_rows(values)
+        columns[deployment] = comparison_rows(values)
     first = next(iter(columns.values()))
     for i, (metric, _) in enumerate(first):
         table.add_row(metric, *[rows[i][1] for rows in columns.values()])
@@ -136,7 +136,7 @@ def _since_sql(epoch_s: float) -> str:
 def print_report(
     stack: LocalStack, window_ms: tuple[int, int], console: Console
 ) -> list[tuple[Report, list[dict[str, Any]]]]:
-    """The named reports (:mod:`tokentrace.collector.reports`) over ``window_ms`` (from,
+    """The named reports (:mod:`tokentrace.collector.query.reports`) over ``window_ms`` (from,
     to), each one query through the collector, as tables; returns their rows."""
     params = window_params(*window_ms)
     out = []
@@ -323,7 +323,7 @@ def _command_name() -> str:
 
 
 def _default() -> Path:
-    from tokentrace.schemas.layout import default_data_dir
+    from tokentrace.runtime.layout import default_data_dir
 
     return default_data_dir()
 

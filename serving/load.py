@@ -35,8 +35,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tokentrace.schemas.auth import auth_headers
-from tokentrace.schemas.tls import (
+from tokentrace.runtime.auth import auth_headers
+from tokentrace.runtime.tls import (
     CA_CERT_ENV,
     CA_CERT_HELP,
     certificate_error,

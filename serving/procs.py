@@ -24,7 +24,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def ephemeral_range() -> tuple[int, int]:
     """The kernel's range for ports it assigns itself (``bind`` to port 0, the local
     end of an outgoing connection)."""
     try:
@@ -42,7 +42,7 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     connection, a vLLM server binding port 0 for its engine core) before our process
     binds it, a minute later when vLLM servers start first. All sockets are held open
     until every port is chosen, so none repeats."""
-    lo, _ = _ephemeral_range()
+    lo, _ = ephemeral_range()
     start = 10000 if lo > 20000 else 1024
     rng = random.Random()
     sockets: list[socket.socket] = []

@@ -52,14 +52,14 @@ from tokentrace.instrument.clock import (
     CLOCK_HEADER,
     OffsetEstimator,
     now_ns,
-    parse_clock_header,
 )
 from tokentrace.instrument.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from tokentrace.runtime.auth import BearerAuthMiddleware
+from tokentrace.runtime.tls import TlsConfig
 from tokentrace.schemas import attributes as A
-from tokentrace.schemas.auth import BearerAuthMiddleware
-from tokentrace.schemas.tls import TlsConfig
 from tokentrace.serving import openai_protocol as P
 from tokentrace.serving.serve import serve
+from tokentrace.serving.workers import Lease, Worker, WorkerPool
 
 __all__ = [
     "PREFILL_KV_TRANSFER_PARAMS",
@@ -222,108 +222,6 @@ def aggregated_request_body(body: Mapping[str, Any], stream: bool) -> dict[str, 
     return out
 
 
-# -- workers -------------------------------------------------------------------------
-
-
-class _Lease:
-    """One request counted in a worker's ``outstanding`` (what least-outstanding routing
-    reads). :meth:`release` is idempotent, so whoever owns the request at the end --
-    the send that failed, the handler, the stream relay -- can release it without
-    knowing whether someone else already did."""
-
-    __slots__ = ("worker", "_held")
-
-    def __init__(self, worker: _Worker) -> None:
-        self.worker = worker
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self.worker.outstanding -= 1
-
-
-@dataclass
-class _Worker:
-    url: str
-    role: str
-    outstanding: int = 0
-    healthy: bool = True
-    down_until: float = 0.0  # time.monotonic(); no probe revives it before this
-    node_id: str | None = None  # learned from its /health (stock vLLM's names none)
-    clock: OffsetEstimator = field(default_factory=OffsetEstimator)  # its clock vs ours
-
-    def lease(self) -> _Lease:
-        """Count one more request at this worker until the lease is released."""
-        self.outstanding += 1
-        return _Lease(self)
-
-    def mark_down(self, cooldown_s: float, reason: str) -> None:
-        if self.healthy:
-            log.warning("%s worker %s marked unhealthy: %s", self.role, self.url, reason)
-        self.healthy = False
-        self.down_until = time.monotonic() + cooldown_s
-
-    def mark_up(self) -> None:
-        if not self.healthy:
-            log.info("%s worker %s is healthy again", self.role, self.url)
-        self.healthy = True
-
-    def snapshot(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "url": self.url,
-            "healthy": self.healthy,
-            "outstanding": self.outstanding,
-        }
-        estimate = self.clock.estimate()
-        if estimate is not None:
-            out["clock_offset_s"] = estimate.offset_s
-            out["clock_error_s"] = estimate.error_s
-        return out
-
-    def observe_clock(self, t0: int, resp: httpx.Response, t3: int) -> None:
-        """Add the clock exchange of one call (sent at ``t0``, answered at ``t3``)."""
-        peer = parse_clock_header(resp.headers.get(CLOCK_HEADER))
-        if peer is not None:
-            self.clock.add(t0, peer.t1_ns, peer.t2_ns, t3)
-            if self.node_id is None and peer.node:
-                self.node_id = peer.node  # a stock server's /health names no node
-
-    def annotate(self, span: Span, offset_attr: str, error_attr: str) -> None:
-        """Put this worker's current clock offset estimate on ``span``."""
-        estimate = self.clock.estimate()
-        if estimate is not None:
-            span.set_attribute(offset_attr, estimate.offset_s)
-            span.set_attribute(error_attr, estimate.error_s)
-
-
-@dataclass
-class _Pool:
-    role: str
-    workers: list[_Worker]
-    _next: int = field(default=0)
-
-    def pick(self, exclude: set[str]) -> _Worker | None:
-        """Least outstanding among healthy workers not in ``exclude``, ties in round-robin
-        order; when none is healthy, the same among the unhealthy ones (a connection
-        attempt is the quickest probe). None when every worker is excluded."""
-        candidates = [w for w in self.workers if w.url not in exclude and w.healthy]
-        if not candidates:
-            candidates = [w for w in self.workers if w.url not in exclude]
-        if not candidates:
-            return None
-        least = min(w.outstanding for w in candidates)
-        eligible = {id(w) for w in candidates if w.outstanding == least}
-        n = len(self.workers)
-        for step in range(n):
-            i = (self._next + step) % n
-            worker = self.workers[i]
-            if id(worker) in eligible:
-                self._next = (i + 1) % n
-                return worker
-        return None  # unreachable: some candidate has the least count
-
-
 class _RouteError(Exception):
     """Answer the client with ``status`` and ``content`` (bytes from a worker, or a dict)."""
 
@@ -421,17 +319,17 @@ class _Router:
         self.tracing = tracing
         self.metrics = ServingMetrics(tracing.node_id, "router")
         window = config.clock_window_s
-        self.prefill = _Pool(
+        self.prefill = WorkerPool(
             "prefill",
-            [_Worker(u, "prefill", clock=OffsetEstimator(window)) for u in config.prefill_urls],
+            [Worker(u, "prefill", clock=OffsetEstimator(window)) for u in config.prefill_urls],
         )
-        self.decode = _Pool(
+        self.decode = WorkerPool(
             "decode",
-            [_Worker(u, "decode", clock=OffsetEstimator(window)) for u in config.decode_urls],
+            [Worker(u, "decode", clock=OffsetEstimator(window)) for u in config.decode_urls],
         )
-        self.both = _Pool(
+        self.both = WorkerPool(
             "both",
-            [_Worker(u, "both", clock=OffsetEstimator(window)) for u in config.worker_urls],
+            [Worker(u, "both", clock=OffsetEstimator(window)) for u in config.worker_urls],
         )
         self._client: httpx.AsyncClient | None = None
         self._probe_task: asyncio.Task[None] | None = None
@@ -473,10 +371,10 @@ class _Router:
             raise RuntimeError("router not started (run it under the app's lifespan)")
         return self._client
 
-    def _all_workers(self) -> list[_Worker]:
+    def _all_workers(self) -> list[Worker]:
         return self.prefill.workers + self.decode.workers + self.both.workers
 
-    async def _probe(self, worker: _Worker) -> None:
+    async def _probe(self, worker: Worker) -> None:
         try:
             t0 = now_ns()
             resp = await self.client.get(
@@ -567,12 +465,12 @@ class _Router:
 
     async def _send(
         self,
-        pool: _Pool,
+        pool: WorkerPool,
         path: str,
         body: dict[str, Any],
         headers: dict[str, str],
         stream: bool,
-    ) -> tuple[_Lease, httpx.Response, int]:
+    ) -> tuple[Lease, httpx.Response, int]:
         """Send to the best worker of ``pool``, moving on to the next one when a worker
         cannot be connected to. Returns the worker's lease (the caller releases it), its
         response (headers read) and when the request was sent (this router's wall
@@ -750,7 +648,7 @@ class _Router:
             raise _RouteError.make(400, f"the request body is not valid JSON: {exc}") from exc
 
     async def _relay_stream(
-        self, lease: _Lease, resp: httpx.Response, state: _RequestState, include_usage: bool
+        self, lease: Lease, resp: httpx.Response, state: _RequestState, include_usage: bool
     ) -> AsyncIterator[bytes]:
         """Relay the decode worker's SSE events one by one as they arrive, each as it
         came: never added, split or merged. Owns ``resp``, the worker's lease and the
@@ -869,7 +767,7 @@ async def _drain(resp: httpx.Response, lines: AsyncIterator[str], timeout_s: flo
         await resp.aclose()
 
 
-def _set_worker(span: trace.Span, node_attr: str, url_attr: str, worker: _Worker) -> None:
+def _set_worker(span: trace.Span, node_attr: str, url_attr: str, worker: Worker) -> None:
     """The chosen worker's URL, and its node id when its /health named one (a stock vLLM
     server's does not: its own spans carry its node id)."""
     span.set_attribute(url_attr, worker.url)
@@ -881,7 +779,7 @@ def _model_ids(models: Mapping[str, Any]) -> list[str]:
     return [m["id"] for m in models.get("data", []) if isinstance(m, dict) and "id" in m]
 
 
-def _json_object(resp: httpx.Response, worker: _Worker) -> dict[str, Any]:
+def _json_object(resp: httpx.Response, worker: Worker) -> dict[str, Any]:
     try:
         answer = resp.json()
     except ValueError as exc:

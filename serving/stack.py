@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from tokentrace.schemas.auth import auth_headers
+from tokentrace.runtime.auth import auth_headers
 from tokentrace.serving.procs import Component, free_ports
 
 HOST = "127.0.0.1"
@@ -182,7 +182,7 @@ class LocalStack:
         """A stock vLLM server. The prefill side is started through ``tokentrace
         instrument``, the decode side with plain environment variables: the two ways a
         user enables the plugin."""
-        from tokentrace.schemas.layout import models_dir
+        from tokentrace.runtime.layout import models_dir
         from tokentrace.serving.vllm_servers import create_hf_model, vllm_command, vllm_env
 
         model = create_hf_model(models_dir(self.data_dir))

@@ -47,8 +47,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tokentrace.schemas.auth import auth_headers
-from tokentrace.schemas.tls import CA_CERT_HELP, client_verify, resolve_ca_cert
+from tokentrace.runtime.auth import auth_headers
+from tokentrace.runtime.tls import CA_CERT_HELP, client_verify, resolve_ca_cert
 from tokentrace.serving import load as L
 
 __all__ = [
@@ -418,7 +418,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _collector_api(args: argparse.Namespace) -> str:
     if args.collector:
         return str(args.collector).rstrip("/")
-    from tokentrace.schemas.layout import collector_file, default_data_dir
+    from tokentrace.runtime.layout import collector_file, default_data_dir
 
     path = collector_file(args.data_dir or default_data_dir())
     try:

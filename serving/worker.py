@@ -57,8 +57,8 @@ from tokentrace.instrument import (
     wall_ns,
 )
 from tokentrace.instrument.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from tokentrace.runtime.layout import default_data_dir, models_dir
 from tokentrace.schemas import attributes as A
-from tokentrace.schemas.layout import default_data_dir, models_dir
 from tokentrace.serving import openai_protocol as oai
 from tokentrace.serving.engine import (
     BlockPool,

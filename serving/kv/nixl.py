@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["KVRegion", "KVTransferError", "NixlKVEndpoint", "TransferResult"]
+__all__ = ["KVRegion", "KVTransferError", "NixlKVEndpoint", "TransferResult", "coalesce_runs"]
 
 _log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class TransferResult:
         return (self.end_ns - self.start_ns) / 1e9
 
 
-def _coalesce(remote_ids: list[int], local_ids: list[int]) -> list[tuple[int, int, int]]:
+def coalesce_runs(remote_ids: list[int], local_ids: list[int]) -> list[tuple[int, int, int]]:
     """Group pairs into runs consecutive on both sides: ``[(remote_start, local_start, n)]``."""
     runs: list[tuple[int, int, int]] = []
     for r, loc in zip(remote_ids, local_ids, strict=True):
@@ -240,7 +240,7 @@ class NixlKVEndpoint:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
 
         nbytes = remote.block_nbytes
-        runs = _coalesce(remote_block_ids, local_block_ids)
+        runs = coalesce_runs(remote_block_ids, local_block_ids)
         local_descs = [
             (self._region.base_addr + loc * nbytes, n * nbytes, _DRAM_DEV_ID) for _, loc, n in runs
         ]

@@ -22,7 +22,7 @@ import pytest
 from rich.console import Console
 
 from tokentrace.serving import openai_protocol as P
-from tokentrace.serving.demo import _comparison_rows, comparison, print_comparison
+from tokentrace.serving.demo import comparison, comparison_rows, print_comparison
 from tokentrace.serving.load import LoadResult, run_load
 from tokentrace.serving.stack import LocalStack
 
@@ -300,7 +300,7 @@ def test_comparison_numbers_equal_numpy_over_the_raw_rows(
     print_comparison(stack, since, console)
     text = console.export_text()
     for deployment in ("aggregated", "disaggregated"):
-        for metric, value in _comparison_rows(got[deployment]):
+        for metric, value in comparison_rows(got[deployment]):
             line = next(line for line in text.splitlines() if f" {metric} " in line)
             assert f" {value} " in line, (metric, value, line)
 

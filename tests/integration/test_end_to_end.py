@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tokentrace.schemas.layout import models_dir
+from tokentrace.runtime.layout import models_dir
 from tokentrace.serving.engine import ModelConfig
 from tokentrace.serving.load import LoadResult, run_load
 from tokentrace.serving.stack import LocalStack
@@ -350,7 +350,7 @@ def test_trace_and_traces_commands(stack: LocalStack, load: LoadResult) -> None:
 def test_demo_report_reads_every_table(stack: LocalStack, load: LoadResult) -> None:
     from rich.console import Console
 
-    from tokentrace.collector.reports import REPORTS
+    from tokentrace.collector.query.reports import REPORTS
     from tokentrace.serving.demo import print_report
 
     console = Console(width=200, record=True)

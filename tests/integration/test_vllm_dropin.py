@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tokentrace.schemas.layout import models_dir
+from tokentrace.runtime.layout import models_dir
 from tokentrace.serving.load import LoadResult, run_load
 from tokentrace.serving.procs import Component, free_port
 from tokentrace.serving.stack import LocalStack

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SURFACES = [
     ROOT / "serving" / "demo.py",
-    ROOT / "collector" / "ui_assets" / "app.js",
+    ROOT / "collector" / "query" / "ui_assets" / "app.js",
     *sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json")),
     ROOT / "README.md",
     *sorted(

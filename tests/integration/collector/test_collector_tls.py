@@ -29,7 +29,7 @@ from tls_certs import TlsFiles
 
 from tokentrace.cli import main
 from tokentrace.instrument import setup_tracing
-from tokentrace.schemas.tls import CA_CERT_ENV
+from tokentrace.runtime.tls import CA_CERT_ENV
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -454,9 +454,9 @@ def test_http_target_retry_after_is_honoured_and_400_is_never_retried(tmp_path: 
     retried after the given delay; 400 drops the batch at once."""
     from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-    from tokentrace.collector.forward import ForwardConfig, OtlpForwarder, forward_reader
-    from tokentrace.collector.logrecord import encode_record, export_digest
-    from tokentrace.collector.wal import STORE_READER, LogReader, WalConfig, WriteAheadLog
+    from tokentrace.collector.ingest.forward import ForwardConfig, OtlpForwarder, forward_reader
+    from tokentrace.collector.ingest.logrecord import encode_record, export_digest
+    from tokentrace.collector.ingest.wal import STORE_READER, LogReader, WalConfig, WriteAheadLog
 
     arrivals: list[tuple[float, int]] = []  # (monotonic time, status answered)
 

@@ -41,7 +41,7 @@ from otlp_payloads import (
     to_json,
 )
 
-from tokentrace.collector.decode import (
+from tokentrace.collector.ingest.decode import (
     EARLIEST_NS,
     MAX_ATTRIBUTES,
     MAX_EVENTS,

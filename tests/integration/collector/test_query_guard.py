@@ -24,7 +24,7 @@ from collector_process import Running, running_collector
 from otlp_payloads import new_trace_id, post, request, span
 
 from tests.outside import OutsideServer, outside_server
-from tokentrace.collector import sqlallow
+from tokentrace.collector.query import sqlallow
 
 pytestmark = pytest.mark.timeout(300)
 

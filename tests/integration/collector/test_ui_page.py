@@ -6,7 +6,7 @@ off -- serves a short load; then Debian's ``chromium`` (driven by Playwright, no
 browser download) opens the page. Every chart's marks carry the numbers they draw as
 data attributes; the tests compare those with what the SQL returns through ``/query``,
 and the waterfall's spans with the trace's rows moved onto the router's clock by the
-collector's own :func:`tokentrace.collector.waterfall.align`.
+collector's own :func:`tokentrace.collector.query.waterfall.align`.
 
 With ``TOKENTRACE_UI_SCREENSHOTS=docs/ui`` the tests also save a screenshot of each view
 there (the README's pictures); otherwise they go to the test's temporary directory.
@@ -29,8 +29,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
-from tokentrace.collector.waterfall import TRACE_SQL, TraceSpan, align
-from tokentrace.schemas.auth import auth_headers
+from tokentrace.collector.query.waterfall import TRACE_SQL, TraceSpan, align
+from tokentrace.runtime.auth import auth_headers
 from tokentrace.serving.load import run_load
 from tokentrace.serving.stack import LocalStack
 

@@ -19,7 +19,7 @@ from test_router_flow import Served, StubWorker
 from tls_certs import TlsFiles
 
 from tokentrace.cli import main
-from tokentrace.schemas.tls import CA_CERT_ENV
+from tokentrace.runtime.tls import CA_CERT_ENV
 from tokentrace.serving.procs import free_port
 
 pytestmark = pytest.mark.timeout(120)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokentrace.collector.forward import ForwardError
+from tokentrace.collector.ingest.forward import ForwardError
 from tokentrace.collector.retry import CollectorError, backoff_s, jittered_backoff_s
 from tokentrace.collector.store import StoreError
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from tokentrace.collector.api import ApiConfig
-from tokentrace.collector.otlp_grpc import OtlpGrpcConfig
+from tokentrace.collector.ingest.otlp_grpc import OtlpGrpcConfig
+from tokentrace.collector.ingest.wal import WalConfig
+from tokentrace.collector.query.api import ApiConfig
+from tokentrace.collector.query.sqlguard import QueryLimits
 from tokentrace.collector.service import CollectorConfig
-from tokentrace.collector.sqlguard import QueryLimits
-from tokentrace.collector.wal import WalConfig
 
 SERVER = "http://clickhouse:8123"
 

@@ -152,9 +152,9 @@ def _required(value: str, name: str) -> bool:
 def test_the_exposed_collector_requires_its_token_and_reads_least_privileged(
     compose: dict[str, Any],
 ) -> None:
+    from tokentrace.collector.ingest.wal import WalConfig
     from tokentrace.collector.service import CollectorConfig
-    from tokentrace.collector.wal import WalConfig
-    from tokentrace.schemas.auth import is_loopback_host
+    from tokentrace.runtime.auth import is_loopback_host
 
     services = compose["services"]
     argv = _tokentrace_services(compose)["collector"]
@@ -199,9 +199,9 @@ def test_the_exposed_collector_requires_its_token_and_reads_least_privileged(
 
 
 def _listeners(args: Any) -> dict[str, Any]:
-    from tokentrace.collector.api import ApiConfig
-    from tokentrace.collector.otlp_grpc import OtlpGrpcConfig
-    from tokentrace.collector.otlp_http import OtlpHttpConfig
+    from tokentrace.collector.ingest.otlp_grpc import OtlpGrpcConfig
+    from tokentrace.collector.ingest.otlp_http import OtlpHttpConfig
+    from tokentrace.collector.query.api import ApiConfig
     from tokentrace.collector.service import parse_hostport
 
     (gh, gp), (hh, hp), (ah, ap) = (

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tokentrace.collector.decode import PACKED_TOKENS_COLUMNS
+from tokentrace.collector.ingest.decode import PACKED_TOKENS_COLUMNS
 from tokentrace.schemas import ddl_statements
 
 
@@ -317,7 +317,7 @@ def test_the_query_user_is_granted_select_on_tokentrace_only(tmp_path: Path) -> 
 def test_the_readme_shows_the_query_user_statements_the_collector_runs() -> None:
     import re
 
-    from tokentrace.collector.sqlguard import QueryLimits
+    from tokentrace.collector.query.sqlguard import QueryLimits
     from tokentrace.schemas import QUERY_USER, query_user_statements
 
     readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import socket
 
-from tokentrace.serving.procs import _ephemeral_range, free_ports
+from tokentrace.serving.procs import ephemeral_range, free_ports
 
 
 def test_ports_are_distinct_bindable_and_outside_the_ephemeral_range() -> None:
-    lo, hi = _ephemeral_range()
+    lo, hi = ephemeral_range()
     ports = free_ports(40)
     assert len(set(ports)) == 40
     assert all(1024 <= p < lo for p in ports)

@@ -11,8 +11,8 @@ from tokentrace.serving import openai_protocol as P
 from tokentrace.serving.router import (
     PREFILL_KV_TRANSFER_PARAMS,
     RouterConfig,
-    _Pool,
-    _Worker,
+    Worker,
+    WorkerPool,
     decode_request_body,
     new_request_id,
     prefill_request_body,
@@ -277,7 +277,7 @@ def test_router_config_validation() -> None:
 
 
 def test_pool_picks_least_outstanding_with_round_robin_ties() -> None:
-    pool = _Pool("decode", [_Worker(f"http://w{i}", "decode") for i in range(3)])
+    pool = WorkerPool("decode", [Worker(f"http://w{i}", "decode") for i in range(3)])
     picks = [pool.pick(set()) for _ in range(6)]
     assert [w.url for w in picks if w] == ["http://w0", "http://w1", "http://w2"] * 2
     pool.workers[0].outstanding = 2
@@ -287,7 +287,7 @@ def test_pool_picks_least_outstanding_with_round_robin_ties() -> None:
 
 
 def test_pool_skips_unhealthy_and_excluded_workers() -> None:
-    pool = _Pool("prefill", [_Worker(f"http://w{i}", "prefill") for i in range(2)])
+    pool = WorkerPool("prefill", [Worker(f"http://w{i}", "prefill") for i in range(2)])
     pool.workers[0].healthy = False
     assert {pool.pick(set()).url for _ in range(3)} == {"http://w1"}  # type: ignore[union-attr]
     # With every healthy worker excluded, an unhealthy one is still tried...

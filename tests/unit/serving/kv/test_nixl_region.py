@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokentrace.serving.kv import KVRegion, NixlKVEndpoint, TransferResult
-from tokentrace.serving.kv.nixl import _coalesce
+from tokentrace.serving.kv.nixl import coalesce_runs
 
 
 def _region() -> KVRegion:
@@ -69,7 +69,7 @@ def test_region_from_dict_missing_key() -> None:
 def test_coalesce_merges_runs_consecutive_on_both_sides(
     remote: list[int], local: list[int], runs: list[tuple[int, int, int]]
 ) -> None:
-    assert _coalesce(remote, local) == runs
+    assert coalesce_runs(remote, local) == runs
 
 
 def test_transfer_result_duration() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tokentrace.schemas.tls import (
+from tokentrace.runtime.tls import (
     CA_CERT_ENV,
     TlsConfig,
     certificate_error,

@@ -27,10 +27,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ..store import QueryResult, Store, StoreError
 from .jaeger import jaeger_router
 from .reports import REPORTS, report, window_params
 from .sqlguard import UnsafeQuery, guarded_query
-from .store import QueryResult, Store, StoreError
 from .ui import ui_router
 
 __all__ = ["ApiConfig", "QueryCounters", "create_api_app", "json_safe", "result_to_json"]

@@ -42,8 +42,8 @@ from typing import Any
 
 from tokentrace.schemas import DATABASE
 
+from ..store import QueryResult, Store, StoreError
 from . import sqlallow
-from .store import QueryResult, Store, StoreError
 
 __all__ = [
     "MAX_STATEMENT_BYTES",

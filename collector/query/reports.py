@@ -4,7 +4,7 @@
 JSON), the collector serves them as ``GET /reports`` and ``GET /reports/{name}`` (which
 the built-in page draws as tables), and the Grafana dashboard holds one table panel per
 report whose SQL is :meth:`Report.sql_for` with Grafana's time filter
-(checked by a test, written by ``python -m tokentrace.collector.reports``). For one store
+(checked by a test, written by ``python -m tokentrace.collector.query.reports``). For one store
 and one window they all show the same numbers: one SQL text, one percentile definition
 (:data:`PERCENTILES`: exact, linearly interpolated between the nearest ranks, as
 ``numpy.percentile`` and so vLLM's ``bench serve``).
@@ -324,5 +324,5 @@ def _write_dashboard(path: Path) -> None:
     path.write_text(json.dumps(dashboard, indent=2, ensure_ascii=False) + "\n")
 
 
-if __name__ == "__main__":  # python -m tokentrace.collector.reports DASHBOARD.json
+if __name__ == "__main__":  # python -m tokentrace.collector.query.reports DASHBOARD.json
     _write_dashboard(Path(sys.argv[1]))

@@ -37,9 +37,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from tokentrace.schemas import attributes as attrs
 
+from ..retry import CollectorError, jittered_backoff_s
 from .decode import DecodeError, expanded_request, parse_protobuf
 from .logrecord import decode_record
-from .retry import CollectorError, jittered_backoff_s
 from .wal import LogReader, WalError, WriteAheadLog
 
 __all__ = [

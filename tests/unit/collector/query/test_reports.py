@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tokentrace.collector.reports import (
+from tokentrace.collector.query.reports import (
     GRAFANA_DESCRIPTION,
     GRAFANA_WINDOW,
     REPORTS,
@@ -19,10 +19,10 @@ from tokentrace.collector.reports import (
     report,
     window_params,
 )
-from tokentrace.collector.sqlguard import guarded_query
+from tokentrace.collector.query.sqlguard import guarded_query
 from tokentrace.collector.store import open_store
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/tokentrace.json"
 
 
@@ -33,7 +33,7 @@ def test_the_dashboard_holds_exactly_the_reports() -> None:
     expected = grafana_panels(ours[0]["id"], ours[0]["gridPos"]["y"])
     assert ours == expected, (
         "deploy/grafana's report panels are out of date: run "
-        "python -m tokentrace.collector.reports deploy/grafana/dashboards/tokentrace.json"
+        "python -m tokentrace.collector.query.reports deploy/grafana/dashboards/tokentrace.json"
     )
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))

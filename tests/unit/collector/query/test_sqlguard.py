@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.outside import OutsideServer, outside_server
-from tokentrace.collector import sqlallow
-from tokentrace.collector.sqlguard import (
+from tokentrace.collector.query import sqlallow
+from tokentrace.collector.query.sqlguard import (
     MAX_STATEMENT_BYTES,
     QueryLimits,
     UnsafeQuery,

@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import pytest
 
-from tokentrace.schemas.auth import (
+from tokentrace.runtime.auth import (
     AUTH_TOKEN_ENV,
     BearerAuthMiddleware,
     auth_headers,

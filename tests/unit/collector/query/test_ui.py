@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from importlib import resources
 
-from tokentrace.collector.ui import UI_PATHS
+from tokentrace.collector.query.ui import UI_PATHS
 
-ASSETS = resources.files("tokentrace.collector").joinpath("ui_assets")
+ASSETS = resources.files("tokentrace.collector.query").joinpath("ui_assets")
 
 
 def test_the_page_loads_only_its_own_open_assets() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokentrace.collector.clockalign import TimedSpan, clock_shifts
+from tokentrace.collector.query.clockalign import TimedSpan, clock_shifts
 from tokentrace.schemas import attributes as A
 
 MS = 1_000_000

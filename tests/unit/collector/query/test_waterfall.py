@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from tokentrace.collector.waterfall import TraceSpan, render_waterfall
+from tokentrace.collector.query.waterfall import TraceSpan, render_waterfall
 
 MS = 1_000_000
 

@@ -32,21 +32,19 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-)
 from prometheus_client import Histogram
 
+from ..retry import jittered_backoff_s
+from ..store import Store, StoreError
 from .decode import SpanBatch, accepted_request, decode_request, parse_protobuf
 from .derive import DerivedRows, derive_rows
 from .logrecord import decode_record, encode_record, export_digest
-from .retry import jittered_backoff_s
-from .store import Store, StoreError
 from .wal import STORE_READER, WriteAheadLog
 
 __all__ = [
+    "Consumer",
     "ExportResult",
     "Pipeline",
     "PipelineConfig",
@@ -96,6 +94,14 @@ class PipelineConfig:
             raise ValueError(f"queue_exports must be >= 1, got {self.queue_exports!r}")
         if self.shutdown_timeout_s < 0:
             raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s!r}")
+
+
+class Consumer(Protocol):
+    """What a receiver hands each export to (the pipeline): the serialized request as it
+    came over the wire, answered with what was accepted, or an exception (see
+    :meth:`Pipeline.consume`)."""
+
+    def consume(self, request: bytes) -> ExportResult: ...
 
 
 @dataclass(frozen=True)
@@ -283,24 +289,22 @@ class Pipeline:
 
     # -- the stage -----------------------------------------------------------------
 
-    def consume(self, request: bytes | ExportTraceServiceRequest) -> ExportResult:
-        """Decode, derive and log one export; return once it is stored or durable.
+    def consume(self, request: bytes) -> ExportResult:
+        """Decode, derive and log one export (a serialized ExportTraceServiceRequest, as
+        it came over the wire); return once it is stored or durable.
 
-        Raises :class:`~tokentrace.collector.decode.DecodeError` for an unparsable request
-        (permanent), :class:`PipelineFull` past the disk budget and
+        Raises :class:`~tokentrace.collector.ingest.decode.DecodeError` for an
+        unparsable request (permanent), :class:`PipelineFull` past the disk budget and
         :class:`PipelineUnavailable` when it could not be logged (transient: the sender
         should retry).
         """
-        if isinstance(request, bytes | bytearray | memoryview):
-            wire = bytes(request)
-            request = parse_protobuf(wire)
-        else:
-            wire = request.SerializeToString()
+        wire = bytes(request)
+        parsed = parse_protobuf(wire)
         digest = export_digest(wire)
         # One clock reading for decoding and for the accepted copy the log keeps, so the
         # spans logged are exactly the spans decoded.
         now_ns = time.time_ns()
-        batch = decode_request(request, now_ns=now_ns)
+        batch = decode_request(parsed, now_ns=now_ns)
         with self._counter_lock:
             self._received += batch.expanded_spans + batch.rejected_spans
             self._rejected += batch.rejected_spans
@@ -323,8 +327,7 @@ class Pipeline:
                 f"are waiting for ClickHouse (limit {self._wal.config.max_bytes}); retry later"
             )
         if batch.rejected_spans:
-            request = accepted_request(request, now_ns=now_ns)
-            wire = request.SerializeToString()
+            wire = accepted_request(parsed, now_ns=now_ns).SerializeToString()
         pending = _Pending(batch, derive_rows(batch), digest, wire)
         try:
             self._enqueue(pending)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tokentrace.collector.logrecord import decode_record, encode_record, export_digest
-from tokentrace.collector.wal import (
+from tokentrace.collector.ingest.logrecord import decode_record, encode_record, export_digest
+from tokentrace.collector.ingest.wal import (
     STORE_READER,
     LogReader,
     WalConfig,

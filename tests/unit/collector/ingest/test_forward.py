@@ -12,16 +12,16 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-from tokentrace.collector.decode import accepted_request, decode_request
-from tokentrace.collector.forward import (
+from tokentrace.collector.ingest.decode import accepted_request, decode_request
+from tokentrace.collector.ingest.forward import (
     ForwardConfig,
     OtlpForwarder,
     forward_reader,
     forwarded_export,
     retry_after_s,
 )
-from tokentrace.collector.logrecord import encode_record, export_digest
-from tokentrace.collector.wal import STORE_READER, LogReader, WalConfig, WriteAheadLog
+from tokentrace.collector.ingest.logrecord import encode_record, export_digest
+from tokentrace.collector.ingest.wal import STORE_READER, LogReader, WalConfig, WriteAheadLog
 from tokentrace.instrument.recorder import TokenRecorder
 from tokentrace.schemas import attributes as A
 

@@ -1,4 +1,4 @@
-"""OTLP/HTTP trace receiver: ``POST /v1/traces`` → :meth:`Pipeline.consume`.
+"""OTLP/HTTP trace receiver: ``POST /v1/traces`` → :meth:`Consumer.consume` (the pipeline).
 
 Accepts ``application/x-protobuf`` and ``application/json`` (optionally gzip-encoded)
 and answers in the request's encoding. Errors carry a JSON body ``{"code": <gRPC status
@@ -25,9 +25,9 @@ from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 from starlette.requests import ClientDisconnect
 
-from .decode import DecodeError, parse_json, parse_protobuf
+from .decode import DecodeError, parse_json
 from .otlp_grpc import MAX_MESSAGE_BYTES, RETRY_AFTER_S, export_response
-from .pipeline import ExportResult, Pipeline, PipelineFull, PipelineUnavailable
+from .pipeline import Consumer, ExportResult, PipelineFull, PipelineUnavailable
 
 __all__ = ["OtlpHttpConfig", "create_otlp_http_app"]
 
@@ -57,7 +57,7 @@ def _error(status: int, code: int, message: str) -> JSONResponse:
     return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
 
 
-def create_otlp_http_app(pipeline: Pipeline, config: OtlpHttpConfig | None = None) -> FastAPI:
+def create_otlp_http_app(pipeline: Consumer, config: OtlpHttpConfig | None = None) -> FastAPI:
     """The ASGI app; exports block a worker thread (not the event loop) until committed."""
     config = config or OtlpHttpConfig()
     config.validate()
@@ -128,13 +128,14 @@ async def _read_body(request: Request, limit: int) -> bytearray | None:
 
 
 def _consume(
-    pipeline: Pipeline, body: bytes | bytearray, content_type: str, gzipped: bool, limit: int
+    pipeline: Consumer, body: bytes | bytearray, content_type: str, gzipped: bool, limit: int
 ) -> ExportResult:
     """Inflate, parse and consume one export, on a worker thread: a 64 MiB body takes
     long enough to stall every other request if the event loop did it."""
     data = _gunzip(body, limit) if gzipped else body
-    parsed = parse_json(data) if content_type == _JSON else parse_protobuf(data)
-    return pipeline.consume(parsed)
+    # The pipeline takes the request as gRPC hands it on: serialized protobuf.
+    wire = parse_json(data).SerializeToString() if content_type == _JSON else bytes(data)
+    return pipeline.consume(wire)
 
 
 class _BadGzip(ValueError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokentrace.collector.jaeger import (
+from tokentrace.collector.query.jaeger import (
     SpanEvent,
     SpanLink,
     SpanRow,

@@ -1,4 +1,4 @@
-"""OTLP/gRPC trace receiver: ``TraceService/Export`` → :meth:`Pipeline.consume`.
+"""OTLP/gRPC trace receiver: ``TraceService/Export`` → :meth:`Consumer.consume` (the pipeline).
 
 Requests are deserialised here rather than by grpcio so a malformed protobuf gets
 ``INVALID_ARGUMENT`` with a message naming the problem (grpcio's own deserialiser
@@ -23,11 +23,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from tokentrace.schemas.auth import token_matches
-from tokentrace.schemas.tls import TlsConfig
+from tokentrace.runtime.auth import token_matches
+from tokentrace.runtime.tls import TlsConfig
 
 from .decode import DecodeError
-from .pipeline import ExportResult, Pipeline, PipelineFull, PipelineUnavailable
+from .pipeline import Consumer, ExportResult, PipelineFull, PipelineUnavailable
 
 __all__ = ["OtlpGrpcConfig", "OtlpGrpcReceiver", "export_response"]
 
@@ -69,7 +69,7 @@ def export_response(result: ExportResult) -> ExportTraceServiceResponse:
 
 
 class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Consumer) -> None:
         self._pipeline = pipeline
 
     def Export(self, request: Any, context: Any) -> ExportTraceServiceResponse:  # noqa: N802
@@ -116,7 +116,7 @@ class OtlpGrpcReceiver:
     def __init__(
         self,
         config: OtlpGrpcConfig,
-        pipeline: Pipeline,
+        pipeline: Consumer,
         auth_token: str | None = None,
         tls: TlsConfig | None = None,
     ) -> None:

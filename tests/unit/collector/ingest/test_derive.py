@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from otlp_builders import T0_NS, TRACE_ID, request, span
 
-from tokentrace.collector.decode import decode_request
-from tokentrace.collector.derive import DerivedRows, derive_rows
+from tokentrace.collector.ingest.decode import decode_request
+from tokentrace.collector.ingest.derive import DerivedRows, derive_rows
 from tokentrace.schemas import attributes as A
 from tokentrace.schemas.attributes import node_of
 
