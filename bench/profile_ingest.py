@@ -15,8 +15,9 @@ import tempfile
 import time
 
 from bench.ingest import build_template
-from tokentrace.collector.ingest.decode import decode_request, parse_protobuf
+from tokentrace.collector.ingest.decode import decode_request
 from tokentrace.collector.ingest.derive import derive_rows
+from tokentrace.collector.ingest.otlp_parse import parse_protobuf
 from tokentrace.collector.store import open_store
 
 

@@ -13,9 +13,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .ingest.decode import DecodeError, SpanBatch, decode_request, parse_json, parse_protobuf
+    from .ingest.decode import SpanBatch, decode_request
     from .ingest.derive import DerivedRows, derive_rows
     from .ingest.forward import ForwardConfig, OtlpForwarder
+    from .ingest.otlp_parse import DecodeError, parse_json, parse_protobuf
     from .ingest.pipeline import (
         ExportResult,
         Pipeline,
@@ -55,11 +56,11 @@ __all__ = [
 ]
 
 _WHERE = {
-    "DecodeError": "ingest.decode",
+    "DecodeError": "ingest.otlp_parse",
     "SpanBatch": "ingest.decode",
     "decode_request": "ingest.decode",
-    "parse_json": "ingest.decode",
-    "parse_protobuf": "ingest.decode",
+    "parse_json": "ingest.otlp_parse",
+    "parse_protobuf": "ingest.otlp_parse",
     "DerivedRows": "ingest.derive",
     "derive_rows": "ingest.derive",
     "ForwardConfig": "ingest.forward",

@@ -1,7 +1,8 @@
 """OTLP trace requests → a column-oriented :class:`SpanBatch`; pure, no I/O.
 
-Parses OTLP/protobuf (:func:`parse_protobuf`) and OTLP/JSON (:func:`parse_json`) into an
-``ExportTraceServiceRequest``, then :func:`decode_request` validates every span and lays
+A request parsed from OTLP/protobuf or OTLP/JSON (:mod:`.otlp_parse`, whose
+``parse_*`` and :class:`DecodeError` this module re-exports) goes to
+:func:`decode_request`, which validates every span and lays
 the good ones out column by column in the OpenTelemetry Collector ClickHouse exporter's
 ``otel_traces`` layout, plus what derivation needs. Invalid spans are dropped and counted
 (OTLP partial success); the rest of the request is kept. So are spans past the limits
@@ -10,10 +11,11 @@ exporter from storing unbounded rows or failing other exporters' inserts.
 
 An ``llm.decode`` span in packed mode (:mod:`tokentrace.schemas.packed`) is stored
 without its packed attribute, and its emissions become one ``packed_tokens`` row (five
-arrays) that ClickHouse expands, by materialized views, into the ``llm.token`` spans
-and ``token_latencies`` rows the unpacked mode would have produced -- span ids derived
-from the decode span's (:func:`token_span_id`) -- so no per-token Python object is ever
-made. :func:`expanded_request` does the same expansion to the protobuf request, for
+arrays) that ClickHouse expands, by a materialized view, into the ``llm.token`` spans
+the unpacked mode would have produced -- span ids derived from the decode span's
+(:func:`~tokentrace.schemas.packed.token_span_id`) -- so no per-token Python object is
+ever made; ``token_latencies`` rows then come from those spans as from any other.
+:func:`.expand.expanded_request` does the same expansion to the protobuf request, for
 forwarding.
 """
 
@@ -27,8 +29,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import json_format
-from google.protobuf.message import DecodeError as _ProtobufDecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
@@ -37,12 +37,9 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span, Status
 
 from tokentrace.schemas import attributes as attrs
 from tokentrace.schemas.attributes import node_of
-from tokentrace.schemas.packed import (
-    PackedTokens,
-    PackedTokensError,
-    decode_packed,
-    token_span_id,
-)
+from tokentrace.schemas.packed import PackedTokens, PackedTokensError, decode_packed
+
+from .otlp_parse import DecodeError, parse_json, parse_protobuf
 
 __all__ = [
     "DecodeError",
@@ -58,7 +55,7 @@ __all__ = [
     "SpanBatch",
     "accepted_request",
     "decode_request",
-    "expanded_request",
+    "packed_tokens_of",
     "parse_json",
     "parse_protobuf",
 ]
@@ -135,10 +132,6 @@ PACKED_TOKENS_COLUMNS = (
     "batch_sizes",
     "prefill_tokens",
 )
-
-
-class DecodeError(ValueError):
-    """The request as a whole cannot be parsed (permanent: never retry it)."""
 
 
 @dataclass
@@ -248,125 +241,6 @@ _LIST_FIELDS = tuple(
     for name in SpanBatch.__dataclass_fields__
     if name not in ("rejected_spans", "errors", "packed", "packed_tokens")
 )
-
-
-# -- parsing -------------------------------------------------------------------------
-
-
-# What the protobuf runtime's (upb's) terse parse errors mean, for the sender.
-_PARSE_HINTS = (
-    (
-        "bad UTF-8",
-        "a string field (a name, key or string value) holds bytes that are not UTF-8; "
-        "OTLP strings must be UTF-8 (send arbitrary bytes as bytes_value)",
-    ),
-    (
-        "MaxDepth",
-        "messages nested more than 100 levels deep, such as key-value lists inside "
-        "key-value lists more than 32 levels deep in an attribute value",
-    ),
-)
-
-
-def parse_protobuf(data: bytes | bytearray) -> ExportTraceServiceRequest:
-    """Parse OTLP/protobuf bytes; :class:`DecodeError` names what is wrong.
-
-    The whole request is refused when it is not a valid ``ExportTraceServiceRequest``:
-    truncated or garbage bytes, a string that is not UTF-8 (proto3 requires it), or
-    messages nested deeper than the protobuf runtime allows (100 levels).
-    """
-    request = ExportTraceServiceRequest()
-    try:
-        request.ParseFromString(data)
-    except (_ProtobufDecodeError, ValueError) as exc:
-        detail = str(exc)
-        hints = [hint for marker, hint in _PARSE_HINTS if marker in detail]
-        raise DecodeError(
-            f"invalid OTLP protobuf ExportTraceServiceRequest ({len(data)} bytes): {detail}"
-            + "".join(f" ({hint})" for hint in hints)
-        ) from exc
-    return request
-
-
-def parse_json(data: bytes | bytearray | str) -> ExportTraceServiceRequest:
-    """Parse OTLP/JSON; :class:`DecodeError` names what is wrong.
-
-    Per the OTLP spec, trace and span ids are hex strings (not base64 as in proto3
-    JSON), enums may be names or integers, int64 may be strings, and unknown fields are
-    ignored.
-    """
-    try:
-        doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DecodeError(f"invalid JSON: {exc}") from exc
-    except RecursionError:
-        # The parser recurses per level of arrays and objects; past Python's recursion
-        # limit (~1,000 levels) it gives up. Nothing of OTLP nests that deep.
-        raise DecodeError("invalid OTLP/JSON: arrays or objects nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise DecodeError(
-            f"invalid OTLP/JSON: expected an object at the top level, got {type(doc).__name__}"
-        )
-    _hex_ids_to_base64(doc)
-    request = ExportTraceServiceRequest()
-    try:
-        json_format.ParseDict(doc, request, ignore_unknown_fields=True)
-    except json_format.ParseError as exc:
-        raise DecodeError(f"invalid OTLP/JSON ExportTraceServiceRequest: {exc}") from exc
-    return request
-
-
-def _hex_ids_to_base64(doc: dict[str, Any]) -> None:
-    """Rewrite OTLP/JSON hex ids in place to the base64 proto3 JSON expects."""
-    resource_spans = _json_list(doc, "resourceSpans", "resource_spans", "")
-    for r, rs in enumerate(resource_spans):
-        scope_spans = _json_list(rs, "scopeSpans", "scope_spans", f"resourceSpans[{r}]")
-        for s, ss in enumerate(scope_spans):
-            spans = _json_list(ss, "spans", "spans", f"resourceSpans[{r}].scopeSpans[{s}]")
-            for i, span in enumerate(spans):
-                where = f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]"
-                _rewrite_ids(
-                    span,
-                    where,
-                    ("traceId", "trace_id"),
-                    ("spanId", "span_id"),
-                    ("parentSpanId", "parent_span_id"),
-                )
-                for k, link in enumerate(_json_list(span, "links", "links", where)):
-                    _rewrite_ids(
-                        link, f"{where}.links[{k}]", ("traceId", "trace_id"), ("spanId", "span_id")
-                    )
-
-
-def _json_list(obj: Any, camel: str, snake: str, where: str) -> list[Any]:
-    if not isinstance(obj, dict):
-        raise DecodeError(f"invalid OTLP/JSON: {where or 'request'} must be an object")
-    value = obj.get(camel, obj.get(snake))
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        prefix = f"{where}." if where else ""
-        raise DecodeError(f"invalid OTLP/JSON: {prefix}{camel} must be a list")
-    return value
-
-
-def _rewrite_ids(obj: Any, where: str, *keys: tuple[str, str]) -> None:
-    if not isinstance(obj, dict):
-        raise DecodeError(f"invalid OTLP/JSON: {where} must be an object")
-    for camel, snake in keys:
-        for key in (camel, snake):
-            value = obj.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise DecodeError(f"invalid OTLP/JSON: {where}.{camel} must be a hex string")
-            try:
-                raw = bytes.fromhex(value)
-            except ValueError as exc:
-                raise DecodeError(
-                    f"invalid OTLP/JSON: {where}.{camel} is not a hex string: {value!r}"
-                ) from exc
-            obj[key] = base64.b64encode(raw).decode("ascii")
 
 
 # -- attribute values ----------------------------------------------------------------
@@ -517,7 +391,7 @@ def _check_id(raw: bytes, size: int, field_name: str, *, required: bool) -> str 
     return None
 
 
-def _packed_tokens(
+def packed_tokens_of(
     span: Span, latest_ns: int | None = None
 ) -> tuple[str | None, PackedTokens | None]:
     """``(problem, tokens)`` for an ``llm.decode`` span's packed attribute, if it has one.
@@ -632,7 +506,7 @@ def _checked_span(
         return problem, None, None
     tokens = None
     if span.name == attrs.SPAN_DECODE:
-        problem, tokens = _packed_tokens(span, latest_ns)
+        problem, tokens = packed_tokens_of(span, latest_ns)
         if problem:
             return problem, None, None
     try:
@@ -813,56 +687,3 @@ def _append_packed(batch: SpanBatch, tokens: PackedTokens) -> None:
     prefill = tokens.prefill_tokens
     p["prefill_tokens"].append([None] * len(tokens) if prefill is None else prefill)
     batch.packed_tokens += len(tokens)
-
-
-def expanded_request(request: ExportTraceServiceRequest) -> ExportTraceServiceRequest:
-    """A copy of ``request`` (already stripped of rejected spans) in which every packed
-    ``llm.decode`` span is followed by its ``llm.token`` spans and no longer carries the
-    packed attribute: what the collector stored, as OTLP, for forwarding."""
-    out = ExportTraceServiceRequest()
-    out.CopyFrom(request)
-    for resource_spans in out.resource_spans:
-        for scope_spans in resource_spans.scope_spans:
-            added: list[Span] = []
-            for span in scope_spans.spans:
-                _, tokens = _packed_tokens(span)
-                if tokens is None:
-                    continue
-                keep = [kv for kv in span.attributes if kv.key != attrs.TOKEN_PACKED]
-                del span.attributes[:]
-                span.attributes.extend(keep)
-                added.extend(_token_spans(span, tokens))
-            scope_spans.spans.extend(added)
-    return out
-
-
-def _token_spans(span: Span, tokens: PackedTokens) -> list[Span]:
-    start = span.start_time_unix_nano
-    out = []
-    index = 0
-    for i in range(len(tokens)):
-        token = Span(
-            trace_id=span.trace_id,
-            span_id=token_span_id(span.span_id, i),
-            parent_span_id=span.span_id,
-            name=attrs.SPAN_TOKEN,
-            kind=Span.SPAN_KIND_INTERNAL,
-            start_time_unix_nano=start + tokens.times[i],
-            end_time_unix_nano=start + tokens.times[i + 1],
-        )
-        for key, value in (
-            (attrs.EMISSION_INDEX, i),
-            (attrs.TOKEN_INDEX, index),
-            (attrs.TOKEN_COUNT, tokens.counts[i]),
-            (attrs.ENGINE_STEP, tokens.steps[i]),
-            (attrs.BATCH_SIZE, tokens.batch_sizes[i]),
-        ):
-            token.attributes.add(key=key, value=AnyValue(int_value=value))
-        if tokens.prefill_tokens is not None:
-            token.attributes.add(
-                key=attrs.STEP_PREFILL_TOKENS,
-                value=AnyValue(int_value=tokens.prefill_tokens[i]),
-            )
-        out.append(token)
-        index += tokens.counts[i]
-    return out

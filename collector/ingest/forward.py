@@ -38,8 +38,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from tokentrace.schemas import attributes as attrs
 
 from ..retry import CollectorError, jittered_backoff_s
-from .decode import DecodeError, expanded_request, parse_protobuf
+from .expand import expanded_request
 from .logrecord import decode_record
+from .otlp_parse import DecodeError, parse_protobuf
 from .wal import LogReader, WalError, WriteAheadLog
 
 __all__ = [

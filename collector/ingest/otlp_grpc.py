@@ -26,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from tokentrace.runtime.auth import token_matches
 from tokentrace.runtime.tls import TlsConfig
 
-from .decode import DecodeError
+from .otlp_parse import DecodeError
 from .pipeline import Consumer, ExportResult, PipelineFull, PipelineUnavailable
 
 __all__ = ["OtlpGrpcConfig", "OtlpGrpcReceiver", "export_response"]

@@ -25,8 +25,8 @@ from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 from starlette.requests import ClientDisconnect
 
-from .decode import DecodeError, parse_json
 from .otlp_grpc import MAX_MESSAGE_BYTES, RETRY_AFTER_S, export_response
+from .otlp_parse import DecodeError, parse_json
 from .pipeline import Consumer, ExportResult, PipelineFull, PipelineUnavailable
 
 __all__ = ["OtlpHttpConfig", "create_otlp_http_app"]

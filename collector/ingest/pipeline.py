@@ -38,9 +38,10 @@ from prometheus_client import Histogram
 
 from ..retry import jittered_backoff_s
 from ..store import Store, StoreError
-from .decode import SpanBatch, accepted_request, decode_request, parse_protobuf
+from .decode import SpanBatch, accepted_request, decode_request
 from .derive import DerivedRows, derive_rows
 from .logrecord import decode_record, encode_record, export_digest
+from .otlp_parse import parse_protobuf
 from .wal import STORE_READER, WriteAheadLog
 
 __all__ = [

@@ -322,7 +322,7 @@ def test_http_protobuf_gzip(collector: Running) -> None:
 def test_malformed_input_gets_clear_errors_and_collector_keeps_serving(collector: Running) -> None:
     before = httpx.get(f"{collector.api}/health", timeout=10).json()
     stored_before = _api_query(collector, "SELECT count() AS n FROM otel_traces")[0]["n"]
-    from tokentrace.collector.ingest.decode import parse_json
+    from tokentrace.collector.ingest.otlp_parse import parse_json
 
     good = parse_json(
         json.dumps(

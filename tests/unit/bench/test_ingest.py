@@ -23,7 +23,8 @@ def test_ingest_runs_and_reports_its_figures() -> None:
 
 
 def test_the_template_export_holds_what_it_says() -> None:
-    from tokentrace.collector.ingest.decode import decode_request, parse_protobuf
+    from tokentrace.collector.ingest.decode import decode_request
+    from tokentrace.collector.ingest.otlp_parse import parse_protobuf
 
     for packed in (False, True):
         template = ingest.build_template(3, 16, packed)

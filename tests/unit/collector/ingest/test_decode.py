@@ -336,7 +336,7 @@ def test_a_packed_decode_span_becomes_one_packed_tokens_row() -> None:
 
 
 def test_expanded_request_moves_the_packed_tokens_into_spans() -> None:
-    from tokentrace.collector.ingest.decode import expanded_request
+    from tokentrace.collector.ingest.expand import expanded_request
     from tokentrace.schemas.packed import token_span_id
 
     _, packed_req = packed_and_unpacked()

@@ -175,7 +175,8 @@ def test_packed_tokens_land_as_the_unpacked_mode_lands_them(
     token_latencies rows the collector writes for the same emissions sent one span each,
     and the same spans it forwards: with each step's prefill count (packed version 2),
     or, from an emitter that cannot know it (version 1), with none (NULL)."""
-    from tokentrace.collector.ingest.decode import decode_request, expanded_request
+    from tokentrace.collector.ingest.decode import decode_request
+    from tokentrace.collector.ingest.expand import expanded_request
 
     unpacked_req, packed_req = packed_and_unpacked(step_prefill)
     pipeline = Pipeline(store, wal, PipelineConfig(flush_interval_ms=20))
