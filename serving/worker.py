@@ -440,18 +440,16 @@ class Worker:
     ) -> Response:
         attrs = self._request_attrs(parsed, request_id, len(prompt_ids))
         span = spans.start_decode(self.tracing.tracer, parent, wall_ns(arrival), attrs)
-        ctx = trace.set_span_in_context(span)
+        gen = _Generation(self, parsed, prompt_ids, request_id, span, attrs, arrival)
         prefill_in_step = kv is None and self.config.role == "both"
-        # (started_ns, done_ns) of the in-step prefill, set on the engine thread.
-        prefilled: list[tuple[int, int]] = []
         try:
             if kv is not None:
-                block_ids = await self._pull_kv(kv, prompt_ids, ctx)
+                block_ids = await self._pull_kv(kv, prompt_ids, gen.ctx)
             elif prefill_in_step:
                 block_ids = []
             else:
                 block_ids, _, prefill_span = await self._run_prefill(
-                    prompt_ids, ctx, attrs, time.monotonic()
+                    prompt_ids, gen.ctx, attrs, time.monotonic()
                 )
                 prefill_span.end()
         except BaseException as exc:
@@ -467,12 +465,57 @@ class Worker:
                     oai.ProtocolError(502, f"KV transfer failed: {exc}", "kv_transfer_params")
                 )
             raise
+        try:
+            gen.submit(block_ids, prefill_in_step)
+        except ValueError as exc:  # the engine refused it: the blocks are still ours
+            self.pool.free(block_ids)
+            span.set_status(trace.StatusCode.ERROR, str(exc))
+            span.end()
+            return _error(oai.ProtocolError(400, str(exc)))
+        if not parsed.stream:
+            return await gen.respond(chat)
+        return StreamingResponse(
+            gen.stream(chat), media_type="text/event-stream", headers={"X-Request-Id": request_id}
+        )
 
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[_Step | _Finish] = asyncio.Queue()
+
+class _Generation:
+    """One request's decoding on the engine, from submission to its last chunk: the
+    engine's steps arrive on the engine thread and are queued for the event loop; each
+    emission is recorded right before the client gets it; the spans are built after the
+    response, off the event loop."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        parsed: oai.ParsedRequest,
+        prompt_ids: list[int],
+        request_id: str,
+        span: trace.Span,
+        attrs: dict[str, Any],
+        arrival: float,
+    ) -> None:
+        self.worker = worker
+        self.parsed = parsed
+        self.prompt_ids = prompt_ids
+        self.request_id = request_id
+        self.span = span
+        self.ctx = trace.set_span_in_context(span)
+        self.attrs = attrs
+        self.arrival = arrival
+        self.engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        self.queue: asyncio.Queue[_Step | _Finish] = asyncio.Queue()
         # The ITL histogram needs the emission times even when tracing is off.
-        recorder = TokenRecorder(parsed.max_tokens + 1)
-        engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        self.recorder = TokenRecorder(parsed.max_tokens + 1)
+        self.out = _Output()
+        self.text = OutputText(parsed.stop, parsed.include_stop_str_in_output)
+        # (started_ns, done_ns) of an in-step prefill, set on the engine thread.
+        self.prefilled: list[tuple[int, int]] = []
+
+    def submit(self, block_ids: list[int], prefill_in_step: bool) -> None:
+        """Hand the request to the engine; ValueError if it refuses it."""
+        loop = asyncio.get_running_loop()
+        queue = self.queue
 
         def on_tokens(
             token_ids: list[int], step: int, batch_size: int, prefill: int, finish: str | None
@@ -481,155 +524,150 @@ class Worker:
                 queue.put_nowait, _Step(token_ids, step, batch_size, prefill, finish)
             )
 
-        def on_prefill(started_ns: int, done_ns: int) -> None:
-            prefilled.append((started_ns, done_ns))
-
         def on_finish(reason: str, error: BaseException | None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, _Finish(reason, error))
 
-        recorder.start()
-        try:
-            self.engine.submit(
-                DecodeRequest(
-                    request_id=engine_id,
-                    prompt_ids=prompt_ids,
-                    block_ids=block_ids,
-                    max_tokens=parsed.max_tokens,
-                    ignore_eos=parsed.ignore_eos,
-                    temperature=parsed.temperature,
-                    seed=parsed.seed,
-                    prefill_in_step=prefill_in_step,
-                    on_tokens=on_tokens,
-                    on_finish=on_finish,
-                    on_prefill=on_prefill,
-                )
+        parsed = self.parsed
+        self.recorder.start()
+        self.worker.engine.submit(
+            DecodeRequest(
+                request_id=self.engine_id,
+                prompt_ids=self.prompt_ids,
+                block_ids=block_ids,
+                max_tokens=parsed.max_tokens,
+                ignore_eos=parsed.ignore_eos,
+                temperature=parsed.temperature,
+                seed=parsed.seed,
+                prefill_in_step=prefill_in_step,
+                on_tokens=on_tokens,
+                on_finish=on_finish,
+                on_prefill=lambda started_ns, done_ns: self.prefilled.append((started_ns, done_ns)),
             )
-        except ValueError as exc:  # the engine refused it: the blocks are still ours
-            self.pool.free(block_ids)
-            span.set_status(trace.StatusCode.ERROR, str(exc))
-            span.end()
-            return _error(oai.ProtocolError(400, str(exc)))
-        out = _Output()
-        text = OutputText(parsed.stop, parsed.include_stop_str_in_output)
-
-        def finish_spans(end_ns: int) -> None:
-            # Before the spans end, so an emission whose row is stored is always counted.
-            self.metrics.observe_emissions(self.config.model, recorder)
-            ttft_s = None
-            if self.tracing.enabled:
-                recorder.emit(self.tracing.tracer, span, self.tracing.packed)
-                first = recorder.first_emission_s()
-                if first is not None:
-                    ttft_s = recorder.start_mono_ns / 1e9 - arrival + first
-            if prefilled:
-                # A prompt prefilled inside an engine step: arrival → KV ready, as on a
-                # prefill worker, so requests.prefill_s means the same in both
-                # deployments. Built after the request, off the engine thread.
-                started_ns, done_ns = prefilled[0]
-                spans.ended_prefill(
-                    self.tracing.tracer,
-                    ctx,
-                    attrs,
-                    wall_ns(arrival),
-                    wall_ns(started_ns / 1e9),
-                    wall_ns(done_ns / 1e9),
-                )
-            spans.end_decode(
-                span,
-                output_tokens=out.tokens,
-                finish_reason=out.reason or "abort",
-                ttft_s=ttft_s,
-                error=out.error,
-                end_ns=end_ns,
-            )
-
-        async def steps() -> AsyncIterator[tuple[_Step, str]]:
-            """The request's engine steps, each with the text it adds for the client,
-            until one finishes it (``out.reason`` set) or the engine ends it."""
-            while out.reason is None:
-                item = await queue.get()
-                if isinstance(item, _Finish):  # ended with no finishing step
-                    out.reason = item.reason
-                    if item.error is not None:
-                        out.error = f"engine error: {item.error}"
-                    return
-                out.tokens += len(item.token_ids)
-                delta = text.add(self.tokenizer.decode(item.token_ids), item.finish is not None)
-                if delta.stop is not None:
-                    out.reason, out.stop_reason = "stop", delta.stop
-                    self.engine.abort(engine_id)  # its later steps, if any, go unread
-                else:
-                    out.reason = item.finish
-                yield item, delta.text
-
-        if not parsed.stream:
-            try:
-                async for item, _ in steps():
-                    recorder.record(
-                        len(item.token_ids), item.step, item.batch_size, item.prefill_tokens
-                    )
-            finally:
-                if out.reason is None:
-                    self.engine.abort(engine_id)
-                self.tracing.defer(functools.partial(finish_spans, time.time_ns()))
-            if out.error is not None:
-                return _error(oai.ProtocolError(500, out.error))
-            make = oai.chat_response if chat else oai.completion_response
-            body = make(
-                request_id,
-                self.config.model,
-                text.text,
-                out.reason,
-                len(prompt_ids),
-                out.tokens,
-                stop_reason=out.stop_reason,
-                fingerprint=self.fingerprint,
-            )
-            return JSONResponse(body, headers={"X-Request-Id": request_id})
-
-        shaper = StreamShaper(
-            chat=chat,
-            request_id=request_id,
-            model=self.config.model,
-            include_usage=parsed.include_usage,
-            fingerprint=self.fingerprint,
         )
 
-        def emit(item: _Step | None, delta: str) -> Iterator[bytes]:
-            """The step's chunks, each recorded as an emission right before it goes out:
-            what the client will time is what is stored."""
-            finish = out.reason if item is None or out.reason is not None else None
-            stop = out.stop_reason if finish == "stop" else None
-            step, batch, prefill = (
-                (item.step, item.batch_size, item.prefill_tokens) if item else (-1, 0, 0)
+    async def steps(self) -> AsyncIterator[tuple[_Step, str]]:
+        """The request's engine steps, each with the text it adds for the client, until
+        one finishes it (``out.reason`` set) or the engine ends it."""
+        out = self.out
+        while out.reason is None:
+            item = await self.queue.get()
+            if isinstance(item, _Finish):  # ended with no finishing step
+                out.reason = item.reason
+                if item.error is not None:
+                    out.error = f"engine error: {item.error}"
+                return
+            out.tokens += len(item.token_ids)
+            delta = self.text.add(
+                self.worker.tokenizer.decode(item.token_ids), item.finish is not None
             )
-            tokens = len(item.token_ids) if item else 0
-            for chunk, carries in shaper.output(delta, finish, stop):
-                recorder.record(tokens if carries else 0, step, batch, prefill)
-                yield oai.sse_event(chunk)
+            if delta.stop is not None:
+                out.reason, out.stop_reason = "stop", delta.stop
+                self.worker.engine.abort(self.engine_id)  # its later steps go unread
+            else:
+                out.reason = item.finish
+            yield item, delta.text
 
-        async def stream() -> AsyncIterator[bytes]:
-            try:
-                async for item, delta in steps():
-                    for event in emit(item, delta):
-                        yield event
-                if out.error is not None:
-                    yield oai.sse_error(oai.ProtocolError(500, out.error).body())
-                    yield oai.SSE_DONE
-                    return
-                if not shaper.finished:  # the engine aborted it (shutting down)
-                    for event in emit(None, ""):
-                        yield event
-                for tail in shaper.end(len(prompt_ids), out.tokens):
-                    yield oai.sse_event(tail)
-            finally:
-                if not shaper.finished:  # the client went away: stop generating, free blocks
-                    self.engine.abort(engine_id)
-                # Spans are built after the response's last bytes, off the event loop.
-                self.tracing.defer(functools.partial(finish_spans, time.time_ns()))
+    async def respond(self, chat: bool) -> Response:
+        """The whole completion as one JSON response."""
+        out = self.out
+        try:
+            async for item, _ in self.steps():
+                self.recorder.record(
+                    len(item.token_ids), item.step, item.batch_size, item.prefill_tokens
+                )
+        finally:
+            if out.reason is None:
+                self.worker.engine.abort(self.engine_id)
+            self.worker.tracing.defer(functools.partial(self.finish_spans, time.time_ns()))
+        if out.error is not None:
+            return _error(oai.ProtocolError(500, out.error))
+        make = oai.chat_response if chat else oai.completion_response
+        body = make(
+            self.request_id,
+            self.worker.config.model,
+            self.text.text,
+            out.reason,
+            len(self.prompt_ids),
+            out.tokens,
+            stop_reason=out.stop_reason,
+            fingerprint=self.worker.fingerprint,
+        )
+        return JSONResponse(body, headers={"X-Request-Id": self.request_id})
 
-        return StreamingResponse(
-            stream(), media_type="text/event-stream", headers={"X-Request-Id": request_id}
+    async def stream(self, chat: bool) -> AsyncIterator[bytes]:
+        """The completion as server-sent events, shaped as vLLM shapes them."""
+        out = self.out
+        shaper = StreamShaper(
+            chat=chat,
+            request_id=self.request_id,
+            model=self.worker.config.model,
+            include_usage=self.parsed.include_usage,
+            fingerprint=self.worker.fingerprint,
+        )
+        try:
+            async for item, delta in self.steps():
+                for event in self._emit(shaper, item, delta):
+                    yield event
+            if out.error is not None:
+                yield oai.sse_error(oai.ProtocolError(500, out.error).body())
+                yield oai.SSE_DONE
+                return
+            if not shaper.finished:  # the engine aborted it (shutting down)
+                for event in self._emit(shaper, None, ""):
+                    yield event
+            for tail in shaper.end(len(self.prompt_ids), out.tokens):
+                yield oai.sse_event(tail)
+        finally:
+            if not shaper.finished:  # the client went away: stop generating, free blocks
+                self.worker.engine.abort(self.engine_id)
+            # Spans are built after the response's last bytes, off the event loop.
+            self.worker.tracing.defer(functools.partial(self.finish_spans, time.time_ns()))
+
+    def _emit(self, shaper: StreamShaper, item: _Step | None, delta: str) -> Iterator[bytes]:
+        """The step's chunks, each recorded as an emission right before it goes out: what
+        the client will time is what is stored."""
+        out = self.out
+        finish = out.reason if item is None or out.reason is not None else None
+        stop = out.stop_reason if finish == "stop" else None
+        step, batch, prefill = (
+            (item.step, item.batch_size, item.prefill_tokens) if item else (-1, 0, 0)
+        )
+        tokens = len(item.token_ids) if item else 0
+        for chunk, carries in shaper.output(delta, finish, stop):
+            self.recorder.record(tokens if carries else 0, step, batch, prefill)
+            yield oai.sse_event(chunk)
+
+    def finish_spans(self, end_ns: int) -> None:
+        """Observe the emissions, then build the token spans (or packed emissions), the
+        in-step prefill span if there was one, and end ``llm.decode``."""
+        worker, recorder, out = self.worker, self.recorder, self.out
+        # Before the spans end, so an emission whose row is stored is always counted.
+        worker.metrics.observe_emissions(worker.config.model, recorder)
+        ttft_s = None
+        if worker.tracing.enabled:
+            recorder.emit(worker.tracing.tracer, self.span, worker.tracing.packed)
+            first = recorder.first_emission_s()
+            if first is not None:
+                ttft_s = recorder.start_mono_ns / 1e9 - self.arrival + first
+        if self.prefilled:
+            # A prompt prefilled inside an engine step: arrival → KV ready, as on a
+            # prefill worker, so requests.prefill_s means the same in both deployments.
+            started_ns, done_ns = self.prefilled[0]
+            spans.ended_prefill(
+                worker.tracing.tracer,
+                self.ctx,
+                self.attrs,
+                wall_ns(self.arrival),
+                wall_ns(started_ns / 1e9),
+                wall_ns(done_ns / 1e9),
+            )
+        spans.end_decode(
+            self.span,
+            output_tokens=out.tokens,
+            finish_reason=out.reason or "abort",
+            ttft_s=ttft_s,
+            error=out.error,
+            end_ns=end_ns,
         )
 
 
