@@ -107,7 +107,8 @@ def register(subparsers: Any) -> None:
         type=_byte_size,
         default=1 << 30,
         metavar="SIZE",
-        help="disk budget for accepted spans not yet in ClickHouse, e.g. 512M or 4G; past "
+        help="disk budget for accepted spans some sink (ClickHouse or a --forward-otlp "
+        "target) has not had yet, e.g. 512M or 4G; past "
         "it exports are refused with retryable errors (gRPC RESOURCE_EXHAUSTED, HTTP 429 "
         "with Retry-After) until the backlog shrinks (default: 1G)",
     )

@@ -54,7 +54,10 @@ GAUGES: dict[str, tuple[str, str]] = {
         "wal_pending_records",
         "Write-ahead log records not yet in ClickHouse.",
     ),
-    "wal_pending_bytes": ("wal_pending_bytes", "Write-ahead log bytes not yet in ClickHouse."),
+    "wal_pending_bytes": (
+        "wal_pending_bytes",
+        "Write-ahead log bytes some sink (ClickHouse or a forward target) has not had yet.",
+    ),
     "wal_max_bytes": (
         "wal_max_bytes",
         "The disk budget for those bytes; past it exports are refused.",

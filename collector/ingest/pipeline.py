@@ -325,7 +325,8 @@ class Pipeline:
             self._refuse(batch)
             raise PipelineFull(
                 f"collector's disk budget is full: {self._wal.pending_bytes} bytes of spans "
-                f"are waiting for ClickHouse (limit {self._wal.config.max_bytes}); retry later"
+                f"are waiting for ClickHouse or a forward target (limit "
+                f"{self._wal.config.max_bytes}); retry later"
             )
         if batch.rejected_spans:
             wire = accepted_request(parsed, now_ns=now_ns).SerializeToString()

@@ -75,8 +75,8 @@ class WalError(Exception):
 
 @dataclass(frozen=True)
 class WalConfig:
-    """``directory`` holds the log; ``max_bytes`` is the disk budget for records not yet
-    in ClickHouse (beyond it the collector refuses exports with retryable errors);
+    """``directory`` holds the log; ``max_bytes`` is the disk budget for records some
+    reader has not had yet (beyond it the collector refuses exports with retryable errors);
     ``fsync`` is off only for benchmarks that measure what it costs."""
 
     directory: str
