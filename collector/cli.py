@@ -747,7 +747,13 @@ def _run_report(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(results, indent=2))
         return 0
+    import datetime as dt
+
+    def utc(ms: int) -> str:
+        return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
     console = Console()
+    console.print(f"rows with {utc(from_ms)} <= ts < {utc(to_ms)} UTC", highlight=False)
     for rep in chosen:
         console.print(report_table(rep, results[rep.name]))
     return 0
