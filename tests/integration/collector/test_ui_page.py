@@ -184,6 +184,7 @@ def test_page_loads_without_console_errors(opened: Opened, shots: Path) -> None:
         ("#heatmap-view", "itl-heatmap"),
         ("#kv-view", "kv-bandwidth"),
         ("#prefill-view", "prefill-steps"),
+        ("#reports-view", "reports"),
         ("#slowest-view", "slowest"),
     ):
         page.locator(view).screenshot(path=shots / f"{name}.png")
