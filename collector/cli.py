@@ -66,8 +66,8 @@ def register(subparsers: Any) -> None:
         default="127.0.0.1:4320",
         metavar="HOST:PORT",
         help="collector API listen address: GET /health, GET /metrics (Prometheus), POST "
-        "/query, Jaeger's query API under /api/ (v1) and /api/v3/, and the latency page "
-        "GET /ui (default: %(default)s)",
+        "/query, the named reports GET /reports[/NAME], Jaeger's query API under /api/ (v1) "
+        "and /api/v3/, and the latency page GET /ui (default: %(default)s)",
     )
     p.add_argument(
         "--forward-otlp",
