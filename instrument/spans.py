@@ -106,13 +106,7 @@ def start_prefill(
     tracer: trace.Tracer, parent: Context, start_ns: int, attributes: dict[str, Any]
 ) -> trace.Span:
     """``llm.prefill`` from the request's arrival (``attributes``: :func:`request_attributes`)."""
-    return tracer.start_span(
-        A.SPAN_PREFILL,
-        context=parent,
-        kind=SpanKind.SERVER,
-        start_time=start_ns,
-        attributes=attributes,
-    )
+    return _start_worker_span(tracer, A.SPAN_PREFILL, parent, start_ns, attributes)
 
 
 def set_stage_times(span: trace.Span, queue_s: float, compute_s: float) -> None:
@@ -140,12 +134,15 @@ def start_decode(
     tracer: trace.Tracer, parent: Context, start_ns: int, attributes: dict[str, Any]
 ) -> trace.Span:
     """``llm.decode`` from the request's arrival (``attributes``: :func:`request_attributes`)."""
+    return _start_worker_span(tracer, A.SPAN_DECODE, parent, start_ns, attributes)
+
+
+def _start_worker_span(
+    tracer: trace.Tracer, name: str, parent: Context, start_ns: int, attributes: dict[str, Any]
+) -> trace.Span:
+    """A worker's SERVER span of one request, from its arrival."""
     return tracer.start_span(
-        A.SPAN_DECODE,
-        context=parent,
-        kind=SpanKind.SERVER,
-        start_time=start_ns,
-        attributes=attributes,
+        name, context=parent, kind=SpanKind.SERVER, start_time=start_ns, attributes=attributes
     )
 
 

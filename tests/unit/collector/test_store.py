@@ -6,9 +6,6 @@ chDB binds one data path per process, so the whole module shares one store.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from otlp_builders import T0_NS
 
@@ -18,22 +15,6 @@ from tokentrace.collector import (
     StoreError,
     open_store,
 )
-from tokentrace.collector.ingest.wal import WalConfig, WriteAheadLog
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    path: Path = tmp_path_factory.mktemp("chdb")
-    s = open_store(f"chdb://{path}")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def wal(tmp_path: Path) -> Iterator[WriteAheadLog]:
-    log = WriteAheadLog(WalConfig(str(tmp_path / "wal")))
-    yield log
-    log.close()
 
 
 def test_ddl_is_idempotent(store: Store) -> None:

@@ -6,7 +6,6 @@ and that replaying the log after a crash stores nothing twice."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,26 +17,10 @@ from tokentrace.collector import (
     PipelineConfig,
     PipelineUnavailable,
     Store,
-    open_store,
 )
 from tokentrace.collector.ingest.decode import OTEL_TRACES_COLUMNS
 from tokentrace.collector.ingest.wal import WalConfig, WriteAheadLog
 from tokentrace.schemas import attributes as A
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    path: Path = tmp_path_factory.mktemp("chdb")
-    s = open_store(f"chdb://{path}")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def wal(tmp_path: Path) -> Iterator[WriteAheadLog]:
-    log = WriteAheadLog(WalConfig(str(tmp_path / "wal")))
-    yield log
-    log.close()
 
 
 def test_pipeline_stores_spans_and_derived_rows(store: Store, wal: WriteAheadLog) -> None:
