@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = derive_rows(batch)
             stages["derive"] += time.process_time() - t
             t = time.process_time()
-            store.insert("otel_traces", batch.otel_traces_columns())
+            store.insert("otel_spans", batch.otel_spans_columns())
             if batch.packed_spans:
-                store.insert("packed_tokens", batch.packed)
+                store.insert("token_emissions", batch.packed)
             for table, columns in rows.tables().items():
                 store.insert(table, columns)
             stages["insert"] += time.process_time() - t

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tokentrace.schemas import DATABASE, ddl_statements
+from tokentrace.schemas import DATABASE, ddl_statements, upgrade_statements
 
 from .retry import CollectorError
 
@@ -368,6 +368,13 @@ class Store:
         except Exception as exc:
             raise _classify(exc, f"cannot connect to {self.dsn}") from exc
         try:
+            tables = client.query(
+                "SELECT name, engine FROM system.tables WHERE database = {db:String}",
+                parameters={"db": self.database},
+            ).result_rows
+            engines: dict[str, str] = {str(name): str(engine) for name, engine in tables}
+            for statement in upgrade_statements(engines, self.database):
+                client.command(statement)
             for statement in ddl_statements(self.database):
                 client.command(statement)
         except Exception as exc:

@@ -1,8 +1,12 @@
 """ClickHouse DDL for tokentrace's database, single node or cluster.
 
-``otel_traces`` and its trace-id lookup table keep the OpenTelemetry Collector
-ClickHouse exporter's layout column for column, so Grafana's trace view and the Go
-collector's exporter work against them unchanged. One setting differs: granules of 1024
+``otel_spans`` (the spans as stored), the ``otel_traces`` view over it and its trace-id
+lookup table keep the OpenTelemetry Collector ClickHouse exporter's layout column for
+column, so Grafana's trace view reads ``otel_traces`` and the Go collector's exporter
+writes ``otel_spans`` unchanged. Packed token emissions are stored as arrays, one
+``token_emissions`` row per decode span, and expanded only when the ``otel_traces`` and
+``token_latencies`` views are read: a few bytes per token instead of a row per token
+(see ``_TOKEN_EMISSIONS``). One setting of ``otel_spans`` differs from the exporter's: granules of 1024
 rows instead of 8192. A trace's spans sit in a handful of granules (one per service and
 span name), so a trace lookup decompresses an eighth of the rows: 14 instead of 29 ms
 with 2 million spans stored (bench/query.py).
@@ -37,8 +41,51 @@ DATABASE = "tokentrace"
 #: in flight between a write-ahead log record's insert and its checkpoint.
 DEDUP_WINDOW_BLOCKS = 1000
 
-_OTEL_TRACES = """
-CREATE TABLE IF NOT EXISTS {db}.otel_traces{on_cluster} (
+#: ``otel_spans`` (and the ``otel_traces`` view) column names, in table order.
+SPAN_COLUMNS = (
+    "Timestamp",
+    "TraceId",
+    "SpanId",
+    "ParentSpanId",
+    "TraceState",
+    "SpanName",
+    "SpanKind",
+    "ServiceName",
+    "ResourceAttributes",
+    "ScopeName",
+    "ScopeVersion",
+    "SpanAttributes",
+    "Duration",
+    "StatusCode",
+    "StatusMessage",
+    "Events.Timestamp",
+    "Events.Name",
+    "Events.Attributes",
+    "Links.TraceId",
+    "Links.SpanId",
+    "Links.TraceState",
+    "Links.Attributes",
+)
+
+#: ``token_emissions`` column names, in table order.
+TOKEN_EMISSIONS_COLUMNS = (
+    "decode_start",
+    "trace_id",
+    "decode_span_id",
+    "service_name",
+    "resource_attributes",
+    "scope_name",
+    "scope_version",
+    "node",
+    "times",
+    "steps",
+    "counts",
+    "batch_sizes",
+    "prefill_tokens",
+)
+
+_OTEL_SPANS = """
+CREATE TABLE IF NOT EXISTS {db}.otel_spans{on_cluster} (
     Timestamp DateTime64(9) CODEC(Delta, ZSTD(1)),
     TraceId String CODEC(ZSTD(1)),
     SpanId String CODEC(ZSTD(1)),
@@ -96,9 +143,23 @@ AS SELECT
     TraceId,
     min(Timestamp) AS Start,
     max(Timestamp) AS End
-FROM {db}.otel_traces
+FROM {db}.otel_spans
 WHERE TraceId != ''
 GROUP BY TraceId
+"""
+
+# The token spans of packed decode spans, where their first and last start: so a trace's
+# row spans its tokens too (Grafana's trace query bounds its scan by it).
+_TOKEN_EMISSIONS_TRACE_ID_TS_MV = """
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.token_emissions_trace_id_ts_mv{on_cluster}
+TO {db}.otel_traces_trace_id_ts
+AS SELECT
+    trace_id AS TraceId,
+    min(fromUnixTimestamp64Nano(toUnixTimestamp64Nano(decode_start) + times[1])) AS Start,
+    max(fromUnixTimestamp64Nano(toUnixTimestamp64Nano(decode_start) + times[-2])) AS End
+FROM {db}.token_emissions
+WHERE length(times) > 1
+GROUP BY trace_id
 """
 
 # Every value column ignores NULL when parts merge, so each span contributes only the
@@ -197,8 +258,12 @@ HAVING request_id IS NOT NULL
 )
 """
 
-_TOKEN_LATENCIES = """
-CREATE TABLE IF NOT EXISTS {db}.token_latencies{on_cluster} (
+# Token rows of llm.token spans that arrived one span each (the vLLM plugin in spans
+# mode, any emitter of its own): the token_latencies_mv below fills it from otel_spans.
+# Before token emissions were stored as arrays this table was token_latencies itself;
+# upgrade_statements renames it.
+_TOKEN_SPAN_LATENCIES = """
+CREATE TABLE IF NOT EXISTS {db}.token_span_latencies{on_cluster} (
     ts DateTime64(9) CODEC(Delta, ZSTD(1)),
     trace_id String CODEC(ZSTD(1)),
     node LowCardinality(String),
@@ -216,8 +281,8 @@ ORDER BY (node, ts)
 # Prompt tokens the emission's engine step also prefilled (piggy-backed prefill on a
 # worker doing both; 0 on a disaggregated decode worker); NULL where the emitter did
 # not report it (the vLLM plugin, rows stored before the column existed).
-_TOKEN_LATENCIES_ADD = """
-ALTER TABLE {db}.token_latencies{on_cluster}
+_TOKEN_SPAN_LATENCIES_ADD = """
+ALTER TABLE {db}.token_span_latencies{on_cluster}
     ADD COLUMN IF NOT EXISTS step_prefill_tokens Nullable(UInt32)
 """
 
@@ -250,43 +315,39 @@ ORDER BY (node, ts)
 SETTINGS index_granularity = 8192
 """
 
-# Packed token emissions (schemas/packed.py), one row per llm.decode span, expanded by
-# ClickHouse itself: the two views below write exactly the otel_traces rows and the
-# token_latencies rows the collector writes for the same emissions sent one span each
-# (span ids as schemas.packed.token_span_id derives them). A Null table keeps nothing.
-_PACKED_TOKENS = """
-CREATE TABLE IF NOT EXISTS {db}.packed_tokens{on_cluster} (
-    TraceId String,
-    DecodeSpanId String,
-    start_ns Int64,
-    ServiceName LowCardinality(String),
-    ResourceAttributes Map(LowCardinality(String), String),
-    ScopeName String,
-    ScopeVersion String,
+# Packed token emissions (schemas/packed.py): one row per llm.decode span, its
+# emissions as arrays -- a few bytes per token instead of a row per token. Nothing
+# expands them when they are stored: the otel_traces and token_latencies views below do
+# when they are read, into exactly the llm.token spans and token rows the same emissions
+# sent one span each make (span ids as schemas.packed.token_span_id derives them).
+# Sorted by node and time like token_latencies; a trace's row is found by the bloom
+# filter. Times and steps grow within a row, so they are stored as deltas.
+_TOKEN_EMISSIONS = """
+CREATE TABLE IF NOT EXISTS {db}.token_emissions{on_cluster} (
+    decode_start DateTime64(9) CODEC(Delta, ZSTD(1)),
+    trace_id String CODEC(ZSTD(1)),
+    decode_span_id String CODEC(ZSTD(1)),
+    service_name LowCardinality(String),
+    resource_attributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    scope_name LowCardinality(String),
+    scope_version LowCardinality(String),
     node LowCardinality(String),
-    times Array(Int64),
-    steps Array(Int64),
-    counts Array(UInt16),
-    batch_sizes Array(UInt16),
-    prefill_tokens Array(Nullable(UInt32))
-) ENGINE = Null
+    times Array(Int64) CODEC(Delta, ZSTD(1)),
+    steps Array(Int64) CODEC(Delta, ZSTD(1)),
+    counts Array(UInt16) CODEC(ZSTD(1)),
+    batch_sizes Array(UInt16) CODEC(ZSTD(1)),
+    prefill_tokens Array(Nullable(UInt32)) CODEC(ZSTD(1)),
+    INDEX idx_trace_id trace_id TYPE bloom_filter(0.001) GRANULARITY 1
+) ENGINE = {engine}
+PARTITION BY toDate(decode_start)
+ORDER BY (node, decode_start)
+{ttl_decode_start}SETTINGS index_granularity = 1024
 """
 
-_PACKED_TOKENS_ADD = """
-ALTER TABLE {db}.packed_tokens{on_cluster}
-    ADD COLUMN IF NOT EXISTS prefill_tokens Array(Nullable(UInt32))
-"""
-
-# The first release's views, without prefill counts. Their replacements below have new
-# names so that a store made by that release gets them (a materialized view cannot be
-# created over an existing one); dropping the old ones first means an insert that races
-# an upgrade is at worst expanded by neither, never twice. A lone collector runs this
-# DDL before its receivers start, so it never races itself.
-_PACKED_TOKENS_DROP_OLD = """
-DROP VIEW IF EXISTS {db}.{view}{on_cluster}
-"""
-
-_PACKED_ARRAY_JOIN = """ARRAY JOIN
+# One array element per emission: t_start/t_end are where its token span starts and
+# ends (ns from decode_start), upto the tokens up to and including it, i its 1-based
+# number.
+_EMISSIONS_ARRAY_JOIN = """ARRAY JOIN
     arrayPopBack(times) AS t_start,
     arrayPopFront(times) AS t_end,
     steps AS step,
@@ -296,45 +357,59 @@ _PACKED_ARRAY_JOIN = """ARRAY JOIN
     arrayCumSum(counts) AS upto,
     arrayEnumerate(steps) AS i"""
 
-_PACKED_TOKENS_SPANS_MV = """
-CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.packed_tokens_spans_v3_mv{on_cluster}
-TO {db}.otel_traces
-AS SELECT
-    fromUnixTimestamp64Nano(start_ns + t_start) AS Timestamp,
-    TraceId,
+# The spans as stored, and the llm.token spans of packed decode spans, in the
+# OpenTelemetry Collector ClickHouse exporter's layout: what the Jaeger API, Grafana's
+# trace view and SQL users read. A filter on TraceId reaches both branches before
+# anything is expanded.
+_OTEL_TRACES_VIEW = """
+CREATE OR REPLACE VIEW {db}.otel_traces{on_cluster} AS
+SELECT {span_columns}
+FROM {db}.otel_spans
+UNION ALL
+SELECT
+    fromUnixTimestamp64Nano(toUnixTimestamp64Nano(decode_start) + t_start) AS Timestamp,
+    trace_id AS TraceId,
     {token_span_id} AS SpanId,
-    DecodeSpanId AS ParentSpanId,
-    'llm.token' AS SpanName,
-    'Internal' AS SpanKind,
-    ServiceName,
-    ResourceAttributes,
-    ScopeName,
-    ScopeVersion,
+    decode_span_id AS ParentSpanId,
+    '' AS TraceState,
+    toLowCardinality('llm.token') AS SpanName,
+    toLowCardinality('Internal') AS SpanKind,
+    service_name AS ServiceName,
+    resource_attributes AS ResourceAttributes,
+    toString(scope_name) AS ScopeName,
+    toString(scope_version) AS ScopeVersion,
     -- a version 1 payload has no prefill counts: its spans carry no such attribute
-    mapFilter((k, v) -> v IS NOT NULL, map(
+    CAST(mapFilter((k, v) -> v IS NOT NULL, map(
         'tokentrace.emission.index', toString(i - 1),
         'tokentrace.token.index', toString(upto - cnt),
         'tokentrace.token.count', toString(cnt),
         'tokentrace.engine.step', toString(step),
         'tokentrace.batch.size', toString(bs),
         'tokentrace.step.prefill_tokens', toString(pf)
-    )) AS SpanAttributes,
+    )), 'Map(LowCardinality(String), String)') AS SpanAttributes,
     toUInt64(t_end - t_start) AS Duration,
-    'Unset' AS StatusCode
+    toLowCardinality('Unset') AS StatusCode,
+    '' AS StatusMessage,
+    CAST([], 'Array(DateTime64(9))') AS `Events.Timestamp`,
+    CAST([], 'Array(LowCardinality(String))') AS `Events.Name`,
+    CAST([], 'Array(Map(LowCardinality(String), String))') AS `Events.Attributes`,
+    CAST([], 'Array(String)') AS `Links.TraceId`,
+    CAST([], 'Array(String)') AS `Links.SpanId`,
+    CAST([], 'Array(String)') AS `Links.TraceState`,
+    CAST([], 'Array(Map(LowCardinality(String), String))') AS `Links.Attributes`
 FROM (
-    SELECT *, reinterpretAsUInt64(reverse(unhex(DecodeSpanId))) AS decode_id
-    FROM {db}.packed_tokens
+    SELECT *, reinterpretAsUInt64(reverse(unhex(decode_span_id))) AS decode_id
+    FROM {db}.token_emissions
 )
 {array_join}
 """
 
-# The one definition of a token_latencies row: from an llm.token span in otel_traces,
-# whether it arrived as its own span or ClickHouse expanded it from a packed decode span
-# (the view above inserts into otel_traces, which fires this one). Attribute values that
-# are missing, unparsable or out of range become NULL or the column's default.
+# The one definition of a token row from an llm.token span stored as its own span.
+# Attribute values that are missing, unparsable or out of range become NULL or the
+# column's default.
 _TOKEN_LATENCIES_MV = """
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.token_latencies_mv{on_cluster}
-TO {db}.token_latencies
+TO {db}.token_span_latencies
 AS SELECT
     fromUnixTimestamp64Nano(toUnixTimestamp64Nano(Timestamp) + toInt64(Duration)) AS ts,
     TraceId AS trace_id,
@@ -346,8 +421,73 @@ AS SELECT
     ifNull({token_count}, 1) AS tokens,
     ifNull({batch_size}, 0) AS batch_size,
     {step_prefill_tokens} AS step_prefill_tokens
-FROM {db}.otel_traces
+FROM {db}.otel_spans
 WHERE SpanName = 'llm.token'
+"""
+
+# Token rows of both kinds: the same rows whichever way the emissions arrived (the
+# packed branch is the llm.token span definition above applied to the spans the
+# otel_traces view expands, computed from the arrays directly).
+_TOKEN_LATENCIES_VIEW = """
+CREATE OR REPLACE VIEW {db}.token_latencies{on_cluster} AS
+SELECT ts, trace_id, node, token_index, itl_s, tokens, batch_size, step_prefill_tokens
+FROM {db}.token_span_latencies
+UNION ALL
+SELECT
+    fromUnixTimestamp64Nano(toUnixTimestamp64Nano(decode_start) + t_end) AS ts,
+    trace_id,
+    node,
+    if(upto - cnt <= 4294967295, toUInt32(upto - cnt), 0) AS token_index,
+    if(i = 1, NULL, toUInt64(t_end - t_start) / 1e9) AS itl_s,
+    cnt AS tokens,
+    bs AS batch_size,
+    pf AS step_prefill_tokens
+FROM {db}.token_emissions
+{array_join}
+"""
+
+# Per decode node and minute, a DDSketch of the token gaps (1% relative accuracy) and
+# their count, from both kinds of token rows as they are stored: what the dashboard's
+# ITL-over-time panel reads, so hours of percentiles do not expand every token again.
+# Quantile states merge across minutes at any levels (quantilesDDMerge(0.01, ...)).
+_ITL_BY_MINUTE = """
+CREATE TABLE IF NOT EXISTS {db}.itl_by_minute{on_cluster} (
+    minute DateTime CODEC(Delta, ZSTD(1)),
+    node LowCardinality(String),
+    gaps SimpleAggregateFunction(sum, UInt64),
+    itl AggregateFunction(quantilesDD(0.01, 0.5), Float64)
+) ENGINE = {agg_engine}
+PARTITION BY toDate(minute)
+ORDER BY (node, minute)
+{ttl_minute}SETTINGS index_granularity = 8192
+"""
+
+_ITL_BY_MINUTE_FROM_SPANS_MV = """
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.itl_by_minute_spans_mv{on_cluster}
+TO {db}.itl_by_minute
+AS SELECT
+    toStartOfMinute(ts) AS minute,
+    node,
+    count() AS gaps,
+    quantilesDDState(0.01, 0.5)(assumeNotNull(itl_s)) AS itl
+FROM {db}.token_span_latencies
+WHERE itl_s IS NOT NULL
+GROUP BY minute, node
+"""
+
+_ITL_BY_MINUTE_FROM_EMISSIONS_MV = """
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.itl_by_minute_emissions_mv{on_cluster}
+TO {db}.itl_by_minute
+AS SELECT
+    toStartOfMinute(fromUnixTimestamp64Nano(toUnixTimestamp64Nano(decode_start) + t_end))
+        AS minute,
+    node,
+    count() AS gaps,
+    quantilesDDState(0.01, 0.5)(toUInt64(t_end - t_start) / 1e9) AS itl
+FROM {db}.token_emissions
+{array_join}
+WHERE i > 1
+GROUP BY minute, node
 """
 
 
@@ -362,13 +502,75 @@ def _uint_sql(attribute: str, type_name: str, max_value: int) -> str:
 
 
 TABLES = (
-    "otel_traces",
+    "otel_spans",
     "otel_traces_trace_id_ts",
     "request_parts",
-    "token_latencies",
+    "token_span_latencies",
+    "token_emissions",
+    "itl_by_minute",
     "kv_transfers",
     "node_clocks",
 )
+
+#: The views users read, over the tables above: the spans and token rows as they were
+#: stored before token emissions became arrays, and the per-request fold.
+VIEWS = ("otel_traces", "token_latencies", "requests")
+
+# Materialized views of earlier releases: v1 had no prefill counts; v2 no emission index
+# (the first emission found by token index); the rows views made token rows from packed
+# spans by a definition of their own, before token_latencies_mv; the v3 spans view
+# expanded every packed emission into a stored span, before emissions were arrays.
+_OLD_VIEWS = (
+    "packed_tokens_spans_mv",
+    "packed_tokens_rows_mv",
+    "packed_tokens_spans_v2_mv",
+    "packed_tokens_rows_v2_mv",
+    "packed_tokens_rows_v3_mv",
+    "packed_tokens_spans_v3_mv",
+)
+
+
+def _checked(database: str, cluster: str | None) -> str:
+    """The ``ON CLUSTER`` clause, after checking both names."""
+    if not database.isidentifier():
+        raise ValueError(f"database name must be an identifier, got {database!r}")
+    if cluster is not None and not cluster.replace("-", "_").isidentifier():
+        raise ValueError(f"cluster name must be an identifier, got {cluster!r}")
+    return f" ON CLUSTER {cluster}" if cluster else ""
+
+
+def upgrade_statements(
+    engines: Mapping[str, str], database: str = DATABASE, cluster: str | None = None
+) -> list[str]:
+    """What to run before :func:`ddl_statements` on a database whose tables are
+    ``engines`` (name → engine, as ``system.tables`` has them): an empty mapping (a new
+    store) needs nothing.
+
+    A store made before token emissions were stored as arrays has ``otel_traces`` and
+    ``token_latencies`` as tables, where they are views now: the tables are renamed to
+    what they hold (``otel_spans``, ``token_span_latencies``), rows and all, after the
+    materialized views that wrote them are dropped (:func:`ddl_statements` creates
+    today's). Packed emissions stored then stay where they were expanded to: spans in
+    ``otel_spans``, rows in ``token_span_latencies``.
+    """
+    on_cluster = _checked(database, cluster)
+    statements: list[str] = []
+    renames = [
+        (old, new)
+        for old, new in (("otel_traces", "otel_spans"), ("token_latencies", "token_span_latencies"))
+        if engines.get(old, "View") != "View" and new not in engines
+    ]
+    if renames:
+        statements.extend(
+            f"DROP VIEW IF EXISTS {database}.{view}{on_cluster}"
+            for view in (*_OLD_VIEWS, "otel_traces_trace_id_ts_mv", "token_latencies_mv")
+        )
+        statements.extend(
+            f"RENAME TABLE {database}.{old} TO {database}.{new}{on_cluster}" for old, new in renames
+        )
+    if engines.get("packed_tokens") == "Null":  # the expansion's entry point: held nothing
+        statements.append(f"DROP TABLE IF EXISTS {database}.packed_tokens{on_cluster}")
+    return statements
 
 
 def ddl_statements(
@@ -377,18 +579,15 @@ def ddl_statements(
     ttl_days: int | None = None,
 ) -> list[str]:
     """The statements that create tokentrace's database, in order; all idempotent.
+    A store made by an earlier release needs :func:`upgrade_statements` first.
 
     ``cluster`` adds ``ON CLUSTER`` and uses ReplicatedMergeTree engines (a
     Distributed layer on top is the operator's choice of sharding key); ``ttl_days``
     drops whole daily partitions older than that many days.
     """
-    if not database.isidentifier():
-        raise ValueError(f"database name must be an identifier, got {database!r}")
-    if cluster is not None and not cluster.replace("-", "_").isidentifier():
-        raise ValueError(f"cluster name must be an identifier, got {cluster!r}")
+    on_cluster = _checked(database, cluster)
     if ttl_days is not None and ttl_days <= 0:
         raise ValueError(f"ttl_days must be positive, got {ttl_days!r}")
-    on_cluster = f" ON CLUSTER {cluster}" if cluster else ""
     if cluster:
         engine = "ReplicatedMergeTree"
         agg_engine = "ReplicatedAggregatingMergeTree"
@@ -407,55 +606,48 @@ def ddl_statements(
         "ttl": ttl("Timestamp"),
         "ttl_start": ttl("Start"),
         "ttl_ts": ttl("ts"),
+        "ttl_decode_start": ttl("decode_start"),
+        "ttl_minute": ttl("minute"),
         "clock_columns": ",\n".join(
             f"    {name} SimpleAggregateFunction({spec})" for name, spec in _CLOCK_COLUMNS
         ),
-        "array_join": _PACKED_ARRAY_JOIN,
+        "array_join": _EMISSIONS_ARRAY_JOIN,
         "add_clock_columns": ",\n".join(
             f"    ADD COLUMN IF NOT EXISTS {name} SimpleAggregateFunction({spec})"
             for name, spec in _CLOCK_COLUMNS
         ),
+        "span_columns": ", ".join(f"`{name}`" if "." in name else name for name in SPAN_COLUMNS),
+        "token_span_id": token_span_id_sql("decode_id", "i"),  # i: arrayEnumerate, 1-based
+        "node": node_sql("ResourceAttributes"),
+        "token_index": _uint_sql(A.TOKEN_INDEX, "UInt32", 2**32 - 1),
+        "emission_index": _uint_sql(A.EMISSION_INDEX, "UInt32", 2**32 - 1),
+        "token_count": _uint_sql(A.TOKEN_COUNT, "UInt16", 2**16 - 1),
+        "batch_size": _uint_sql(A.BATCH_SIZE, "UInt16", 2**16 - 1),
+        "step_prefill_tokens": _uint_sql(A.STEP_PREFILL_TOKENS, "UInt32", 2**32 - 1),
     }
     statements = [f"CREATE DATABASE IF NOT EXISTS {database}{on_cluster}"]
+    statements.extend(f"DROP VIEW IF EXISTS {database}.{view}{on_cluster}" for view in _OLD_VIEWS)
     for template in (
-        _OTEL_TRACES,
+        _OTEL_SPANS,
         _TRACE_ID_TS,
         _TRACE_ID_TS_MV,
         _REQUEST_PARTS,
         _REQUEST_PARTS_ADD,
         _REQUESTS_VIEW,
-        _TOKEN_LATENCIES,
-        _TOKEN_LATENCIES_ADD,
+        _TOKEN_SPAN_LATENCIES,
+        _TOKEN_SPAN_LATENCIES_ADD,
         _KV_TRANSFERS,
         _NODE_CLOCKS,
-        _PACKED_TOKENS,
-        _PACKED_TOKENS_ADD,
+        _TOKEN_EMISSIONS,
+        _TOKEN_EMISSIONS_TRACE_ID_TS_MV,
+        _OTEL_TRACES_VIEW,
+        _TOKEN_LATENCIES_MV,
+        _TOKEN_LATENCIES_VIEW,
+        _ITL_BY_MINUTE,
+        _ITL_BY_MINUTE_FROM_SPANS_MV,
+        _ITL_BY_MINUTE_FROM_EMISSIONS_MV,
     ):
         statements.append(template.format(**fmt).strip())
-        # Earlier versions of the views below (v1: no prefill counts; v2: no emission
-    # index, and the first emission found by token index; the rows views: token rows
-    # from packed spans by a definition of their own, before token_latencies_mv).
-    for view in (
-        "packed_tokens_spans_mv",
-        "packed_tokens_rows_mv",
-        "packed_tokens_spans_v2_mv",
-        "packed_tokens_rows_v2_mv",
-        "packed_tokens_rows_v3_mv",
-    ):
-        statements.append(_PACKED_TOKENS_DROP_OLD.format(view=view, **fmt).strip())
-    span_id = token_span_id_sql("decode_id", "i")  # i: arrayEnumerate, 1-based
-    statements.append(_PACKED_TOKENS_SPANS_MV.format(token_span_id=span_id, **fmt).strip())
-    statements.append(
-        _TOKEN_LATENCIES_MV.format(
-            node=node_sql("ResourceAttributes"),
-            token_index=_uint_sql(A.TOKEN_INDEX, "UInt32", 2**32 - 1),
-            emission_index=_uint_sql(A.EMISSION_INDEX, "UInt32", 2**32 - 1),
-            token_count=_uint_sql(A.TOKEN_COUNT, "UInt16", 2**16 - 1),
-            batch_size=_uint_sql(A.BATCH_SIZE, "UInt16", 2**16 - 1),
-            step_prefill_tokens=_uint_sql(A.STEP_PREFILL_TOKENS, "UInt32", 2**32 - 1),
-            **fmt,
-        ).strip()
-    )
     if not cluster:
         # Replays of the collector's write-ahead log insert with the same deduplication
         # tokens as the first attempt; a plain MergeTree only remembers tokens with a

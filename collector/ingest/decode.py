@@ -10,11 +10,12 @@ below (times, attribute counts, value lengths and depth), which keep one hostile
 exporter from storing unbounded rows or failing other exporters' inserts.
 
 An ``llm.decode`` span in packed mode (:mod:`tokentrace.schemas.packed`) is stored
-without its packed attribute, and its emissions become one ``packed_tokens`` row (five
-arrays) that ClickHouse expands, by a materialized view, into the ``llm.token`` spans
-the unpacked mode would have produced -- span ids derived from the decode span's
-(:func:`~tokentrace.schemas.packed.token_span_id`) -- so no per-token Python object is
-ever made; ``token_latencies`` rows then come from those spans as from any other.
+without its packed attribute, and its emissions become one ``token_emissions`` row (five
+arrays), stored as they are: the ``otel_traces`` and ``token_latencies`` views expand them
+when read into the ``llm.token`` spans and token rows the unpacked mode would have
+produced -- span ids derived from the decode span's
+(:func:`~tokentrace.schemas.packed.token_span_id`) -- so no per-token Python object, and
+no per-token stored row, is ever made.
 :func:`.expand.expanded_request` does the same expansion to the protobuf request, for
 forwarding.
 """
@@ -35,6 +36,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span, Status
 
+from tokentrace.schemas import SPAN_COLUMNS, TOKEN_EMISSIONS_COLUMNS
 from tokentrace.schemas import attributes as attrs
 from tokentrace.schemas.attributes import node_of
 from tokentrace.schemas.packed import PackedTokens, PackedTokensError, decode_packed
@@ -88,50 +90,12 @@ _STATUS_CODE = {
     Status.STATUS_CODE_ERROR: "Error",
 }
 
-#: ``otel_traces`` column names in insert order, as :meth:`SpanBatch.otel_traces_columns`
-#: returns them.
-OTEL_TRACES_COLUMNS = (
-    "Timestamp",
-    "TraceId",
-    "SpanId",
-    "ParentSpanId",
-    "TraceState",
-    "SpanName",
-    "SpanKind",
-    "ServiceName",
-    "ResourceAttributes",
-    "ScopeName",
-    "ScopeVersion",
-    "SpanAttributes",
-    "Duration",
-    "StatusCode",
-    "StatusMessage",
-    "Events.Timestamp",
-    "Events.Name",
-    "Events.Attributes",
-    "Links.TraceId",
-    "Links.SpanId",
-    "Links.TraceState",
-    "Links.Attributes",
-)
+#: ``otel_spans`` column names in insert order, as :meth:`SpanBatch.otel_spans_columns`
+#: returns them (the ``otel_traces`` view's columns too).
+OTEL_TRACES_COLUMNS = SPAN_COLUMNS
 
-
-#: ``packed_tokens`` column names, as :meth:`SpanBatch.packed_tokens_columns` returns them.
-PACKED_TOKENS_COLUMNS = (
-    "TraceId",
-    "DecodeSpanId",
-    "start_ns",
-    "ServiceName",
-    "ResourceAttributes",
-    "ScopeName",
-    "ScopeVersion",
-    "node",
-    "times",
-    "steps",
-    "counts",
-    "batch_sizes",
-    "prefill_tokens",
-)
+#: ``token_emissions`` column names, as :attr:`SpanBatch.packed` holds them.
+PACKED_TOKENS_COLUMNS = TOKEN_EMISSIONS_COLUMNS
 
 
 @dataclass
@@ -139,9 +103,9 @@ class SpanBatch:
     """Valid spans of one or more export requests, one list per column.
 
     Every list has one entry per span; the ``llm.token`` spans of packed decode spans are
-    not among them but in ``packed`` (ClickHouse expands them). Timestamps are integer
-    nanoseconds since the Unix epoch; attribute maps hold every value as a string (see
-    :func:`any_value_to_str`).
+    not among them but in ``packed``, one ``token_emissions`` row per decode span.
+    Timestamps are integer nanoseconds since the Unix epoch; attribute maps hold every
+    value as a string (see :func:`any_value_to_str`).
     ``rejected_spans`` / ``errors`` describe the spans that were dropped.
     """
 
@@ -169,7 +133,7 @@ class SpanBatch:
     link_attributes: list[list[dict[str, str]]] = field(default_factory=list)
     rejected_spans: int = 0
     errors: list[str] = field(default_factory=list)
-    # One entry per llm.decode span that arrived packed, as packed_tokens columns.
+    # One entry per llm.decode span that arrived packed, as token_emissions columns.
     packed: dict[str, list[Any]] = field(
         default_factory=lambda: {name: [] for name in PACKED_TOKENS_COLUMNS}
     )
@@ -178,7 +142,7 @@ class SpanBatch:
     @property
     def packed_spans(self) -> int:
         """``llm.decode`` spans that carried packed token emissions."""
-        return len(self.packed["TraceId"])
+        return len(self.packed["trace_id"])
 
     def __len__(self) -> int:
         return len(self.span_id)
@@ -208,8 +172,8 @@ class SpanBatch:
             self.packed[name].extend(values)
         self.packed_tokens += other.packed_tokens
 
-    def otel_traces_columns(self) -> dict[str, list[Any]]:
-        """The batch as ``otel_traces`` insert columns (names as in the table)."""
+    def otel_spans_columns(self) -> dict[str, list[Any]]:
+        """The batch as ``otel_spans`` insert columns (names as in the table)."""
         return {
             "Timestamp": self.start_ns,
             "TraceId": self.trace_id,
@@ -669,15 +633,15 @@ def _append_span(
 
 
 def _append_packed(batch: SpanBatch, tokens: PackedTokens) -> None:
-    """A ``packed_tokens`` row for the decode span just appended to ``batch``."""
+    """A ``token_emissions`` row for the decode span just appended to ``batch``."""
     p = batch.packed
-    p["TraceId"].append(batch.trace_id[-1])
-    p["DecodeSpanId"].append(batch.span_id[-1])
-    p["start_ns"].append(batch.start_ns[-1])
-    p["ServiceName"].append(batch.service_name[-1])
-    p["ResourceAttributes"].append(batch.resource_attributes[-1])
-    p["ScopeName"].append(batch.scope_name[-1])
-    p["ScopeVersion"].append(batch.scope_version[-1])
+    p["decode_start"].append(batch.start_ns[-1])
+    p["trace_id"].append(batch.trace_id[-1])
+    p["decode_span_id"].append(batch.span_id[-1])
+    p["service_name"].append(batch.service_name[-1])
+    p["resource_attributes"].append(batch.resource_attributes[-1])
+    p["scope_name"].append(batch.scope_name[-1])
+    p["scope_version"].append(batch.scope_version[-1])
     p["node"].append(node_of(batch.resource_attributes[-1]))
     p["times"].append(tokens.times)
     p["steps"].append(tokens.steps)

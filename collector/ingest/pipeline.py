@@ -483,8 +483,8 @@ class Pipeline:
         assert record.batch is not None and record.rows is not None
         batch, rows = record.batch, record.rows
         tables: list[tuple[str, dict[str, list[Any]]]] = [
-            ("otel_traces", batch.otel_traces_columns()),
-            *([("packed_tokens", batch.packed)] if batch.packed_spans else []),
+            ("otel_spans", batch.otel_spans_columns()),
+            *([("token_emissions", batch.packed)] if batch.packed_spans else []),
             *rows.tables().items(),
         ]
         for table, columns in tables:

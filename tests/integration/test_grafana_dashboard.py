@@ -9,6 +9,9 @@ collector's read-only ``/query`` (the same ClickHouse engine and tables Grafana 
   col <= fromUnixTimestamp64Milli(TO)``, FROM/TO the run's window in ms;
 - ``$__timeInterval_ms(col)`` → ``toStartOfInterval(toDateTime64(col, 3), INTERVAL
   1000 millisecond)``;
+- ``$__timeFilter(col)`` (a DateTime column) → ``col >= toDateTime(FROM_s) AND
+  col <= toDateTime(TO_s)``, FROM/TO the window in whole seconds;
+- ``$__timeInterval(col)`` → ``toStartOfInterval(toDateTime(col), INTERVAL 1 second)``;
 - ``${decode_node:singlequote}`` → every decode node, quoted and comma-separated;
   ``${decode_node}`` (the repeated heatmap) → each decode node in turn.
 
@@ -63,6 +66,19 @@ def expand(sql: str, window: tuple[int, int], decode_nodes: list[str], node: str
         )
 
     sql = re.sub(r"\$__timeFilter_ms\(\s*(\w+)\s*\)", time_filter, sql)
+    sql = re.sub(
+        r"\$__timeFilter\(\s*(\w+)\s*\)",
+        lambda m: (
+            f"{m.group(1)} >= toDateTime({from_ms // 1000}) "
+            f"AND {m.group(1)} <= toDateTime({to_ms // 1000})"
+        ),
+        sql,
+    )
+    sql = re.sub(
+        r"\$__timeInterval\(\s*(\w+)\s*\)",
+        lambda m: f"toStartOfInterval(toDateTime({m.group(1)}), INTERVAL 1 second)",
+        sql,
+    )
     sql = re.sub(
         r"\$__timeInterval_ms\(\s*(\w+)\s*\)",
         lambda m: (
@@ -160,6 +176,13 @@ def test_panels_show_what_the_tables_hold(stack: LocalStack, window: tuple[int, 
     assert all(r["gaps_on_prefill_steps"] == 0 for r in steps.values())
     assert all(r["p50_with_prefill_s"] is None for r in steps.values())
     assert all(r["p50_without_prefill_s"] <= r["p99_without_prefill_s"] for r in steps.values())
+
+    # The ITL-over-time panel reads the per-minute sketches: every decode node, its
+    # percentiles in order.
+    (itl_target,) = _panel("ITL per decode node")["targets"]
+    series = _run(stack, itl_target, window)
+    assert {p["node"] for p in series} == set(stack.decode)
+    assert all(p["p50"] <= p["p90"] <= p["p99"] for p in series)
 
     (ttft_target,) = _panel("TTFT per prefill node")["targets"]
     points = _run(stack, ttft_target, window)

@@ -27,7 +27,7 @@ def test_ddl_is_idempotent(store: Store) -> None:
 def test_insert_round_trip_keeps_nanoseconds(store: Store) -> None:
     ts = [T0_NS, T0_NS + 1]
     store.insert(
-        "token_latencies",
+        "token_span_latencies",
         {
             "ts": ts,
             "trace_id": ["rt", "rt"],

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tokentrace.collector.ingest.decode import PACKED_TOKENS_COLUMNS
 from tokentrace.schemas import ddl_statements
 
 
@@ -149,124 +148,6 @@ def test_ddl_upgrades_a_store_created_before_clock_columns(tmp_path: Path) -> No
         client.command(statement)
     (row,) = client.query("SELECT * FROM tokentrace.requests").named_results()
     assert row["request_id"] == "r0" and row["kv_handoff_s"] is None
-
-
-# The first release's packed_tokens_rows_mv, as it created it (today's DDL has no such
-# view: token rows come from token_latencies_mv).
-FIRST_RELEASE_ROWS_VIEW = """
-CREATE MATERIALIZED VIEW IF NOT EXISTS tokentrace.packed_tokens_rows_mv
-TO tokentrace.token_latencies
-AS SELECT
-    fromUnixTimestamp64Nano(start_ns + t_end) AS ts,
-    TraceId AS trace_id,
-    node,
-    toUInt32(upto - cnt) AS token_index,
-    if(upto - cnt > 0, (t_end - t_start) / 1e9, NULL) AS itl_s,
-    cnt AS tokens,
-    bs AS batch_size
-FROM tokentrace.packed_tokens
-ARRAY JOIN
-    arrayPopBack(times) AS t_start,
-    arrayPopFront(times) AS t_end,
-    steps AS step,
-    counts AS cnt,
-    batch_sizes AS bs,
-    arrayCumSum(counts) AS upto,
-    arrayEnumerate(steps) AS i
-"""
-
-
-def test_a_store_made_before_step_prefill_counts_is_upgraded(tmp_path: Path) -> None:
-    """The first release's DDL, then today's: ``token_latencies`` gains
-    ``step_prefill_tokens`` (NULL in old rows), and packed emissions are expanded by the
-    new views exactly once (the old views are gone, not running beside them): their
-    token rows now come from the one definition over stored token spans."""
-    import clickhouse_connect
-
-    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'ch'}")
-    # The first release's DDL: today's without the prefill counts, the views under their
-    # old names, and neither the ALTERs nor the DROPs that upgrade it.
-    upgrades = ("ADD COLUMN IF NOT EXISTS step_prefill", "ADD COLUMN IF NOT EXISTS prefill", "DROP")
-    removed = (
-        ",\n    step_prefill_tokens Nullable(UInt32)",
-        ",\n    prefill_tokens Array(Nullable(UInt32))",
-        "    prefill_tokens AS pf,\n",
-        ",\n    pf AS step_prefill_tokens",
-        ",\n        'tokentrace.step.prefill_tokens', toString(pf)",
-        "\n        'tokentrace.emission.index', toString(i - 1),",
-        "    -- the first emission has no gap (by position: a chat role chunk carries 0 tokens)\n",
-    )
-    first_release = []
-    for statement in ddl_statements():
-        if any(marker in statement for marker in upgrades) or "token_latencies_mv" in statement:
-            continue
-        for text in removed:
-            statement = statement.replace(text, "")
-        statement = statement.replace("if(i > 1,", "if(upto - cnt > 0,")
-        assert "prefill_tokens" not in statement and "pf" not in statement.split()
-        assert "emission" not in statement
-        first_release.append(statement.replace("_v3_mv", "_mv"))
-    first_release.append(FIRST_RELEASE_ROWS_VIEW)
-    for statement in first_release:
-        client.command(statement)
-    # A store that was also through the second release has its views beside them.
-    for statement in first_release:
-        if "packed_tokens_" in statement and "_mv" in statement:
-            client.command(statement.replace("_mv", "_v2_mv"))
-    views = {r[0] for r in client.query("SHOW TABLES FROM tokentrace LIKE '%_mv'").result_rows}
-    old_views = {
-        "packed_tokens_spans_mv",
-        "packed_tokens_rows_mv",
-        "packed_tokens_spans_v2_mv",
-        "packed_tokens_rows_v2_mv",
-    }
-    assert views == {"otel_traces_trace_id_ts_mv", *old_views}
-    columns = client.query("DESCRIBE TABLE tokentrace.token_latencies").result_rows
-    assert "step_prefill_tokens" not in {c[0] for c in columns}
-    client.insert(
-        "tokentrace.token_latencies",
-        [[1_700_000_000_000_000_000, "old", "decode-0", 0, None, 1, 3]],
-        column_names=["ts", "trace_id", "node", "token_index", "itl_s", "tokens", "batch_size"],
-    )
-    for statement in ddl_statements():
-        client.command(statement)
-    views = {r[0] for r in client.query("SHOW TABLES FROM tokentrace LIKE '%_mv'").result_rows}
-    assert views == {
-        "otel_traces_trace_id_ts_mv",
-        "packed_tokens_spans_v3_mv",
-        "token_latencies_mv",
-    }
-    client.insert(
-        "tokentrace.packed_tokens",
-        [
-            [
-                "new",
-                "00000000000000aa",
-                1_700_000_000_000_000_000,
-                "svc",
-                {"tokentrace.node.id": "both-0"},
-                "",
-                "",
-                "both-0",
-                [0, 10, 20],
-                [5, 6],
-                [1, 1],
-                [2, 2],
-                [64, 0],
-            ]
-        ],
-        column_names=list(PACKED_TOKENS_COLUMNS),
-    )
-    rows = client.query(
-        "SELECT trace_id, token_index, step_prefill_tokens FROM tokentrace.token_latencies "
-        "ORDER BY trace_id, token_index"
-    ).result_rows
-    assert rows == [("new", 0, 64), ("new", 1, 0), ("old", 0, None)]
-    spans = client.query(
-        "SELECT SpanAttributes['tokentrace.step.prefill_tokens'] FROM tokentrace.otel_traces "
-        "WHERE TraceId = 'new' ORDER BY Timestamp"
-    ).result_rows
-    assert spans == [("64",), ("0",)]
 
 
 def test_the_query_user_is_granted_select_on_tokentrace_only(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ def test_columns_follow_the_otel_traces_layout() -> None:
         ],
     )
     batch = decode_request(parse_protobuf(req.SerializeToString()))
-    cols = batch.otel_traces_columns()
+    cols = batch.otel_spans_columns()
     assert len(batch) == 1 and batch.rejected_spans == 0
     assert cols["Timestamp"] == [T0_NS]
     assert cols["Duration"] == [5_000]
@@ -321,14 +321,14 @@ def test_bad_json_is_a_decode_error_naming_the_problem(data: bytes, match: str) 
         parse_json(data)
 
 
-def test_a_packed_decode_span_becomes_one_packed_tokens_row() -> None:
+def test_a_packed_decode_span_becomes_one_token_emissions_row() -> None:
     _, packed_req = packed_and_unpacked()
     batch = decode_request(packed_req)
     assert (len(batch), batch.packed_spans, batch.packed_tokens) == (1, 1, 5)
     assert A.TOKEN_PACKED not in batch.attributes[0]  # stored without the attribute
     row = {name: values[0] for name, values in batch.packed.items()}
-    assert (row["TraceId"], row["DecodeSpanId"]) == (batch.trace_id[0], batch.span_id[0])
-    assert row["start_ns"] == batch.start_ns[0] and row["node"] == "decode-0"
+    assert (row["trace_id"], row["decode_span_id"]) == (batch.trace_id[0], batch.span_id[0])
+    assert row["decode_start"] == batch.start_ns[0] and row["node"] == "decode-0"
     assert list(row["counts"]) == [1, 1, 3, 1, 2]
     assert list(row["steps"]) == [100, 101, 102, 103, 104]
     assert list(row["batch_sizes"]) == [7, 6, 5, 4, 3]

@@ -197,7 +197,7 @@ def test_packed_tokens_land_as_the_unpacked_mode_lands_them(
     assert comparable(packed) == comparable(unpacked)
 
     # What is forwarded for the packed export is exactly what ClickHouse stored.
-    forwarded = decode_request(expanded_request(packed_req)).otel_traces_columns()
+    forwarded = decode_request(expanded_request(packed_req)).otel_spans_columns()
     stored = {name: [r[name] for r in packed] for name in columns}
     key = sorted(range(6), key=lambda i: (forwarded["SpanName"][i], forwarded["Timestamp"][i]))
     for name in ("SpanId", "ParentSpanId", "Timestamp", "Duration", "SpanAttributes"):
