@@ -4,13 +4,16 @@ A separate sender process streams realistic exports (per LLM request: the router
 ``llm.request``, the prefill's ``llm.prefill``, the decode node's ``llm.decode``,
 ``llm.kv_transfer`` and one ``llm.token`` per output token — or, in packed mode, the
 tokens packed onto ``llm.decode``) with several exports in flight, as fast as the
-collector acknowledges them. An export is acknowledged only once its rows are committed
-in ClickHouse (embedded chDB), so the collector's CPU time over the run covers
-everything: gRPC, parsing, derivation, inserts, ClickHouse's own parsing, part writes
-and merges. Figures are spans (and token rows) stored per collector CPU-second.
+collector acknowledges them. An export is acknowledged once it is in the collector's
+log; the run ends with a read, which first inserts everything acknowledged (embedded
+chDB), so the collector's CPU time over the run covers everything: gRPC, parsing,
+derivation, inserts, ClickHouse's own parsing, part writes and merges. Figures are
+spans (and token rows) stored per collector CPU-second.
 
-Baseline, same run, same sender: a receiver that only parses each export with the
-protobuf runtime and discards it — the floor for any Python OTLP receiver.
+Baselines, same run: a receiver that only parses each export with the protobuf runtime
+and discards it, fed by the same sender (the floor for any Python OTLP receiver); and
+the store's own insert rate for the same rows, decoded once and inserted in blocks of
+64 exports into a fresh embedded store (what ClickHouse itself costs: the limit).
 """
 
 from __future__ import annotations
@@ -349,6 +352,74 @@ def _run_sender(
     return dict(json.loads(out.stdout))
 
 
+# -- the store's own insert rate for the same rows (its own process) ------------------
+
+
+def _raw_insert(seconds: float, packed: bool, requests: int, tokens: int) -> dict[str, Any]:
+    """Decode one export once, then insert its rows into a fresh embedded store as the
+    collector's inserter does (one insert per table per block of 64 exports), for
+    ``seconds``: what ClickHouse itself costs for these rows, without receiving,
+    parsing, logging or decoding them. CPU is this process's (chDB runs inside it)."""
+    from tokentrace.collector.ingest.decode import SpanBatch, decode_request
+    from tokentrace.collector.ingest.derive import DerivedRows, derive_rows
+    from tokentrace.collector.ingest.otlp_parse import parse_protobuf
+    from tokentrace.collector.store import open_store
+
+    template = build_template(requests, tokens, packed)
+    one = decode_request(parse_protobuf(template.data))
+    batch, rows = SpanBatch(), DerivedRows()
+    for _ in range(64):
+        batch.extend(one)
+        rows.extend(derive_rows(one))
+    tables = [
+        ("otel_spans", batch.otel_spans_columns()),
+        *([("token_emissions", batch.packed)] if batch.packed_spans else []),
+        *rows.tables().items(),
+    ]
+    with tempfile.TemporaryDirectory(prefix="tt-bench-raw-") as tmp:
+        store = open_store(f"chdb://{tmp}/clickhouse")
+        try:
+            blocks = 0
+            cpu0 = time.process_time()
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                for table, columns in tables:
+                    store.insert(table, columns)
+                blocks += 1
+            cpu = time.process_time() - cpu0
+        finally:
+            store.close()
+    return {
+        "cpu_s": cpu,
+        "spans": blocks * 64 * template.spans,
+        "token_rows": blocks * 64 * template.token_rows,
+    }
+
+
+def measure_raw_insert(args: argparse.Namespace, packed: bool, seconds: float) -> Measured:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.ingest",
+            "--raw-insert",
+            "--seconds",
+            str(seconds),
+            "--requests-per-export",
+            str(args.requests_per_export),
+            "--tokens",
+            str(args.tokens),
+            *(["--packed"] if packed else []),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    got = json.loads(out.stdout)
+    return Measured(got["spans"], got["token_rows"], got["cpu_s"], seconds, 0)
+
+
 # -- the parse-only baseline receiver (its own process) ---------------------------------
 
 
@@ -465,17 +536,19 @@ def measure_collector(args: argparse.Namespace, packed: bool) -> tuple[Measured,
             api = f"http://{info['http']}"
             idle_rss = rss_bytes(proc.pid)
             _run_sender(info["otlp_grpc"], args.warmup, args, packed)
-            spans0 = httpx.get(f"{api}/health", timeout=30).json()["spans_stored"]
+            # A read first inserts everything acknowledged before it: the counts below
+            # are of rows in ClickHouse, and the CPU up to them includes inserting them.
             tokens0 = _count(api, "tokentrace.token_latencies")
+            spans0 = httpx.get(f"{api}/health", timeout=30).json()["spans_stored"]
             sampler = _RssSampler(proc.pid)
             cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
             sent = _run_sender(info["otlp_grpc"], args.seconds, args, packed)
+            tokens1 = _count(api, "tokentrace.token_latencies")
             cpu1, wall1 = cpu_seconds(proc.pid), time.monotonic()
             peak = sampler.stop()
             if sent["failed"]:
                 raise RuntimeError(f"{sent['failed']} exports failed")
             spans1 = httpx.get(f"{api}/health", timeout=30).json()["spans_stored"]
-            tokens1 = _count(api, "tokentrace.token_latencies")
             return (
                 Measured(
                     spans1 - spans0,
@@ -518,30 +591,36 @@ def run(args: argparse.Namespace) -> list[Figure]:
         label = "packed" if packed else "one span per token"
         measured, idle_rss = measure_collector(args, packed)
         baseline = measure_parse_only(args, packed, max(2.0, args.seconds / 3))
+        limit = measure_raw_insert(args, packed, max(2.0, args.seconds / 3))
         if not packed:
-            figures.append(
-                Figure(
-                    f"ingest ({label}): spans stored / collector CPU-s",
-                    measured.spans_per_core_s,
-                    "spans/s/core",
-                    baseline.spans_per_core_s,
-                    "≥ 50,000",
-                    measured.spans_per_core_s >= 50_000,
-                    "parse-only receiver",
-                )
-            )
+            rate, unit, target = measured.spans_per_core_s, "spans/s/core", 150_000
+            parse_rate, raw_rate = baseline.spans_per_core_s, limit.spans_per_core_s
         else:
-            figures.append(
-                Figure(
-                    f"ingest ({label}): token rows / collector CPU-s",
-                    measured.token_rows_per_core_s,
-                    "rows/s/core",
-                    baseline.token_rows_per_core_s,
-                    "≥ 500,000",
-                    measured.token_rows_per_core_s >= 500_000,
-                    "parse-only receiver",
-                )
+            rate, unit, target = measured.token_rows_per_core_s, "rows/s/core", 1_000_000
+            parse_rate, raw_rate = baseline.token_rows_per_core_s, limit.token_rows_per_core_s
+        what = "spans stored" if not packed else "token rows stored"
+        figures.append(
+            Figure(
+                f"ingest ({label}): {what} / collector CPU-s",
+                rate,
+                unit,
+                parse_rate,
+                f"≥ {target:,}",
+                rate >= target,
+                "parse-only receiver",
             )
+        )
+        figures.append(
+            Figure(
+                f"ingest ({label}): the store's own insert rate, same rows",
+                raw_rate,
+                unit,
+                rate,
+                "(the limit)",
+                None,
+                "end to end (above)",
+            )
+        )
         figures.append(
             Figure(
                 f"ingest ({label}): spans stored per wall second",
@@ -558,8 +637,8 @@ def run(args: argparse.Namespace) -> list[Figure]:
                 measured.peak_rss / 1e6,
                 "MB",
                 idle_rss / 1e6,
-                "< 500 MB",
-                measured.peak_rss < 500e6,
+                "≤ 400 MB",
+                measured.peak_rss <= 400e6,
                 "the same collector, idle",
             )
         )
@@ -611,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sender", metavar="HOST:PORT", help=argparse.SUPPRESS)
     parser.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parse-only-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
+    parser.add_argument("--raw-insert", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -618,6 +698,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.parse_only_server:
         _parse_only_server(args.parse_only_server)
+        return 0
+    if args.raw_insert:
+        raw = _raw_insert(args.seconds, args.packed, args.requests_per_export, args.tokens)
+        print(json.dumps(raw))
         return 0
     if args.sender:
         result = _sender(

@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
             "WHERE ts > now() - INTERVAL 1 HOUR GROUP BY node ORDER BY node"
         )
         itl_sketch_sql = (
-            "SELECT node, quantilesDDMerge(0.01, 0.5, 0.99)(itl) FROM itl_by_minute "
+            "SELECT node, quantilesDDMerge(0.001, 0.5, 0.99)(itl) FROM itl_by_minute "
             "WHERE minute > now() - INTERVAL 1 HOUR GROUP BY node ORDER BY node"
         )
         now_ms = int(time.time() * 1000)

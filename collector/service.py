@@ -42,6 +42,11 @@ __all__ = ["Collector", "CollectorConfig", "parse_hostport", "write_collector_fi
 _log = logging.getLogger(__name__)
 
 
+#: How long a read waits for the exports acknowledged before it to be inserted (longer
+#: only while ClickHouse fails: then it reads what is there).
+READ_BARRIER_TIMEOUT_S = 5.0
+
+
 def parse_hostport(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6) → (host, port); ValueError names the value."""
     host, sep, port_text = value.rpartition(":")
@@ -193,6 +198,10 @@ class Collector:
             self.forwarders.append(forwarder)
             forwarder.start()
         self.pipeline = Pipeline(self.store, self.wal, cfg.pipeline)
+        # Reads see every export acknowledged before them: acknowledged at fsync, an
+        # export would otherwise reach ClickHouse only with its block.
+        pipeline = self.pipeline
+        self.store.read_barrier = lambda: pipeline.flush(READ_BARRIER_TIMEOUT_S)
         self.pipeline.start()
         self._http = AsgiServers()
         # /metrics reads the same counters as /health, at scrape time.

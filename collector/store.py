@@ -176,6 +176,9 @@ class Store:
         self.database = database
         self.reader = reader or ReaderConfig()
         self._after_ddl = tuple(after_ddl)
+        #: Called before every read with ``readonly=True`` (the collector's: insert what
+        #: was acknowledged before the read, so the read sees it); None: nothing.
+        self.read_barrier: Callable[[], object] | None = None
 
     def insert(
         self,
@@ -233,6 +236,8 @@ class Store:
         """
         if readonly and settings:
             raise ValueError("readonly queries run under the reader's settings; pass none")
+        if readonly and self.read_barrier is not None:
+            self.read_barrier()
         if not readonly:
             with self._lock:
                 return self._run(self._connected(), sql, params, settings)

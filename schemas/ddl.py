@@ -6,10 +6,10 @@ column, so Grafana's trace view reads ``otel_traces`` and the Go collector's exp
 writes ``otel_spans`` unchanged. Packed token emissions are stored as arrays, one
 ``token_emissions`` row per decode span, and expanded only when the ``otel_traces`` and
 ``token_latencies`` views are read: a few bytes per token instead of a row per token
-(see ``_TOKEN_EMISSIONS``). One setting of ``otel_spans`` differs from the exporter's: granules of 1024
-rows instead of 8192. A trace's spans sit in a handful of granules (one per service and
-span name), so a trace lookup decompresses an eighth of the rows: 14 instead of 29 ms
-with 2 million spans stored (bench/query.py).
+(see ``_TOKEN_EMISSIONS``). One setting of ``otel_spans`` differs from the exporter's:
+granules of 1024 rows instead of 8192. A trace's spans sit in a handful of granules (one
+per service and span name), so a trace lookup decompresses an eighth of the rows: 14
+instead of 29 ms with 2 million spans stored (bench/query.py, before token arrays).
 
 A request's row is assembled from spans of several nodes that reach the collector in
 any order (the router's ``llm.request``, the prefill worker's ``llm.prefill``, the
@@ -446,16 +446,17 @@ FROM {db}.token_emissions
 {array_join}
 """
 
-# Per decode node and minute, a DDSketch of the token gaps (1% relative accuracy) and
-# their count, from both kinds of token rows as they are stored: what the dashboard's
+# Per decode node and minute, a DDSketch of the token gaps (accuracy parameter 0.001:
+# within 1% of the exact percentile, tests/unit/test_one_percentile.py) and their
+# count, from both kinds of token rows as they are stored: what the dashboard's
 # ITL-over-time panel reads, so hours of percentiles do not expand every token again.
-# Quantile states merge across minutes at any levels (quantilesDDMerge(0.01, ...)).
+# Quantile states merge across minutes at any levels (quantilesDDMerge(0.001, ...)).
 _ITL_BY_MINUTE = """
 CREATE TABLE IF NOT EXISTS {db}.itl_by_minute{on_cluster} (
     minute DateTime CODEC(Delta, ZSTD(1)),
     node LowCardinality(String),
     gaps SimpleAggregateFunction(sum, UInt64),
-    itl AggregateFunction(quantilesDD(0.01, 0.5), Float64)
+    itl AggregateFunction(quantilesDD(0.001, 0.5), Float64)
 ) ENGINE = {agg_engine}
 PARTITION BY toDate(minute)
 ORDER BY (node, minute)
@@ -469,7 +470,7 @@ AS SELECT
     toStartOfMinute(ts) AS minute,
     node,
     count() AS gaps,
-    quantilesDDState(0.01, 0.5)(assumeNotNull(itl_s)) AS itl
+    quantilesDDState(0.001, 0.5)(assumeNotNull(itl_s)) AS itl
 FROM {db}.token_span_latencies
 WHERE itl_s IS NOT NULL
 GROUP BY minute, node
@@ -483,7 +484,7 @@ AS SELECT
         AS minute,
     node,
     count() AS gaps,
-    quantilesDDState(0.01, 0.5)(toUInt64(t_end - t_start) / 1e9) AS itl
+    quantilesDDState(0.001, 0.5)(toUInt64(t_end - t_start) / 1e9) AS itl
 FROM {db}.token_emissions
 {array_join}
 WHERE i > 1

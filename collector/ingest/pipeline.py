@@ -1,22 +1,30 @@
-"""decode → derive → write-ahead log → group-committed ClickHouse writes.
+"""decode → derive → write-ahead log (acknowledged) → block inserts into ClickHouse.
 
 :meth:`Pipeline.consume` decodes and derives an export on the caller's thread and hands
 it to the log writer thread, which appends the exports that arrived together (a group
-commit) as one record of the write-ahead log and fsyncs it. The inserter thread then
-writes each record's rows into ClickHouse in log order, with insert deduplication
-tokens made of the log's id, the record's sequence number and the table, so a record
-inserted again after a crash is dropped by ClickHouse instead of stored twice. A sender
-that re-sends an export it got no answer for (the collector crashed after logging it) is
-answered from a digest of the exports accepted last, also kept in the log, so that
-export is not stored twice either.
+commit) as one record of the write-ahead log, fsyncs it and acknowledges them: an
+export is acknowledged once it is durable in the log, not once it is in ClickHouse.
+The inserter thread then writes the records' rows into ClickHouse in log order, many
+records at a time: a block closes when its oldest record has waited
+:attr:`PipelineConfig.insert_interval_ms` or its records hold
+:attr:`PipelineConfig.max_block_bytes`, because every INSERT costs ClickHouse a fixed
+10-30 ms of CPU (new parts on disk) whatever its size. Each insert carries a
+deduplication token made of the log's id, the block's first and last sequence numbers
+and the table; the block is named in the log before it is inserted (:meth:`.wal.
+WriteAheadLog.begin_block`), so a block inserted again after a crash is dropped by
+ClickHouse instead of stored twice. A sender that re-sends an export it got no answer
+for (the collector crashed after logging it) is answered from a digest of the exports
+accepted last, also kept in the log, so that export is not stored twice either.
 
-When is an export acknowledged (``consume`` returns)? Normally once its rows are in
-ClickHouse, so what a sender was told is stored can be queried at once. While
-ClickHouse is failing, or a backlog from an earlier run or outage is being replayed, it
-is acknowledged as soon as its record is fsynced: durable, and stored when ClickHouse
-takes it. Past the disk budget (:attr:`WalConfig.max_bytes` of records that some
-exporter has not delivered yet) ``consume`` raises :class:`PipelineFull` and accepts
-nothing more until the backlog shrinks.
+So what an exporter was told is stored is durable at once and queryable within about
+``insert_interval_ms`` (``store_lag_s`` in the counters says how far behind the store
+is). While ClickHouse fails, records wait in the log and inserts are retried. Past the
+disk budget (:attr:`WalConfig.max_bytes` of records that some exporter has not delivered
+yet) ``consume`` raises :class:`PipelineFull` and accepts nothing more until the backlog
+shrinks. Memory is bounded by configuration: at most ``queue_exports`` decoded exports
+wait for the log writer, and the rows of at most two blocks' worth of records
+(``2 * max_block_bytes`` of log records) are kept decoded; records beyond that are read
+back from the log when their block comes.
 
 The ClickHouse writer here is one reader of the log (:data:`.wal.STORE_READER`); the
 OTLP forwarders are others, each with its own cursor (:mod:`.forward`), so an outage of
@@ -42,7 +50,7 @@ from .decode import SpanBatch, accepted_request, decode_request
 from .derive import DerivedRows, derive_rows
 from .logrecord import decode_record, encode_record, export_digest
 from .otlp_parse import parse_protobuf
-from .wal import STORE_READER, WriteAheadLog
+from .wal import STORE_READER, WalError, WriteAheadLog
 
 __all__ = [
     "Consumer",
@@ -67,13 +75,19 @@ class PipelineFull(PipelineUnavailable):
 @dataclass(frozen=True)
 class PipelineConfig:
     """Group commit: a log record closes when its oldest export is ``flush_interval_ms``
-    old or ``max_batch_spans`` spans wait. A transient insert failure is retried
-    forever, ``retry_backoff_ms`` doubling up to ``max_retry_backoff_ms``, jittered as
-    every retry loop of the collector is (:func:`.retry.backoff_s`); at shutdown
-    the inserter gives up after ``shutdown_timeout_s`` and leaves the rest in the log."""
+    old or ``max_batch_spans`` spans wait; its exports are acknowledged once it is
+    fsynced. Block inserts: the inserter writes the records waiting for ClickHouse as
+    one block once the oldest has waited ``insert_interval_ms`` or they hold
+    ``max_block_bytes`` (log record bytes; a single larger record is a block of its
+    own). A transient insert failure is retried forever, ``retry_backoff_ms`` doubling
+    up to ``max_retry_backoff_ms``, jittered as every retry loop of the collector is
+    (:func:`.retry.backoff_s`); at shutdown the inserter gives up after
+    ``shutdown_timeout_s`` and leaves the rest in the log."""
 
-    flush_interval_ms: float = 50.0
+    flush_interval_ms: float = 20.0
     max_batch_spans: int = 20_000
+    insert_interval_ms: float = 500.0
+    max_block_bytes: int = 16 << 20
     retry_backoff_ms: float = 200.0
     max_retry_backoff_ms: float = 5_000.0
     queue_exports: int = 1_000
@@ -84,6 +98,10 @@ class PipelineConfig:
             raise ValueError(f"flush_interval_ms must be >= 0, got {self.flush_interval_ms!r}")
         if self.max_batch_spans < 1:
             raise ValueError(f"max_batch_spans must be >= 1, got {self.max_batch_spans!r}")
+        if self.insert_interval_ms < 0:
+            raise ValueError(f"insert_interval_ms must be >= 0, got {self.insert_interval_ms!r}")
+        if self.max_block_bytes < 1:
+            raise ValueError(f"max_block_bytes must be >= 1, got {self.max_block_bytes!r}")
         if self.retry_backoff_ms <= 0:
             raise ValueError(f"retry_backoff_ms must be > 0, got {self.retry_backoff_ms!r}")
         if self.max_retry_backoff_ms < self.retry_backoff_ms:
@@ -128,13 +146,14 @@ class _Pending:
 @dataclass
 class _Record:
     """One log record on its way into ClickHouse. ``batch``/``rows`` are None when they
-    were not kept in memory (replay, backlog): read back from the log."""
+    are not kept in memory (replay, a backlog past the memory bound): read back from the
+    log when its block comes."""
 
     seq: int
     spans: int
+    size: int  # payload bytes in the log
     batch: SpanBatch | None
     rows: DerivedRows | None
-    futures: list[Future[None]]
     # time.monotonic() when logged (for records found at start: the start), for the lag
     logged_s: float = field(default_factory=time.monotonic)
 
@@ -143,9 +162,7 @@ _STOP = object()
 _ENQUEUE_TIMEOUT_S = 5.0
 # Digests of the exports accepted last, to recognise a sender's retry of one of them.
 _RECENT_EXPORTS = 16_384
-# While backlogged, records beyond this many keep only their sequence number in memory.
-_IN_MEMORY_RECORDS = 64
-# One record's inserts into every table: a few ms embedded, up to seconds on a busy server.
+# One block's inserts into every table: a few ms embedded, up to seconds on a busy server.
 INSERT_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
@@ -170,11 +187,17 @@ class Pipeline:
         self._state_lock = threading.Lock()
         self._accepting = False
         self._stopped = False
-        # The inserter's work: log records in sequence order. ``_backlogged`` (set while
-        # ClickHouse fails or older records wait) makes the writer acknowledge at fsync.
+        # The inserter's work: log records in sequence order, and the payload bytes of
+        # those whose rows are kept decoded in memory.
         self._records: collections.deque[_Record] = collections.deque()
         self._records_cv = threading.Condition()
-        self._backlogged = False
+        self._held_bytes = 0
+        # At start: the block a crash interrupted (insert it again exactly), and the
+        # last record of a log written record by record (insert those one at a time).
+        self._resumed_block: tuple[int, int] | None = None
+        self._singles_until = 0
+        self._stored_seq = 0  # the newest record in ClickHouse (or dropped)
+        self._flush_to = 0  # records up to here are inserted without waiting (flush)
         self._writer_done = False
         self._give_up_at: float | None = None
         self._recent: collections.OrderedDict[bytes, None] = collections.OrderedDict()
@@ -211,11 +234,18 @@ class Pipeline:
             for _seq, payload in self._wal.records():
                 for digest, _wire in decode_record(payload)[1]:
                     self._remember(digest)
+            block = self._wal.block()
+            if block is not None and block[1] > self._wal.position(STORE_READER):
+                # Every record before a block was stored before the block was begun.
+                self._wal.commit(block[0] - 1, STORE_READER)
+                self._resumed_block = block
             backlog = self._wal.pending(STORE_READER)
+            if block is None and backlog:
+                # Inserted record by record, under the tokens such a collector used.
+                self._singles_until = backlog[-1]
             for seq in backlog:
-                self._records.append(_Record(seq, 0, None, None, []))
+                self._records.append(_Record(seq, 0, self._wal.size(seq), None, None))
             self._replayed = len(backlog)
-            self._backlogged = bool(backlog)
             self._writer = threading.Thread(
                 target=self._run_writer, name="tokentrace-wal", daemon=True
             )
@@ -247,6 +277,18 @@ class Pipeline:
                 self._give_up_at = time.monotonic() + self.config.shutdown_timeout_s
                 self._records_cv.notify_all()
             inserter.join()
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Insert every export acknowledged so far without waiting for the insert
+        interval, and wait until it is in ClickHouse: True then, False if that took
+        longer than ``timeout_s`` (ClickHouse failing, say; nothing is lost either way)."""
+        target = self._wal.last_seq
+        with self._records_cv:
+            self._flush_to = max(self._flush_to, target)
+            self._records_cv.notify_all()
+            return self._records_cv.wait_for(
+                lambda: self._stored_seq >= target or not self._records, timeout_s
+            )
 
     # -- counters ------------------------------------------------------------------
 
@@ -407,95 +449,132 @@ class Pipeline:
             self._log_group(leftover, sum(p.batch.expanded_spans for p in leftover))
 
     def _log_group(self, group: list[_Pending], spans: int) -> None:
+        payload = encode_record(time.time_ns(), [(p.digest, p.wire) for p in group])
         try:
-            seq = self._wal.append(
-                encode_record(time.time_ns(), [(p.digest, p.wire) for p in group])
-            )
+            seq = self._wal.append(payload)
         except Exception as exc:  # WalError, or a bug: either way exporters get an answer
             _log.error("writing %d spans to the write-ahead log failed: %s", spans, exc)
             error = PipelineUnavailable(f"cannot write the collector's write-ahead log: {exc}")
             for pending in group:
                 pending.future.set_exception(error)
             return
-        batch, rows = SpanBatch(), DerivedRows()
+        # Durable: the exporters are told so now, whatever ClickHouse is doing.
         for pending in group:
-            batch.extend(pending.batch)
-            rows.extend(pending.rows)
-        record = _Record(seq, spans, batch, rows, [p.future for p in group])
+            pending.future.set_result(None)
+        record = _Record(seq, spans, len(payload), None, None)
         with self._records_cv:
+            if self._held_bytes + record.size <= 2 * self.config.max_block_bytes:
+                batch, rows = SpanBatch(), DerivedRows()
+                for pending in group:
+                    batch.extend(pending.batch)
+                    rows.extend(pending.rows)
+                record.batch, record.rows = batch, rows
+                self._held_bytes += record.size
             self._records.append(record)
-            if self._backlogged:
-                self._acknowledge(record, keep=len(self._records) <= _IN_MEMORY_RECORDS)
             self._records_cv.notify_all()
-
-    @staticmethod
-    def _acknowledge(record: _Record, *, keep: bool) -> None:
-        """The record is durable: let its exporters go; unless ``keep``, drop its rows
-        from memory (they are read back from the log when their turn comes)."""
-        for future in record.futures:
-            future.set_result(None)
-        record.futures = []
-        if not keep:
-            record.batch = record.rows = None
 
     # -- the inserter thread ----------------------------------------------------------
 
-    def _run_inserter(self) -> None:
-        attempt = 0  # failed attempts at the oldest record, in a row
-        while True:
-            with self._records_cv:
-                while not self._records and not self._writer_done:
+    def _next_block(self) -> list[_Record] | None:
+        """Wait for the next block (None: shut down, nothing left): records from the
+        front of the queue, once the oldest has waited ``insert_interval_ms`` or they
+        hold ``max_block_bytes``."""
+        interval_s = self.config.insert_interval_ms / 1000.0
+        limit = self.config.max_block_bytes
+        with self._records_cv:
+            while True:
+                if not self._records:
+                    if self._writer_done:
+                        return None
                     self._records_cv.wait()
-                if not self._records:
-                    return
-                record = self._records[0]
-            started = time.perf_counter()
-            try:
-                self._insert(record)
-            except StoreError as exc:
-                if exc.transient:
-                    self._on_store_down(exc)
-                    attempt += 1
-                    delay_s = jittered_backoff_s(
-                        attempt,
-                        self.config.retry_backoff_ms / 1000.0,
-                        self.config.max_retry_backoff_ms / 1000.0,
-                    )
-                    if self._wait_or_give_up(delay_s):
-                        return
                     continue
-                self._drop_bad_record(record, exc)
-            except Exception as exc:  # a bug here must not leave exporters waiting forever
-                _log.exception("inserting write-ahead log record %d failed", record.seq)
-                self._drop_bad_record(record, exc)
-            else:
-                self.insert_duration.observe(time.perf_counter() - started)
-                self._on_stored(record)
-            attempt = 0
-            with self._records_cv:
-                self._records.popleft()
-                if not self._records:
-                    self._backlogged = False
+                first = self._records[0]
+                if self._resumed_block is not None:
+                    low, high = self._resumed_block
+                    self._resumed_block = None
+                    if first.seq == low:
+                        return [r for r in self._records if r.seq <= high]
+                if first.seq <= self._singles_until:
+                    return [first]
+                total = 0
+                block: list[_Record] = []
+                for record in self._records:
+                    if block and total + record.size > limit:
+                        break
+                    block.append(record)
+                    total += record.size
+                full = len(block) < len(self._records) or total >= limit
+                wait_s = first.logged_s + interval_s - time.monotonic()
+                if full or wait_s <= 0 or self._writer_done or self._flush_to >= first.seq:
+                    return block
+                self._records_cv.wait(wait_s)
 
-    def _insert(self, record: _Record) -> None:
-        if record.batch is None or record.rows is None:
-            self._load(record)
-        assert record.batch is not None and record.rows is not None
-        batch, rows = record.batch, record.rows
+    def _run_inserter(self) -> None:
+        while True:
+            block = self._next_block()
+            if block is None:
+                return
+            first, last = block[0].seq, block[-1].seq
+            attempt = 0  # failed attempts at this block, in a row
+            while True:
+                started = time.perf_counter()
+                try:
+                    self._wal.begin_block(first, last)
+                    self._insert(block)
+                except (StoreError, WalError) as exc:
+                    if isinstance(exc, WalError) or exc.transient:
+                        self._on_store_down(exc)
+                        attempt += 1
+                        delay_s = jittered_backoff_s(
+                            attempt,
+                            self.config.retry_backoff_ms / 1000.0,
+                            self.config.max_retry_backoff_ms / 1000.0,
+                        )
+                        if self._wait_or_give_up(delay_s):
+                            return
+                        continue
+                    self._drop_bad_block(block, exc)
+                except Exception as exc:  # a bug here must not stop the inserter for good
+                    _log.exception("inserting write-ahead log records %d-%d failed", first, last)
+                    self._drop_bad_block(block, exc)
+                else:
+                    self.insert_duration.observe(time.perf_counter() - started)
+                    self._on_stored(block)
+                break
+            with self._records_cv:
+                for _ in block:
+                    record = self._records.popleft()
+                    if record.batch is not None:
+                        self._held_bytes -= record.size
+                    record.batch = record.rows = None
+                self._stored_seq = last
+                self._records_cv.notify_all()
+
+    def _token(self, block: list[_Record], table: str) -> str:
+        """The block's insert deduplication token for ``table``: a block of one record
+        has the token a collector inserting record by record gave that record."""
+        first, last = block[0].seq, block[-1].seq
+        span = f"{first}" if first == last else f"{first}-{last}"
+        return f"tokentrace-wal:{self._wal.log_id}:{span}:{table}"
+
+    def _insert(self, block: list[_Record]) -> None:
+        batch, rows = SpanBatch(), DerivedRows()
+        for record in block:
+            part, part_rows = self._decoded(record)
+            batch.extend(part)
+            rows.extend(part_rows)
         tables: list[tuple[str, dict[str, list[Any]]]] = [
             ("otel_spans", batch.otel_spans_columns()),
             *([("token_emissions", batch.packed)] if batch.packed_spans else []),
             *rows.tables().items(),
         ]
         for table, columns in tables:
-            self._store.insert(
-                table,
-                columns,
-                dedup_token=f"tokentrace-wal:{self._wal.log_id}:{record.seq}:{table}",
-            )
+            self._store.insert(table, columns, dedup_token=self._token(block, table))
 
-    def _load(self, record: _Record) -> None:
-        """Rebuild a record's rows from the log."""
+    def _decoded(self, record: _Record) -> tuple[SpanBatch, DerivedRows]:
+        """The record's rows: kept in memory, else rebuilt from the log."""
+        if record.batch is not None and record.rows is not None:
+            return record.batch, record.rows
         written_ns, exports = decode_record(self._wal.read(record.seq))
         batch, rows = SpanBatch(), DerivedRows()
         for _digest, wire in exports:
@@ -504,37 +583,27 @@ class Pipeline:
             part = decode_request(parse_protobuf(wire), now_ns=written_ns)
             batch.extend(part)
             rows.extend(derive_rows(part))
-        record.batch, record.rows = batch, rows
         record.spans = batch.expanded_spans
+        return batch, rows
 
-    def _on_stored(self, record: _Record) -> None:
-        self._wal.commit(record.seq, STORE_READER)
+    def _on_stored(self, block: list[_Record]) -> None:
+        self._wal.commit(block[-1].seq, STORE_READER)
         with self._counter_lock:
-            self._stored += record.spans
+            self._stored += sum(r.spans for r in block)
             self._last_store_error = ""
-        with self._records_cv:
-            futures, record.futures = record.futures, []
-        for future in futures:
-            future.set_result(None)
-        record.batch = record.rows = None
 
-    def _on_store_down(self, exc: StoreError) -> None:
+    def _on_store_down(self, exc: Exception) -> None:
         with self._counter_lock:
             first = not self._last_store_error
             self._store_errors += 1
             self._last_store_error = str(exc)
-        with self._records_cv:
-            if first:
-                _log.error(
-                    "ClickHouse is failing (%s); accepted spans wait in the write-ahead log "
-                    "(%d bytes) and inserts are retried",
-                    exc,
-                    self._wal.pending_bytes,
-                )
-            self._backlogged = True
-            for k, record in enumerate(self._records):
-                if record.futures:
-                    self._acknowledge(record, keep=k < _IN_MEMORY_RECORDS)
+        if first:
+            _log.error(
+                "ClickHouse is failing (%s); accepted spans wait in the write-ahead log "
+                "(%d bytes) and inserts are retried",
+                exc,
+                self._wal.pending_bytes,
+            )
 
     def _wait_or_give_up(self, delay_s: float) -> bool:
         """Sleep ``delay_s`` before the next attempt (less if shutdown's deadline comes
@@ -557,22 +626,20 @@ class Pipeline:
                     return False
                 self._records_cv.wait(until - now)  # shutdown's notify wakes it early
 
-    def _drop_bad_record(self, record: _Record, exc: BaseException) -> None:
-        """ClickHouse refuses the record's rows for good (or they cannot be rebuilt):
-        retrying cannot help, and it must not block everything after it."""
-        self._wal.commit(record.seq, STORE_READER)
-        with self._records_cv:
-            futures, record.futures = record.futures, []
-        if futures:
-            error = PipelineUnavailable(f"storing spans failed: {exc}")
-            for future in futures:
-                future.set_exception(error)
-        else:
-            with self._counter_lock:
-                self._lost += record.spans
+    def _drop_bad_block(self, block: list[_Record], exc: BaseException) -> None:
+        """ClickHouse refuses the block's rows for good (or they cannot be rebuilt):
+        retrying cannot help, and it must not block everything after it. Its exports
+        were acknowledged: count them lost (never expected: decode checks what
+        ClickHouse would refuse)."""
+        self._wal.commit(block[-1].seq, STORE_READER)
+        spans = sum(r.spans for r in block)
+        with self._counter_lock:
+            self._lost += spans
         _log.error(
-            "write-ahead log record %d (%d spans) dropped: ClickHouse refuses it permanently: %s",
-            record.seq,
-            record.spans,
+            "write-ahead log records %d-%d (%d spans) dropped: ClickHouse refuses them "
+            "permanently: %s",
+            block[0].seq,
+            block[-1].seq,
+            spans,
             exc,
         )

@@ -17,6 +17,7 @@ Layout of the directory::
     ID                      random id of this log, part of ClickHouse insert tokens
     CHECKPOINT              the ClickHouse writer's cursor: highest committed sequence
     CHECKPOINT.<reader>     every other reader's cursor (``forward-…`` for a target)
+    BLOCK                   the records the ClickHouse writer is inserting as one block
     00000000000000000001.wal  segments, named by their first sequence number
 
 A segment is an 8-byte magic followed by records ``<length u32> <crc32 u32> <seq u64>
@@ -36,6 +37,11 @@ The checkpoints are not fsynced: after a crash one can be behind, and records be
 and the truth are delivered again. The ClickHouse writer makes that harmless by
 inserting every record with the same insert deduplication tokens both times; a forward
 target can receive the record it was being sent at the crash twice (at least once).
+The ClickHouse writer inserts several records at a time (a block) under tokens made of
+the block's first and last sequence numbers, so it names each block in ``BLOCK``,
+fsynced, before inserting it (:meth:`WriteAheadLog.begin_block`): after a crash the
+same block is inserted again under the same tokens, and every record before it was
+stored (a block is begun only once the one before it is in ClickHouse).
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ _SUFFIX = ".wal"
 MAX_RECORD_BYTES = 1 << 31
 _RETAINED_SEGMENTS = 2
 _CHECKPOINT = "CHECKPOINT"
+_BLOCK = "BLOCK"
 _READER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 #: The ClickHouse writer's reader name; its cursor is the ``CHECKPOINT`` file.
@@ -351,6 +358,42 @@ class WriteAheadLog:
                 )
                 and not self._closed
             )
+
+    @property
+    def last_seq(self) -> int:
+        """The newest record's sequence number (0: none yet)."""
+        with self._mutex:
+            return self._next_seq - 1
+
+    def size(self, seq: int) -> int:
+        """The payload bytes of record ``seq`` (0 if it is not kept)."""
+        with self._mutex:
+            location = self._index.get(seq)
+            return 0 if location is None else location.length
+
+    def block(self) -> tuple[int, int] | None:
+        """The block the ClickHouse writer last began (first and last sequence number),
+        None if it never began one in this directory (a new log, or one written by a
+        collector that inserted record by record)."""
+        path = self.directory / _BLOCK
+        try:
+            first, last = (int(v) for v in path.read_text().split())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise WalError(f"{path} is not two numbers: {exc}") from exc
+        return first, last
+
+    def begin_block(self, first: int, last: int) -> None:
+        """The ClickHouse writer is about to insert records ``first``..``last`` as one
+        block: durable (fsynced) before it returns."""
+        with self._mutex:
+            self._check_open()
+        try:
+            _write_atomically(self.directory / _BLOCK, f"{first} {last}\n", fsync=True)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            raise WalError(f"cannot write {self.directory / _BLOCK}: {exc}") from exc
 
     def _cursor(self, reader: str) -> int:
         try:

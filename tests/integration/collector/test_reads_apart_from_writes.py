@@ -69,9 +69,12 @@ def test_exports_are_stored_while_a_long_query_runs(tmp_path: Path) -> None:
                 timeout=60,
             )
             assert resp.status_code == 200, resp.text
-        health = httpx.get(f"{api}/health").json()
-        # Every export acknowledged (here: committed to ClickHouse) and the query still
-        # running: the inserts did not wait for it.
+        # Every export acknowledged (durable in the log) and then inserted with its block
+        # while the query still runs: the inserts did not wait for it. (/health reads
+        # nothing from ClickHouse, so asking it does not hurry the inserts.)
+        while (health := httpx.get(f"{api}/health").json())["spans_stored"] < EXPORTS * SPANS:
+            assert health["queries_running"] == 1, health
+            time.sleep(0.05)
         assert health["spans_stored"] == EXPORTS * SPANS, health
         assert health["queries_running"] == 1, health
         reader.join(timeout=QUERY_TIMEOUT_S + 60)

@@ -16,7 +16,8 @@ def test_ingest_runs_and_reports_its_figures() -> None:
     figures = ingest.run(args)
     names = [f.name for f in figures]
     assert "ingest (one span per token): spans stored / collector CPU-s" in names
-    assert "ingest (packed): token rows / collector CPU-s" in names
+    assert "ingest (packed): token rows stored / collector CPU-s" in names
+    assert "ingest (packed): the store's own insert rate, same rows" in names
     for f in figures:
         assert math.isfinite(f.value) and f.value > 0, f
         assert f.baseline is None or (math.isfinite(f.baseline) and f.baseline > 0), f
