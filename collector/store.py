@@ -18,6 +18,7 @@ from typing import Any
 
 from tokentrace.schemas import DATABASE, ddl_statements, upgrade_statements
 
+from .native import NativeTypeError, encode_block, wire_type
 from .retry import CollectorError
 
 __all__ = ["NsDatetime", "QueryResult", "ReaderConfig", "Store", "StoreError", "open_store"]
@@ -26,6 +27,7 @@ __all__ = ["NsDatetime", "QueryResult", "ReaderConfig", "Store", "StoreError", "
 # limits, replicas/keeper temporarily unavailable.
 _TRANSIENT_CODES = frozenset({159, 160, 202, 209, 210, 241, 242, 243, 252, 285, 319, 425, 999})
 _CODE_RE = re.compile(r"Code: (\d+)\.")
+_NUMERIC_ARRAY = re.compile(r"^Array\((Nullable\()?U?Int|^Array\((Nullable\()?Float")
 
 
 class StoreError(CollectorError):
@@ -179,6 +181,7 @@ class Store:
         #: Called before every read with ``readonly=True`` (the collector's: insert what
         #: was acknowledged before the read, so the read sees it); None: nothing.
         self.read_barrier: Callable[[], object] | None = None
+        self._types: dict[str, dict[str, str]] = {}  # per table, for Native inserts
 
     def insert(
         self,
@@ -195,8 +198,7 @@ class Store:
         one the insert gets a fresh token, so identical rows inserted twice are kept.
         """
         names = list(columns)
-        data = [list(columns[name]) for name in names]
-        if not data or not data[0]:
+        if not names or not len(columns[names[0]]):
             return
         settings = {
             # Every insert carries a token: tokenless inserts fall back to deduplicating
@@ -207,17 +209,57 @@ class Store:
         }
         with self._lock:
             client = self._connected()
-            try:
-                client.insert(
-                    table,
-                    data,
-                    column_names=names,
-                    database=self.database,
-                    column_oriented=True,
-                    settings=settings,
+            types = self._column_types(client, table)
+            missing = [name for name in names if name not in types]
+            if missing:
+                raise StoreError(
+                    f"insert into {self.database}.{table} failed: no column {missing[0]!r}",
+                    transient=False,
                 )
+            try:
+                if any(_NUMERIC_ARRAY.match(wire_type(types[n])) for n in names):
+                    # Arrays of numbers (token emissions): whole arrays at a time.
+                    block = encode_block(columns, types)
+                    client.raw_insert(
+                        f"{self.database}.{table}",
+                        column_names=names,
+                        insert_block=block,
+                        settings=settings,
+                        fmt="Native",
+                    )
+                else:
+                    # Rows of strings and maps: clickhouse-connect's compiled encoder,
+                    # told the types (else it asks ClickHouse for them every insert).
+                    client.insert(
+                        table,
+                        [list(columns[name]) for name in names],
+                        column_names=names,
+                        column_type_names=[types[n] for n in names],
+                        database=self.database,
+                        column_oriented=True,
+                        settings=settings,
+                    )
+            except (NativeTypeError, ValueError, TypeError) as exc:
+                raise StoreError(
+                    f"insert into {self.database}.{table} failed: {exc}", transient=False
+                ) from exc
             except Exception as exc:
                 raise _classify(exc, f"insert into {self.database}.{table} failed") from exc
+
+    def _column_types(self, client: Any, table: str) -> dict[str, str]:
+        """``table``'s column types (name → type), read once per connection."""
+        types = self._types.get(table)
+        if types is None:
+            try:
+                rows = client.query(
+                    "SELECT name, type FROM system.columns "
+                    "WHERE database = {db:String} AND table = {t:String}",
+                    parameters={"db": self.database, "t": table},
+                ).result_rows
+            except Exception as exc:
+                raise _classify(exc, f"reading the columns of {self.database}.{table}") from exc
+            types = self._types[table] = {str(n): str(t) for n, t in rows}
+        return types
 
     def query(
         self,

@@ -87,7 +87,7 @@ class PipelineConfig:
     flush_interval_ms: float = 20.0
     max_batch_spans: int = 20_000
     insert_interval_ms: float = 500.0
-    max_block_bytes: int = 16 << 20
+    max_block_bytes: int = 4 << 20
     retry_backoff_ms: float = 200.0
     max_retry_backoff_ms: float = 5_000.0
     queue_exports: int = 1_000
