@@ -22,8 +22,9 @@ is). While ClickHouse fails, records wait in the log and inserts are retried. Pa
 disk budget (:attr:`WalConfig.max_bytes` of records that some exporter has not delivered
 yet) ``consume`` raises :class:`PipelineFull` and accepts nothing more until the backlog
 shrinks. Memory is bounded by configuration: at most ``queue_exports`` decoded exports
-wait for the log writer, and the rows of at most two blocks' worth of records
-(``2 * max_block_bytes`` of log records) are kept decoded; records beyond that are read
+wait for the log writer, and the rows of at most ``held_blocks`` blocks' worth of
+records (``held_blocks * max_block_bytes`` of log records) are kept decoded; records
+beyond that (a backlog: ClickHouse slower than the exporters, or down) are read
 back from the log when their block comes.
 
 The ClickHouse writer here is one reader of the log (:data:`.wal.STORE_READER`); the
@@ -79,8 +80,10 @@ class PipelineConfig:
     fsynced. Block inserts: the inserter writes the records waiting for ClickHouse as
     one block once the oldest has waited ``insert_interval_ms`` or they hold
     ``max_block_bytes`` (log record bytes; a single larger record is a block of its
-    own). A transient insert failure is retried forever, ``retry_backoff_ms`` doubling
-    up to ``max_retry_backoff_ms``, jittered as every retry loop of the collector is
+    own); the rows of ``held_blocks`` blocks' worth of records are kept decoded, a
+    backlog beyond that is decoded again from the log when its block comes. A transient
+    insert failure is retried forever, ``retry_backoff_ms`` doubling up to
+    ``max_retry_backoff_ms``, jittered as every retry loop of the collector is
     (:func:`.retry.backoff_s`); at shutdown the inserter gives up after
     ``shutdown_timeout_s`` and leaves the rest in the log."""
 
@@ -88,6 +91,7 @@ class PipelineConfig:
     max_batch_spans: int = 20_000
     insert_interval_ms: float = 500.0
     max_block_bytes: int = 4 << 20
+    held_blocks: int = 4
     retry_backoff_ms: float = 200.0
     max_retry_backoff_ms: float = 5_000.0
     queue_exports: int = 1_000
@@ -102,6 +106,8 @@ class PipelineConfig:
             raise ValueError(f"insert_interval_ms must be >= 0, got {self.insert_interval_ms!r}")
         if self.max_block_bytes < 1:
             raise ValueError(f"max_block_bytes must be >= 1, got {self.max_block_bytes!r}")
+        if self.held_blocks < 1:
+            raise ValueError(f"held_blocks must be >= 1, got {self.held_blocks!r}")
         if self.retry_backoff_ms <= 0:
             raise ValueError(f"retry_backoff_ms must be > 0, got {self.retry_backoff_ms!r}")
         if self.max_retry_backoff_ms < self.retry_backoff_ms:
@@ -463,7 +469,8 @@ class Pipeline:
             pending.future.set_result(None)
         record = _Record(seq, spans, len(payload), None, None)
         with self._records_cv:
-            if self._held_bytes + record.size <= 2 * self.config.max_block_bytes:
+            held = self.config.held_blocks * self.config.max_block_bytes
+            if self._held_bytes + record.size <= held:
                 batch, rows = SpanBatch(), DerivedRows()
                 for pending in group:
                     batch.extend(pending.batch)
