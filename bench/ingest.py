@@ -14,6 +14,7 @@ Baselines, same run: a receiver that only parses each export with the protobuf r
 and discards it, fed by the same sender (the floor for any Python OTLP receiver); and
 the store's own insert rate for the same rows, decoded once and inserted in blocks of
 64 exports into a fresh embedded store (what ClickHouse itself costs: the limit).
+Also: the bytes every table takes on disk per token stored, and peak resident memory.
 """
 
 from __future__ import annotations
@@ -486,6 +487,9 @@ class Measured:
     wall_s: float
     peak_rss: int
     peak_anon: int = 0
+    disk_bytes: int = 0  # every table's parts, after the run
+    emission_bytes: int = 0  # token_emissions' parts
+    tokens_stored: int = 0  # over the whole run, warm-up included
 
     @property
     def spans_per_core_s(self) -> float:
@@ -549,17 +553,48 @@ def measure_collector(args: argparse.Namespace, packed: bool) -> tuple[Measured,
             if sent["failed"]:
                 raise RuntimeError(f"{sent['failed']} exports failed")
             spans1 = httpx.get(f"{api}/health", timeout=30).json()["spans_stored"]
-            return (
-                Measured(
-                    spans1 - spans0,
-                    tokens1 - tokens0,
-                    cpu1 - cpu0,
-                    wall1 - wall0,
-                    max(peak, rss_bytes(proc.pid, "VmHWM")),
-                    sampler.peak_anon,
-                ),
-                idle_rss,
+            measured = Measured(
+                spans1 - spans0,
+                tokens1 - tokens0,
+                cpu1 - cpu0,
+                wall1 - wall0,
+                max(peak, rss_bytes(proc.pid, "VmHWM")),
+                sampler.peak_anon,
             )
+            tokens_stored = tokens1
+        # The collector has stopped and let go of its store: how much disk it took.
+        measured.disk_bytes, measured.emission_bytes = _disk_bytes(data_dir)
+        measured.tokens_stored = tokens_stored
+        return measured, idle_rss
+
+
+def _disk_bytes(data_dir: Path) -> tuple[int, int]:
+    """Bytes of every tokentrace table's active parts, and of token_emissions' (in a
+    process of its own: chDB opens one store per process)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.ingest", "--disk-bytes", str(data_dir)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    every, emissions = json.loads(out.stdout)
+    return int(every), int(emissions)
+
+
+def _print_disk_bytes(data_dir: str) -> None:
+    from tokentrace.collector.store import open_store
+
+    store = open_store(f"chdb://{Path(data_dir) / 'clickhouse'}")
+    try:
+        store.command("OPTIMIZE TABLE tokentrace.token_emissions FINAL")
+        result = store.query(
+            "SELECT sum(bytes_on_disk), sumIf(bytes_on_disk, table = 'token_emissions') "
+            "FROM system.parts WHERE active AND database = 'tokentrace'"
+        )
+        print(json.dumps([int(v) for v in result.rows[0]]))
+    finally:
+        store.close()
 
 
 def measure_parse_only(args: argparse.Namespace, packed: bool, seconds: float) -> Measured:
@@ -619,6 +654,29 @@ def run(args: argparse.Namespace) -> list[Figure]:
                 "(the limit)",
                 None,
                 "end to end (above)",
+            )
+        )
+        tokens_stored = max(measured.tokens_stored, 1)
+        if packed:
+            per_token = measured.emission_bytes / tokens_stored
+            figures.append(
+                Figure(
+                    f"ingest ({label}): token_emissions on disk per token",
+                    per_token,
+                    "bytes",
+                    None,
+                    "≤ 8 bytes",
+                    per_token <= 8,
+                )
+            )
+        figures.append(
+            Figure(
+                f"ingest ({label}): every table on disk per token (spans, requests too)",
+                measured.disk_bytes / tokens_stored,
+                "bytes",
+                None,
+                "(information)",
+                None,
             )
         )
         figures.append(
@@ -691,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parse-only-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
     parser.add_argument("--raw-insert", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--disk-bytes", metavar="DATA_DIR", help=argparse.SUPPRESS)
     return parser
 
 
@@ -698,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.parse_only_server:
         _parse_only_server(args.parse_only_server)
+        return 0
+    if args.disk_bytes:
+        _print_disk_bytes(args.disk_bytes)
         return 0
     if args.raw_insert:
         raw = _raw_insert(args.seconds, args.packed, args.requests_per_export, args.tokens)

@@ -245,6 +245,7 @@ class Pipeline:
                 # Every record before a block was stored before the block was begun.
                 self._wal.commit(block[0] - 1, STORE_READER)
                 self._resumed_block = block
+            self._stored_seq = self._wal.position(STORE_READER)
             backlog = self._wal.pending(STORE_READER)
             if block is None and backlog:
                 # Inserted record by record, under the tokens such a collector used.
@@ -464,9 +465,6 @@ class Pipeline:
             for pending in group:
                 pending.future.set_exception(error)
             return
-        # Durable: the exporters are told so now, whatever ClickHouse is doing.
-        for pending in group:
-            pending.future.set_result(None)
         record = _Record(seq, spans, len(payload), None, None)
         with self._records_cv:
             held = self.config.held_blocks * self.config.max_block_bytes
@@ -479,6 +477,10 @@ class Pipeline:
                 self._held_bytes += record.size
             self._records.append(record)
             self._records_cv.notify_all()
+        # Durable: the exporters are told so now, whatever ClickHouse is doing (and only
+        # now that the inserter has the record, so a flush after the answer waits for it).
+        for pending in group:
+            pending.future.set_result(None)
 
     # -- the inserter thread ----------------------------------------------------------
 

@@ -326,3 +326,30 @@ def test_log_records_replayed_after_a_crash_are_stored_exactly_once(
         pipeline.shutdown()
         log.close()
     assert counts() == stored
+
+
+def test_flush_waits_for_what_was_acknowledged_and_not_for_an_older_log(
+    store: Store, wal: WriteAheadLog
+) -> None:
+    """After an export's answer, ``flush`` returns only once its rows are queryable; on a
+    log whose records were all stored by an earlier run it returns at once."""
+    pipeline = Pipeline(store, wal, PipelineConfig(flush_interval_ms=5, insert_interval_ms=60_000))
+    pipeline.start()
+    try:
+        tid = bytes([0x5A]) * 16
+        req = request({}, [span("flushed", 1, T0_NS, T0_NS + 10, trace_id=tid)])
+        assert pipeline.consume(req.SerializeToString()).stored_spans == 1
+        # The block would wait a minute: the flush inserts it now.
+        assert pipeline.flush(timeout_s=30)
+        rows = store.query(
+            "SELECT count() FROM otel_traces WHERE TraceId = {t:String}", {"t": tid.hex()}
+        ).rows
+        assert rows == [(1,)]
+    finally:
+        pipeline.shutdown()
+    again = Pipeline(store, wal, PipelineConfig(insert_interval_ms=60_000))
+    again.start()
+    try:
+        assert again.flush(timeout_s=0)  # nothing to wait for: answered at once
+    finally:
+        again.shutdown()
