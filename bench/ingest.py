@@ -328,29 +328,39 @@ def _sender(
 def _run_sender(
     target: str, seconds: float, args: argparse.Namespace, packed: bool
 ) -> dict[str, Any]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.ingest",
+    return dict(
+        _bench_json(
             "--sender",
             target,
             "--seconds",
             str(seconds),
             "--inflight",
             str(args.inflight),
-            "--requests-per-export",
-            str(args.requests_per_export),
-            "--tokens",
-            str(args.tokens),
-            *(["--packed"] if packed else []),
-        ],
+            *_workload_args(args, packed),
+        )
+    )
+
+
+def _workload_args(args: argparse.Namespace, packed: bool) -> list[str]:
+    return [
+        "--requests-per-export",
+        str(args.requests_per_export),
+        "--tokens",
+        str(args.tokens),
+        *(["--packed"] if packed else []),
+    ]
+
+
+def _bench_json(*argv: str) -> Any:
+    """``python -m bench.ingest ARGV`` in a process of its own; what it prints, as JSON."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.ingest", *argv],
         check=True,
         capture_output=True,
         text=True,
         cwd=ROOT,
     )
-    return dict(json.loads(out.stdout))
+    return json.loads(out.stdout)
 
 
 # -- the store's own insert rate for the same rows (its own process) ------------------
@@ -364,6 +374,7 @@ def _raw_insert(seconds: float, packed: bool, requests: int, tokens: int) -> dic
     from tokentrace.collector.ingest.decode import SpanBatch, decode_request
     from tokentrace.collector.ingest.derive import DerivedRows, derive_rows
     from tokentrace.collector.ingest.otlp_parse import parse_protobuf
+    from tokentrace.collector.ingest.pipeline import store_tables
     from tokentrace.collector.store import open_store
 
     template = build_template(requests, tokens, packed)
@@ -372,11 +383,7 @@ def _raw_insert(seconds: float, packed: bool, requests: int, tokens: int) -> dic
     for _ in range(64):
         batch.extend(one)
         rows.extend(derive_rows(one))
-    tables = [
-        ("otel_spans", batch.otel_spans_columns()),
-        *([("token_emissions", batch.packed)] if batch.packed_spans else []),
-        *rows.tables().items(),
-    ]
+    tables = store_tables(batch, rows)
     with tempfile.TemporaryDirectory(prefix="tt-bench-raw-") as tmp:
         store = open_store(f"chdb://{tmp}/clickhouse")
         try:
@@ -398,26 +405,7 @@ def _raw_insert(seconds: float, packed: bool, requests: int, tokens: int) -> dic
 
 
 def measure_raw_insert(args: argparse.Namespace, packed: bool, seconds: float) -> Measured:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.ingest",
-            "--raw-insert",
-            "--seconds",
-            str(seconds),
-            "--requests-per-export",
-            str(args.requests_per_export),
-            "--tokens",
-            str(args.tokens),
-            *(["--packed"] if packed else []),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    got = json.loads(out.stdout)
+    got = _bench_json("--raw-insert", "--seconds", str(seconds), *_workload_args(args, packed))
     return Measured(got["spans"], got["token_rows"], got["cpu_s"], seconds, 0)
 
 
@@ -571,14 +559,7 @@ def measure_collector(args: argparse.Namespace, packed: bool) -> tuple[Measured,
 def _disk_bytes(data_dir: Path) -> tuple[int, int]:
     """Bytes of every tokentrace table's active parts, and of token_emissions' (in a
     process of its own: chDB opens one store per process)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.ingest", "--disk-bytes", str(data_dir)],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    every, emissions = json.loads(out.stdout)
+    every, emissions = _bench_json("--disk-bytes", str(data_dir))
     return int(every), int(emissions)
 
 

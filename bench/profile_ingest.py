@@ -18,6 +18,7 @@ from bench.ingest import build_template
 from tokentrace.collector.ingest.decode import decode_request
 from tokentrace.collector.ingest.derive import derive_rows
 from tokentrace.collector.ingest.otlp_parse import parse_protobuf
+from tokentrace.collector.ingest.pipeline import store_tables
 from tokentrace.collector.store import open_store
 
 
@@ -52,10 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = derive_rows(batch)
             stages["derive"] += time.process_time() - t
             t = time.process_time()
-            store.insert("otel_spans", batch.otel_spans_columns())
-            if batch.packed_spans:
-                store.insert("token_emissions", batch.packed)
-            for table, columns in rows.tables().items():
+            for table, columns in store_tables(batch, rows):
                 store.insert(table, columns)
             stages["insert"] += time.process_time() - t
             spans += len(batch) + batch.packed_tokens

@@ -258,7 +258,9 @@ class Store:
                 ).result_rows
             except Exception as exc:
                 raise _classify(exc, f"reading the columns of {self.database}.{table}") from exc
-            types = self._types[table] = {str(n): str(t) for n, t in rows}
+            types = {str(n): str(t) for n, t in rows}
+            if types:  # a table not there yet is asked about again next time
+                self._types[table] = types
         return types
 
     def query(

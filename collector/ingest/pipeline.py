@@ -60,6 +60,7 @@ __all__ = [
     "PipelineConfig",
     "PipelineFull",
     "PipelineUnavailable",
+    "store_tables",
 ]
 
 _log = logging.getLogger(__name__)
@@ -119,6 +120,15 @@ class PipelineConfig:
             raise ValueError(f"queue_exports must be >= 1, got {self.queue_exports!r}")
         if self.shutdown_timeout_s < 0:
             raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s!r}")
+
+
+def store_tables(batch: SpanBatch, rows: DerivedRows) -> list[tuple[str, dict[str, list[Any]]]]:
+    """The tables a batch's rows go into, with their columns, in insert order."""
+    return [
+        ("otel_spans", batch.otel_spans_columns()),
+        *([("token_emissions", batch.packed)] if batch.packed_spans else []),
+        *rows.tables().items(),
+    ]
 
 
 class Consumer(Protocol):
@@ -465,16 +475,17 @@ class Pipeline:
             for pending in group:
                 pending.future.set_exception(error)
             return
-        record = _Record(seq, spans, len(payload), None, None)
+        record = _Record(seq, spans, len(payload), SpanBatch(), DerivedRows())
+        assert record.batch is not None and record.rows is not None
+        for pending in group:  # merged outside the lock the inserter waits on
+            record.batch.extend(pending.batch)
+            record.rows.extend(pending.rows)
         with self._records_cv:
             held = self.config.held_blocks * self.config.max_block_bytes
             if self._held_bytes + record.size <= held:
-                batch, rows = SpanBatch(), DerivedRows()
-                for pending in group:
-                    batch.extend(pending.batch)
-                    rows.extend(pending.rows)
-                record.batch, record.rows = batch, rows
                 self._held_bytes += record.size
+            else:  # a backlog: read back from the log when its block comes
+                record.batch = record.rows = None
             self._records.append(record)
             self._records_cv.notify_all()
         # Durable: the exporters are told so now, whatever ClickHouse is doing (and only
@@ -525,10 +536,13 @@ class Pipeline:
                 return
             first, last = block[0].seq, block[-1].seq
             attempt = 0  # failed attempts at this block, in a row
+            begun = False
             while True:
                 started = time.perf_counter()
                 try:
-                    self._wal.begin_block(first, last)
+                    if not begun:
+                        self._wal.begin_block(first, last)
+                        begun = True
                     self._insert(block)
                 except (StoreError, WalError) as exc:
                     if isinstance(exc, WalError) or exc.transient:
@@ -572,12 +586,7 @@ class Pipeline:
             part, part_rows = self._decoded(record)
             batch.extend(part)
             rows.extend(part_rows)
-        tables: list[tuple[str, dict[str, list[Any]]]] = [
-            ("otel_spans", batch.otel_spans_columns()),
-            *([("token_emissions", batch.packed)] if batch.packed_spans else []),
-            *rows.tables().items(),
-        ]
-        for table, columns in tables:
+        for table, columns in store_tables(batch, rows):
             self._store.insert(table, columns, dedup_token=self._token(block, table))
 
     def _decoded(self, record: _Record) -> tuple[SpanBatch, DerivedRows]:
