@@ -261,11 +261,13 @@ def build_template(requests: int, tokens: int, packed: bool, seed: int = 1) -> T
                         Span.SPAN_KIND_INTERNAL,
                         prev,
                         end,
-                        {
+                        {  # as tokentrace's workers send them (instrument/recorder.py)
+                            A.EMISSION_INDEX: i,
                             A.TOKEN_INDEX: i,
                             A.TOKEN_COUNT: 1,
                             A.ENGINE_STEP: 1000 + r + i,
                             A.BATCH_SIZE: 8,
+                            A.STEP_PREFILL_TOKENS: 0,
                         },
                     )
                 )
@@ -371,14 +373,13 @@ def _raw_insert(seconds: float, packed: bool, requests: int, tokens: int) -> dic
     collector's inserter does (one insert per table per block of 64 exports), for
     ``seconds``: what ClickHouse itself costs for these rows, without receiving,
     parsing, logging or decoding them. CPU is this process's (chDB runs inside it)."""
-    from tokentrace.collector.ingest.decode import SpanBatch, decode_request
+    from tokentrace.collector.ingest.decode import SpanBatch, decode_wire
     from tokentrace.collector.ingest.derive import DerivedRows, derive_rows
-    from tokentrace.collector.ingest.otlp_parse import parse_protobuf
     from tokentrace.collector.ingest.pipeline import store_tables
     from tokentrace.collector.store import open_store
 
     template = build_template(requests, tokens, packed)
-    one = decode_request(parse_protobuf(template.data))
+    one = decode_wire(template.data)
     batch, rows = SpanBatch(), DerivedRows()
     for _ in range(64):
         batch.extend(one)

@@ -1,6 +1,6 @@
 """Where the collector's ingest time goes, stage by stage, in one thread.
 
-Runs the collector's own pipeline stages -- parse, decode, derive, insert into the
+Runs the collector's own pipeline stages -- parse and decode, derive, insert into the
 embedded ClickHouse -- on ``bench.ingest``'s realistic exports in a loop, and prints the
 CPU time per span of each stage. Run it under py-spy for a flame graph:
 
@@ -15,9 +15,8 @@ import tempfile
 import time
 
 from bench.ingest import build_template
-from tokentrace.collector.ingest.decode import decode_request
+from tokentrace.collector.ingest.decode import decode_wire
 from tokentrace.collector.ingest.derive import derive_rows
-from tokentrace.collector.ingest.otlp_parse import parse_protobuf
 from tokentrace.collector.ingest.pipeline import store_tables
 from tokentrace.collector.store import open_store
 
@@ -25,7 +24,7 @@ from tokentrace.collector.store import open_store
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.profile_ingest",
-        description="CPU per span of each collector ingest stage (parse, decode, derive, "
+        description="CPU per span of each collector ingest stage (parse and decode, derive, "
         "insert), in one thread, on bench.ingest's exports.",
     )
     parser.add_argument("--packed", action="store_true", help="packed token mode")
@@ -37,14 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     template = build_template(8, 256, args.packed)
     with tempfile.TemporaryDirectory(prefix="tt-profile-") as tmp:
         store = open_store(f"chdb://{tmp}")
-        stages = {"parse": 0.0, "decode": 0.0, "derive": 0.0, "insert": 0.0}
+        stages = {"decode": 0.0, "derive": 0.0, "insert": 0.0}
         spans = 0
         for _ in range(0, args.exports, args.per_commit):
             t = time.process_time()
-            requests = [parse_protobuf(template.data) for _i in range(args.per_commit)]
-            stages["parse"] += time.process_time() - t
-            t = time.process_time()
-            batches = [decode_request(r) for r in requests]
+            # as the collector does: the compiled token-span scanner first, if built
+            batches = [decode_wire(template.data) for _i in range(args.per_commit)]
             batch = batches[0]
             for other in batches[1:]:
                 batch.extend(other)
@@ -56,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             for table, columns in store_tables(batch, rows):
                 store.insert(table, columns)
             stages["insert"] += time.process_time() - t
-            spans += len(batch) + batch.packed_tokens
+            spans += batch.expanded_spans
         store.close()
     total = sum(stages.values())
     mode = "packed" if args.packed else "one span per token"

@@ -40,7 +40,7 @@ def register(subparsers: Any) -> None:
             "writes DATA_DIR/collector.json and prints one 'tokentrace collector ready' "
             "line. An export is acknowledged once it is fsynced to the write-ahead log "
             "(DATA_DIR/wal); what the log holds is inserted into ClickHouse in blocks of "
-            "up to half a second, also after a crash or restart, exactly once, and a read "
+            "up to a second, also after a crash or restart, exactly once, and a read "
             "through the API sees every export acknowledged before it. SIGINT/SIGTERM stop it "
             "after everything accepted is stored or logged. With "
             "--forward-otlp it also sends every accepted span to other OTLP endpoints "

@@ -20,10 +20,10 @@ import re
 import sys
 from array import array
 from collections.abc import Callable, Mapping, Sequence
-from itertools import accumulate
+from itertools import accumulate, chain, repeat
 from typing import Any
 
-__all__ = ["NativeTypeError", "encode_block", "wire_type"]
+__all__ = ["Column", "Encoded", "NativeTypeError", "Repeated", "encode_block", "wire_type"]
 
 _LITTLE = sys.byteorder == "little"
 _FIXED = {
@@ -43,6 +43,35 @@ _WRAPPER = re.compile(r"^(LowCardinality|SimpleAggregateFunction)\((.*)\)$")
 
 class NativeTypeError(TypeError):
     """A column type this encoder does not write."""
+
+
+class Encoded:
+    """A column already in Native layout: ``rows`` values of wire type ``wire_type``, as
+    the compiled token-span scanner writes them (``collector/ingest/_tokenscan.c``)."""
+
+    __slots__ = ("data", "rows", "wire_type")
+
+    def __init__(self, data: bytes, rows: int, wire_type: str) -> None:
+        self.data = data
+        self.rows = rows
+        self.wire_type = wire_type
+
+    def __len__(self) -> int:
+        return self.rows
+
+
+class Repeated:
+    """A column as runs of one value each, ``(value, count)``: the resource and scope
+    columns of token spans, which repeat for every span of an export's scope."""
+
+    __slots__ = ("runs", "rows")
+
+    def __init__(self, runs: Sequence[tuple[Any, int]]) -> None:
+        self.runs = list(runs)
+        self.rows = sum(n for _value, n in self.runs)
+
+    def __len__(self) -> int:
+        return self.rows
 
 
 def wire_type(table_type: str) -> str:
@@ -180,10 +209,37 @@ def _writer(t: str) -> Writer:
     raise NativeTypeError(f"no Native writer for type {t!r}")
 
 
+#: What a column's values may be: a sequence, or one of the two forms above.
+Column = Sequence[Any] | Encoded | Repeated
+
 _WRITERS: dict[str, Writer] = {}
 
 
-def encode_block(columns: Mapping[str, Sequence[Any]], types: Mapping[str, str]) -> bytes:
+def _cached_writer(t: str) -> Writer:
+    writer = _WRITERS.get(t)
+    if writer is None:
+        writer = _WRITERS[t] = _writer(t)
+    return writer
+
+
+def _repeated_bytes(t: str, runs: Sequence[tuple[Any, int]]) -> bytes:
+    """A column of wire type ``t`` holding each run's value ``count`` times: the value is
+    encoded once per run. A String or fixed-width value is its encoding repeated; a map
+    repeats its keys and values, with offsets growing row by row."""
+    if t.startswith("Map("):
+        key_t, value_t = _split_args(t[4:-1])
+        keys_w, values_w = _cached_writer(key_t), _cached_writer(value_t)
+        offsets = array("Q", accumulate(chain.from_iterable(repeat(len(m), n) for m, n in runs)))
+        keys = b"".join(keys_w(list(m)) * n for m, n in runs)
+        values = b"".join(values_w(list(m.values())) * n for m, n in runs)
+        return _fixed_bytes("Q", offsets) + keys + values
+    if t in _FIXED or t == "String" or t.startswith("DateTime64("):
+        writer = _cached_writer(t)
+        return b"".join(writer([value]) * n for value, n in runs)
+    raise NativeTypeError(f"no Native writer for runs of type {t!r}")
+
+
+def encode_block(columns: Mapping[str, Column], types: Mapping[str, str]) -> bytes:
     """One Native block of ``columns`` (name → values, all the same length), each sent
     as :func:`wire_type` of its ``types`` entry (the table's column type)."""
     names = list(columns)
@@ -191,14 +247,20 @@ def encode_block(columns: Mapping[str, Sequence[Any]], types: Mapping[str, str])
     parts = [_varint(len(names)), _varint(rows)]
     for name in names:
         t = wire_type(types[name])
-        writer = _WRITERS.get(t)
-        if writer is None:
-            writer = _WRITERS[t] = _writer(t)
         values = columns[name]
         if len(values) != rows:
             raise ValueError(f"column {name!r} has {len(values)} values, {rows} expected")
         for text in (name, t):
             raw = text.encode()
             parts.append(_varint(len(raw)) + raw)
-        parts.append(writer(values))
+        if isinstance(values, Encoded):
+            if values.wire_type != t:
+                raise NativeTypeError(
+                    f"column {name!r} is encoded as {values.wire_type}, the table has {t}"
+                )
+            parts.append(values.data)
+        elif isinstance(values, Repeated):
+            parts.append(_repeated_bytes(t, values.runs))
+        else:
+            parts.append(_cached_writer(t)(values))
     return b"".join(parts)

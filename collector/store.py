@@ -18,7 +18,7 @@ from typing import Any
 
 from tokentrace.schemas import DATABASE, ddl_statements, upgrade_statements
 
-from .native import NativeTypeError, encode_block, wire_type
+from .native import Column, Encoded, NativeTypeError, Repeated, encode_block, wire_type
 from .retry import CollectorError
 
 __all__ = ["NsDatetime", "QueryResult", "ReaderConfig", "Store", "StoreError", "open_store"]
@@ -186,7 +186,7 @@ class Store:
     def insert(
         self,
         table: str,
-        columns: Mapping[str, Sequence[Any]],
+        columns: Mapping[str, Column],
         dedup_token: str | None = None,
     ) -> None:
         """Insert rows given column-wise into ``table`` (unqualified: this store's database).
@@ -217,8 +217,11 @@ class Store:
                     transient=False,
                 )
             try:
-                if any(_NUMERIC_ARRAY.match(wire_type(types[n])) for n in names):
-                    # Arrays of numbers (token emissions): whole arrays at a time.
+                if any(isinstance(columns[n], Encoded | Repeated) for n in names) or any(
+                    _NUMERIC_ARRAY.match(wire_type(types[n])) for n in names
+                ):
+                    # Arrays of numbers (token emissions): whole arrays at a time; columns
+                    # already in Native layout (token spans): as they are.
                     block = encode_block(columns, types)
                     client.raw_insert(
                         f"{self.database}.{table}",
@@ -232,7 +235,7 @@ class Store:
                     # told the types (else it asks ClickHouse for them every insert).
                     client.insert(
                         table,
-                        [list(columns[name]) for name in names],
+                        [list(columns[name]) for name in names],  # type: ignore[arg-type]
                         column_names=names,
                         column_type_names=[types[n] for n in names],
                         database=self.database,

@@ -84,6 +84,26 @@ TOKEN_EMISSIONS_COLUMNS = (
     "prefill_tokens",
 )
 
+#: ``token_spans`` column names, in table order.
+TOKEN_SPANS_COLUMNS = (
+    "Timestamp",
+    "TraceId",
+    "SpanId",
+    "ParentSpanId",
+    "Duration",
+    "ServiceName",
+    "ResourceAttributes",
+    "ScopeName",
+    "ScopeVersion",
+    "Node",
+    "EmissionIndex",
+    "TokenIndex",
+    "TokenCount",
+    "EngineStep",
+    "BatchSize",
+    "StepPrefillTokens",
+)
+
 _OTEL_SPANS = """
 CREATE TABLE IF NOT EXISTS {db}.otel_spans{on_cluster} (
     Timestamp DateTime64(9) CODEC(Delta, ZSTD(1)),
@@ -344,6 +364,74 @@ ORDER BY (node, decode_start)
 {ttl_decode_start}SETTINGS index_granularity = 1024
 """
 
+# llm.token spans sent one span each in the shape tokentrace's emitters give them (name,
+# kind, ids, times and the five or six integer token attributes in their order, nothing
+# else: collector/ingest/tokenspans.py): the attributes as typed columns, so a token span
+# costs ClickHouse no map of strings to store. The otel_traces and token_latencies views
+# below read them back as exactly the span and token row the same span stored in
+# otel_spans gives. Sorted like token_span_latencies; a trace found by the bloom filter.
+_TOKEN_SPANS = """
+CREATE TABLE IF NOT EXISTS {db}.token_spans{on_cluster} (
+    Timestamp DateTime64(9) CODEC(Delta, ZSTD(1)),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    ParentSpanId String CODEC(ZSTD(1)),
+    Duration UInt64 CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String),
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeName LowCardinality(String),
+    ScopeVersion LowCardinality(String),
+    Node LowCardinality(String),
+    EmissionIndex Int64 CODEC(Delta, ZSTD(1)),
+    TokenIndex Int64 CODEC(Delta, ZSTD(1)),
+    TokenCount Int64 CODEC(ZSTD(1)),
+    EngineStep Int64 CODEC(Delta, ZSTD(1)),
+    BatchSize Int64 CODEC(ZSTD(1)),
+    StepPrefillTokens Nullable(Int64) CODEC(ZSTD(1)),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1
+) ENGINE = {engine}
+PARTITION BY toDate(Timestamp)
+ORDER BY (Node, Timestamp)
+{ttl}SETTINGS index_granularity = 1024
+"""
+
+_TOKEN_SPANS_TRACE_ID_TS_MV = """
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.token_spans_trace_id_ts_mv{on_cluster}
+TO {db}.otel_traces_trace_id_ts
+AS SELECT
+    TraceId,
+    min(Timestamp) AS Start,
+    max(Timestamp) AS End
+FROM {db}.token_spans
+GROUP BY TraceId
+"""
+
+# A token_spans row as the token row _TOKEN_LATENCIES_MV makes of the same span stored in
+# otel_spans: the same range checks, on the integers instead of their strings.
+_TOKEN_SPANS_ROWS = """SELECT
+    fromUnixTimestamp64Nano(toUnixTimestamp64Nano(Timestamp) + toInt64(Duration)) AS ts,
+    TraceId AS trace_id,
+    Node AS node,
+    ifNull({typed_token_index}, 0) AS token_index,
+    if(ifNull({typed_emission_index} = 0, token_index = 0), NULL, Duration / 1e9) AS itl_s,
+    ifNull({typed_token_count}, 1) AS tokens,
+    ifNull({typed_batch_size}, 0) AS batch_size,
+    {typed_step_prefill_tokens} AS step_prefill_tokens
+FROM {db}.token_spans"""
+
+_ITL_BY_MINUTE_FROM_TOKEN_SPANS_MV = """
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.itl_by_minute_token_spans_mv{on_cluster}
+TO {db}.itl_by_minute
+AS SELECT
+    toStartOfMinute(ts) AS minute,
+    node,
+    count() AS gaps,
+    quantilesDDState(0.001, 0.5)(assumeNotNull(itl_s)) AS itl
+FROM ({token_spans_rows})
+WHERE itl_s IS NOT NULL
+GROUP BY minute, node
+"""
+
 # One array element per emission: t_start/t_end are where its token span starts and
 # ends (ns from decode_start), upto the tokens up to and including it, i its 1-based
 # number.
@@ -402,6 +490,38 @@ FROM (
     FROM {db}.token_emissions
 )
 {array_join}
+UNION ALL
+SELECT
+    Timestamp,
+    TraceId,
+    SpanId,
+    ParentSpanId,
+    '' AS TraceState,
+    toLowCardinality('llm.token') AS SpanName,
+    toLowCardinality('Internal') AS SpanKind,
+    ServiceName,
+    ResourceAttributes,
+    toString(ScopeName) AS ScopeName,
+    toString(ScopeVersion) AS ScopeVersion,
+    CAST(mapFilter((k, v) -> v IS NOT NULL, map(
+        'tokentrace.emission.index', toString(EmissionIndex),
+        'tokentrace.token.index', toString(TokenIndex),
+        'tokentrace.token.count', toString(TokenCount),
+        'tokentrace.engine.step', toString(EngineStep),
+        'tokentrace.batch.size', toString(BatchSize),
+        'tokentrace.step.prefill_tokens', toString(StepPrefillTokens)
+    )), 'Map(LowCardinality(String), String)') AS SpanAttributes,
+    Duration,
+    toLowCardinality('Unset') AS StatusCode,
+    '' AS StatusMessage,
+    CAST([], 'Array(DateTime64(9))') AS `Events.Timestamp`,
+    CAST([], 'Array(LowCardinality(String))') AS `Events.Name`,
+    CAST([], 'Array(Map(LowCardinality(String), String))') AS `Events.Attributes`,
+    CAST([], 'Array(String)') AS `Links.TraceId`,
+    CAST([], 'Array(String)') AS `Links.SpanId`,
+    CAST([], 'Array(String)') AS `Links.TraceState`,
+    CAST([], 'Array(Map(LowCardinality(String), String))') AS `Links.Attributes`
+FROM {db}.token_spans
 """
 
 # The one definition of a token row from an llm.token span stored as its own span.
@@ -444,6 +564,8 @@ SELECT
     pf AS step_prefill_tokens
 FROM {db}.token_emissions
 {array_join}
+UNION ALL
+{token_spans_rows}
 """
 
 # Per decode node and minute, a DDSketch of the token gaps (accuracy parameter 0.001:
@@ -492,6 +614,12 @@ GROUP BY minute, node
 """
 
 
+def _typed_uint_sql(column: str, type_name: str, max_value: int) -> str:
+    """:func:`_uint_sql` for a ``token_spans`` integer column: the same value, since the
+    attribute's string is that integer in decimal."""
+    return f"if({column} >= 0 AND {column} <= {max_value}, to{type_name}({column}), NULL)"
+
+
 def _uint_sql(attribute: str, type_name: str, max_value: int) -> str:
     """A non-negative integer span attribute (sent as an int, or a float or string of
     one) as ``type_name``, NULL when missing, unparsable or above ``max_value``."""
@@ -508,6 +636,7 @@ TABLES = (
     "request_parts",
     "token_span_latencies",
     "token_emissions",
+    "token_spans",
     "itl_by_minute",
     "kv_transfers",
     "node_clocks",
@@ -625,7 +754,13 @@ def ddl_statements(
         "token_count": _uint_sql(A.TOKEN_COUNT, "UInt16", 2**16 - 1),
         "batch_size": _uint_sql(A.BATCH_SIZE, "UInt16", 2**16 - 1),
         "step_prefill_tokens": _uint_sql(A.STEP_PREFILL_TOKENS, "UInt32", 2**32 - 1),
+        "typed_token_index": _typed_uint_sql("TokenIndex", "UInt32", 2**32 - 1),
+        "typed_emission_index": _typed_uint_sql("EmissionIndex", "UInt32", 2**32 - 1),
+        "typed_token_count": _typed_uint_sql("TokenCount", "UInt16", 2**16 - 1),
+        "typed_batch_size": _typed_uint_sql("BatchSize", "UInt16", 2**16 - 1),
+        "typed_step_prefill_tokens": _typed_uint_sql("StepPrefillTokens", "UInt32", 2**32 - 1),
     }
+    fmt["token_spans_rows"] = _TOKEN_SPANS_ROWS.format(**fmt)
     statements = [f"CREATE DATABASE IF NOT EXISTS {database}{on_cluster}"]
     statements.extend(f"DROP VIEW IF EXISTS {database}.{view}{on_cluster}" for view in _OLD_VIEWS)
     for template in (
@@ -641,12 +776,15 @@ def ddl_statements(
         _NODE_CLOCKS,
         _TOKEN_EMISSIONS,
         _TOKEN_EMISSIONS_TRACE_ID_TS_MV,
+        _TOKEN_SPANS,
+        _TOKEN_SPANS_TRACE_ID_TS_MV,
         _OTEL_TRACES_VIEW,
         _TOKEN_LATENCIES_MV,
         _TOKEN_LATENCIES_VIEW,
         _ITL_BY_MINUTE,
         _ITL_BY_MINUTE_FROM_SPANS_MV,
         _ITL_BY_MINUTE_FROM_EMISSIONS_MV,
+        _ITL_BY_MINUTE_FROM_TOKEN_SPANS_MV,
     ):
         statements.append(template.format(**fmt).strip())
     if not cluster:

@@ -41,7 +41,9 @@ from tokentrace.schemas import attributes as attrs
 from tokentrace.schemas.attributes import node_of
 from tokentrace.schemas.packed import PackedTokens, PackedTokensError, decode_packed
 
+from . import tokenspans
 from .otlp_parse import DecodeError, parse_json, parse_protobuf
+from .tokenspans import TokenSpans
 
 __all__ = [
     "DecodeError",
@@ -57,6 +59,7 @@ __all__ = [
     "SpanBatch",
     "accepted_request",
     "decode_request",
+    "decode_wire",
     "packed_tokens_of",
     "parse_json",
     "parse_protobuf",
@@ -138,6 +141,8 @@ class SpanBatch:
         default_factory=lambda: {name: [] for name in PACKED_TOKENS_COLUMNS}
     )
     packed_tokens: int = 0  # the llm.token spans those rows expand to
+    # Canonical llm.token spans, not among the spans above: token_spans rows.
+    tokens: TokenSpans = field(default_factory=TokenSpans)
 
     @property
     def packed_spans(self) -> int:
@@ -148,10 +153,15 @@ class SpanBatch:
         return len(self.span_id)
 
     @property
+    def accepted_spans(self) -> int:
+        """The valid spans as received: those above and the canonical token spans."""
+        return len(self) + self.tokens.rows
+
+    @property
     def expanded_spans(self) -> int:
         """Spans as stored: the valid ones plus the ``llm.token`` spans packed decode
         spans expand to."""
-        return len(self) + self.packed_tokens
+        return self.accepted_spans + self.packed_tokens
 
     @property
     def error_message(self) -> str:
@@ -171,6 +181,7 @@ class SpanBatch:
         for name, values in other.packed.items():
             self.packed[name].extend(values)
         self.packed_tokens += other.packed_tokens
+        self.tokens.extend(other.tokens)
 
     def otel_spans_columns(self) -> dict[str, list[Any]]:
         """The batch as ``otel_spans`` insert columns (names as in the table)."""
@@ -203,7 +214,7 @@ class SpanBatch:
 _LIST_FIELDS = tuple(
     name
     for name in SpanBatch.__dataclass_fields__
-    if name not in ("rejected_spans", "errors", "packed", "packed_tokens")
+    if name not in ("rejected_spans", "errors", "packed", "packed_tokens", "tokens")
 )
 
 
@@ -506,6 +517,62 @@ def _latest_ns(now_ns: int | None) -> int:
     return (time.time_ns() if now_ns is None else now_ns) + MAX_FUTURE_NS
 
 
+def decode_wire(
+    wire: bytes, *, now_ns: int | None = None, compiled: bool | None = None
+) -> SpanBatch:
+    """Parse and decode one serialized ``ExportTraceServiceRequest`` as the collector
+    stores it: :func:`decode_request`, with canonical ``llm.token`` spans
+    (:mod:`.tokenspans`) as ``token_spans`` rows in ``batch.tokens``.
+
+    The compiled scanner takes those spans out of ``wire`` first when it is built
+    (``compiled``: None uses it if it is, False never); the rows are the same either
+    way. Raises :class:`DecodeError` as :func:`parse_protobuf` does.
+    """
+    latest_ns = _latest_ns(now_ns)
+    if tokenspans.COMPILED and compiled is not False:
+        found = tokenspans.compiled_scan(wire, EARLIEST_NS, latest_ns)
+        if found is not None:
+            batch = _decode_residual(found, latest_ns)
+            if batch is not None:
+                return batch
+    return _decode(parse_protobuf(wire), latest_ns, typed_tokens=True)
+
+
+def _decode_residual(found: Any, latest_ns: int) -> SpanBatch | None:
+    """The batch of a request the scanner took token spans from, or None when the
+    request must be decoded whole in Python: its residual does not parse (the whole
+    request is then refused, with the message for all of it), or a resource holding
+    token spans is invalid (they are rejected with it, one message each)."""
+    residual, rows, columns, found_runs, kept = found
+    try:
+        request = parse_protobuf(residual)
+    except DecodeError:
+        return None
+    runs: list[tokenspans.Run] = []
+    resources: dict[int, dict[str, str]] = {}
+    for r, s, n in found_runs:
+        if r not in resources:
+            problem, resource_attrs = _resource_attributes(request.resource_spans[r])
+            if problem:
+                return None
+            resources[r] = resource_attrs
+        resource_attrs = resources[r]
+        scope = request.resource_spans[r].scope_spans[s].scope
+        runs.append(
+            (
+                resource_attrs.get(attrs.SERVICE_NAME, ""),
+                resource_attrs,
+                scope.name,
+                scope.version,
+                node_of(resource_attrs),
+                n,
+            )
+        )
+    batch = SpanBatch()
+    batch.tokens.add(columns, rows, runs)
+    return _decode(request, latest_ns, typed_tokens=True, span_index=kept, batch=batch)
+
+
 def decode_request(request: ExportTraceServiceRequest, *, now_ns: int | None = None) -> SpanBatch:
     """Validate and lay out every span of ``request``; never raises for bad spans.
 
@@ -520,10 +587,26 @@ def decode_request(request: ExportTraceServiceRequest, *, now_ns: int | None = N
     counts it in ``rejected_spans`` and says why in ``errors`` (naming the field, the
     span's position, name and id). The result depends on nothing but ``request`` and
     ``now_ns``, so replaying an export with the ``now_ns`` it was first accepted at
-    decodes it the same way.
+    decodes it the same way. Every valid span is in the batch's span columns
+    (:func:`decode_wire` is what stores token spans apart).
     """
-    latest_ns = _latest_ns(now_ns)
-    batch = SpanBatch()
+    return _decode(request, _latest_ns(now_ns), typed_tokens=False)
+
+
+def _decode(
+    request: ExportTraceServiceRequest,
+    latest_ns: int,
+    *,
+    typed_tokens: bool,
+    span_index: dict[tuple[int, int], list[int]] | None = None,
+    batch: SpanBatch | None = None,
+) -> SpanBatch:
+    """:func:`decode_request` into ``batch`` (a new one if None); with ``typed_tokens``,
+    canonical token spans go to ``batch.tokens``. ``span_index`` gives, for a scope the
+    scanner took spans from, the original index of each span left (for messages)."""
+    if batch is None:
+        batch = SpanBatch()
+    twin = tokenspans.TwinRows() if typed_tokens else None
     problem: str | None
     tokens: PackedTokens | None
     maps: _AttributeMaps | None
@@ -537,10 +620,25 @@ def decode_request(request: ExportTraceServiceRequest, *, now_ns: int | None = N
                 if resource_problem:
                     problem, tokens, maps = resource_problem, None, None
                 else:
+                    if twin is not None and span.name == attrs.SPAN_TOKEN:
+                        values = tokenspans.token_values(span, EARLIEST_NS, latest_ns)
+                        if values is not None:
+                            run = (
+                                service_name,
+                                resource_attrs,
+                                scope_name,
+                                scope_version,
+                                node_of(resource_attrs),
+                                0,
+                            )
+                            twin.add(span, values, (r, s), run)
+                            continue
                     problem, tokens, maps = _checked_span(span, latest_ns)
                 if maps is None:
                     batch.rejected_spans += 1
                     if len(batch.errors) < _MAX_ERROR_MESSAGES:
+                        if span_index is not None and (r, s) in span_index:
+                            i = span_index[(r, s)][i]
                         batch.errors.append(
                             f"span resource_spans[{r}].scope_spans[{s}].spans[{i}] "
                             f"name={_quoted(span.name)} span_id={_hex_id(span.span_id)}: "
@@ -552,6 +650,8 @@ def decode_request(request: ExportTraceServiceRequest, *, now_ns: int | None = N
                 )
                 if tokens is not None:
                     _append_packed(batch, tokens)
+    if twin is not None and twin.rows:
+        batch.tokens.add(twin.buffers(), twin.rows, twin.runs)
     return batch
 
 

@@ -39,15 +39,17 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from prometheus_client import Histogram
 
+from ..native import Column
 from ..retry import jittered_backoff_s
 from ..store import Store, StoreError
-from .decode import SpanBatch, accepted_request, decode_request
+from .decode import SpanBatch, accepted_request, decode_wire
 from .derive import DerivedRows, derive_rows
 from .logrecord import decode_record, encode_record, export_digest
 from .otlp_parse import parse_protobuf
@@ -90,8 +92,8 @@ class PipelineConfig:
 
     flush_interval_ms: float = 20.0
     max_batch_spans: int = 20_000
-    insert_interval_ms: float = 500.0
-    max_block_bytes: int = 4 << 20
+    insert_interval_ms: float = 1000.0
+    max_block_bytes: int = 16 << 20
     held_blocks: int = 4
     retry_backoff_ms: float = 200.0
     max_retry_backoff_ms: float = 5_000.0
@@ -122,11 +124,12 @@ class PipelineConfig:
             raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s!r}")
 
 
-def store_tables(batch: SpanBatch, rows: DerivedRows) -> list[tuple[str, dict[str, list[Any]]]]:
+def store_tables(batch: SpanBatch, rows: DerivedRows) -> list[tuple[str, Mapping[str, Column]]]:
     """The tables a batch's rows go into, with their columns, in insert order."""
     return [
         ("otel_spans", batch.otel_spans_columns()),
         *([("token_emissions", batch.packed)] if batch.packed_spans else []),
+        *([("token_spans", batch.tokens.columns())] if batch.tokens.rows else []),
         *rows.tables().items(),
     ]
 
@@ -359,17 +362,17 @@ class Pipeline:
         should retry).
         """
         wire = bytes(request)
-        parsed = parse_protobuf(wire)
-        digest = export_digest(wire)
         # One clock reading for decoding and for the accepted copy the log keeps, so the
         # spans logged are exactly the spans decoded.
         now_ns = time.time_ns()
-        batch = decode_request(parsed, now_ns=now_ns)
+        batch = decode_wire(wire, now_ns=now_ns)
+        digest = export_digest(wire)
         with self._counter_lock:
             self._received += batch.expanded_spans + batch.rejected_spans
             self._rejected += batch.rejected_spans
             self._packed += batch.packed_spans
-        if len(batch) == 0:
+        accepted = batch.accepted_spans
+        if accepted == 0:
             return ExportResult(0, batch.rejected_spans, batch.error_message)
         with self._recent_lock:
             again = digest in self._recent
@@ -379,7 +382,7 @@ class Pipeline:
             # duplicate them.
             with self._counter_lock:
                 self._duplicates += 1
-            return ExportResult(len(batch), batch.rejected_spans, batch.error_message)
+            return ExportResult(accepted, batch.rejected_spans, batch.error_message)
         if self._wal.pending_bytes >= self._wal.config.max_bytes:
             self._refuse(batch)
             raise PipelineFull(
@@ -388,7 +391,7 @@ class Pipeline:
                 f"{self._wal.config.max_bytes}); retry later"
             )
         if batch.rejected_spans:
-            wire = accepted_request(parsed, now_ns=now_ns).SerializeToString()
+            wire = accepted_request(parse_protobuf(wire), now_ns=now_ns).SerializeToString()
         pending = _Pending(batch, derive_rows(batch), digest, wire)
         try:
             self._enqueue(pending)
@@ -397,7 +400,7 @@ class Pipeline:
             self._refuse(batch)
             raise
         self._remember(digest)
-        return ExportResult(len(batch), batch.rejected_spans, batch.error_message)
+        return ExportResult(accepted, batch.rejected_spans, batch.error_message)
 
     def _remember(self, digest: bytes) -> None:
         with self._recent_lock:
@@ -598,7 +601,7 @@ class Pipeline:
         for _digest, wire in exports:
             # The time bounds as they were when these spans were accepted: a replay a
             # day later must not reject what was acknowledged.
-            part = decode_request(parse_protobuf(wire), now_ns=written_ns)
+            part = decode_wire(wire, now_ns=written_ns)
             batch.extend(part)
             rows.extend(derive_rows(part))
         record.spans = batch.expanded_spans

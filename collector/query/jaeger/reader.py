@@ -112,6 +112,7 @@ class JaegerReader:
         self._traces = f"{db}.otel_traces"  # the view: stored spans and packed tokens
         self._spans = f"{db}.otel_spans"  # the stored spans only
         self._emissions = f"{db}.token_emissions"
+        self._token_spans = f"{db}.token_spans"  # canonical llm.token spans, typed
         self._trace_ts = f"{db}.otel_traces_trace_id_ts"
 
     def _q(self, sql: str, params: dict[str, Any] | None = None) -> QueryResult:
@@ -119,32 +120,39 @@ class JaegerReader:
 
     def services(self) -> list[str]:
         # A packed decode span's token spans are in its own service: the stored spans
-        # name every service without expanding a token.
+        # and the typed token spans name every service without expanding a token.
         res = self._q(
-            f"SELECT DISTINCT ServiceName FROM {self._spans} "
+            f"SELECT DISTINCT ServiceName FROM (SELECT ServiceName FROM {self._spans} "
+            f"UNION ALL SELECT DISTINCT toString(ServiceName) FROM {self._token_spans}) "
             "WHERE ServiceName != '' ORDER BY ServiceName"
         )
         return [r[0] for r in res.rows]
 
     def operations(self, service: str, span_kind: str = "") -> list[tuple[str, str]]:
         """``(name, jaeger span kind)`` pairs; ``span_kind`` as Jaeger spells it."""
-        # The stored spans, and llm.token (Internal) for a service with packed emissions:
-        # what the otel_traces view holds, without expanding a token.
-        where, tokens_where, params = ["1"], ["length(times) > 1"], {}
+        # The stored spans, and llm.token (Internal) for a service with packed emissions
+        # or typed token spans: what the otel_traces view holds, without expanding a token.
+        where, tokens_where, typed_where = ["1"], ["length(times) > 1"], ["1"]
+        params = {}
         if service:
             where.append("ServiceName = {service:String}")
             tokens_where.append("service_name = {service:String}")
+            typed_where.append("ServiceName = {service:String}")
             params["service"] = service
         if span_kind:
             where.append("lower(SpanKind) = {kind:String}")
             tokens_where.append("'internal' = {kind:String}")
+            typed_where.append("'internal' = {kind:String}")
             params["kind"] = "unspecified" if span_kind == "unspecified" else span_kind.lower()
         res = self._q(
             "SELECT DISTINCT SpanName, SpanKind FROM ("
             f"SELECT SpanName, SpanKind FROM {self._spans} WHERE {' AND '.join(where)} "
             "UNION ALL SELECT DISTINCT toLowCardinality('llm.token') AS SpanName, "
             f"toLowCardinality('Internal') AS SpanKind FROM {self._emissions} "
-            f"WHERE {' AND '.join(tokens_where)}"
+            f"WHERE {' AND '.join(tokens_where)} "
+            "UNION ALL SELECT DISTINCT toLowCardinality('llm.token') AS SpanName, "
+            f"toLowCardinality('Internal') AS SpanKind FROM {self._token_spans} "
+            f"WHERE {' AND '.join(typed_where)}"
             ") ORDER BY SpanName, SpanKind",
             params,
         )
@@ -244,10 +252,12 @@ class JaegerReader:
         )
         res = self._q(
             "SELECT p.ServiceName AS parent, c.ServiceName AS child, count() AS calls "
-            # Token spans are children of their decode span, in its service: never an
-            # edge between services, so the stored spans give every edge.
+            # A packed decode span's token spans are in its service: never an edge
+            # between services. Typed token spans may name any parent.
             f"FROM (SELECT TraceId, ParentSpanId, ServiceName FROM {self._spans} "
-            f"      WHERE ParentSpanId != '' AND {window}) AS c "
+            f"      WHERE ParentSpanId != '' AND {window} "
+            f"      UNION ALL SELECT TraceId, ParentSpanId, toString(ServiceName) "
+            f"      FROM {self._token_spans} WHERE {window}) AS c "
             f"INNER JOIN (SELECT TraceId, SpanId, ServiceName FROM {self._spans} "
             f"      WHERE {window}) AS p "
             "ON c.TraceId = p.TraceId AND c.ParentSpanId = p.SpanId "

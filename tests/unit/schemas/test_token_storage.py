@@ -21,7 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-from tokentrace.collector.ingest.decode import SpanBatch, decode_request
+from tokentrace.collector.ingest.decode import SpanBatch, decode_request, decode_wire
+from tokentrace.collector.native import encode_block
 from tokentrace.schemas import attributes as A
 from tokentrace.schemas import ddl_statements, upgrade_statements
 from tokentrace.schemas.packed import encode_packed
@@ -268,9 +269,11 @@ def test_a_store_made_by_release_3_is_upgraded_with_its_rows(client: Any) -> Non
     assert {n for n in engines if n.endswith("_mv")} == {
         "otel_traces_trace_id_ts_mv",
         "token_emissions_trace_id_ts_mv",
+        "token_spans_trace_id_ts_mv",
         "token_latencies_mv",
         "itl_by_minute_spans_mv",
         "itl_by_minute_emissions_mv",
+        "itl_by_minute_token_spans_mv",
     }
     after = {t: sorted(map(str, c.query(f"SELECT * FROM {db}.{t}").result_rows)) for t in before}
     assert after == before
@@ -292,3 +295,140 @@ def test_a_store_made_by_release_3_is_upgraded_with_its_rows(client: Any) -> Non
     stored = c.query(f"SELECT count() FROM {db}.otel_spans").result_rows[0][0]
     assert stored == 3 + 1  # the old expanded spans, and the new decode span alone
     assert c.query(f"SELECT count() FROM {db}.otel_traces").result_rows[0][0] == 6
+
+
+# -- token spans stored typed ------------------------------------------------------
+
+
+def insert_native(client: Any, table: str, columns: dict[str, Any]) -> None:
+    """Insert as the collector's store does: one Native block, the table's own types."""
+    db, name = table.split(".")
+    types = dict(
+        client.query(
+            "SELECT name, type FROM system.columns WHERE database = {db:String} "
+            "AND table = {t:String}",
+            parameters={"db": db, "t": name},
+        ).result_rows
+    )
+    client.raw_insert(
+        table,
+        column_names=list(columns),
+        insert_block=encode_block(columns, types),
+        fmt="Native",
+    )
+
+
+@pytest.fixture(scope="module")
+def plain(client: Any) -> str:
+    """A second database with today's schema, where every token span is stored as a
+    span (what decode_request, or a collector before token_spans, stores)."""
+    apply_schema(client, "plain")
+    return "plain"
+
+
+TOKEN_KEYS = (A.EMISSION_INDEX, A.TOKEN_INDEX, A.TOKEN_COUNT, A.ENGINE_STEP, A.BATCH_SIZE)
+INT64 = st.integers(-(2**63), 2**63 - 1)
+token_attribute_values = st.tuples(  # in TOKEN_KEYS order, as the emitters send them
+    st.one_of(st.integers(0, 3), INT64),
+    st.one_of(st.integers(0, 10), INT64),
+    st.one_of(st.integers(0, 3), st.integers(-5, 2**17)),
+    INT64,
+    st.one_of(st.integers(0, 64), st.integers(-5, 2**17)),
+)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    spans=st.lists(
+        st.tuples(
+            token_attribute_values,
+            st.one_of(st.none(), st.integers(-5, 2**33)),  # prefill, or none
+            st.integers(0, 10**9),  # duration
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    seed=st.integers(0, 2**32),
+)
+def test_token_spans_read_back_as_the_spans_they_came_from(
+    client: Any, plain: str, spans: list[tuple[tuple[int, ...], int | None, int]], seed: int
+) -> None:
+    """Canonical llm.token spans with any integer values (first emissions, chat role
+    chunks of 0 tokens, negatives and values past every column's range, with and without
+    prefill counts), stored as token_spans rows, read through ``otel_traces``,
+    ``token_latencies``, the trace-id lookup and the per-minute ITL sketch exactly as
+    the same spans stored as spans."""
+    rng = random.Random(seed)
+    run = next(_RUNS)
+    node = f"decode-{run}"
+    trace_id = run.to_bytes(4, "big") + rng.randbytes(12)
+    rs = ResourceSpans()
+    for key, value in ((A.SERVICE_NAME, "tokentrace-decode"), (A.NODE_ID, node)):
+        rs.resource.attributes.append(_kv(key, value))
+    scope = ScopeSpans()
+    scope.scope.name, scope.scope.version = "tokentrace", "0.1"
+    start = NOW_NS - 3600 * 10**9
+    for values, prefill, duration in spans:
+        span = Span(
+            trace_id=trace_id,
+            span_id=rng.randbytes(7) + b"\x01",
+            parent_span_id=b"\x0d" * 8,
+            name=A.SPAN_TOKEN,
+            kind=Span.SPAN_KIND_INTERNAL,
+            start_time_unix_nano=start,
+            end_time_unix_nano=start + duration,
+        )
+        items = list(zip(TOKEN_KEYS, values, strict=True))
+        if prefill is not None:
+            items.append((A.STEP_PREFILL_TOKENS, prefill))
+        span.attributes.extend(_kv(k, v) for k, v in items)
+        scope.spans.append(span)
+        start += duration
+    rs.scope_spans.append(scope)
+    request = ExportTraceServiceRequest()
+    request.resource_spans.append(rs)
+    wire = request.SerializeToString()
+
+    typed = decode_wire(wire, now_ns=NOW_NS)
+    assert typed.tokens.rows == len(spans) and len(typed) == 0
+    insert_native(client, "tokentrace.token_spans", typed.tokens.columns())
+    as_spans = decode_request(request, now_ns=NOW_NS)
+    assert len(as_spans) == len(spans)
+    insert_native(client, f"{plain}.otel_spans", dict(as_spans.otel_spans_columns()))
+
+    ids = [trace_id.hex()]
+    for table in ("otel_traces", "token_latencies"):
+        sql = differences_sql(table, plain)
+        counts = [int(client.query(q, parameters={"ids": ids}).result_rows[0][0]) for q in sql]
+        assert counts[:2] == [0, 0], table
+        assert counts[2] == counts[3] == len(spans)
+    ts = (
+        "SELECT TraceId, min(Start), max(End) FROM {db}.otel_traces_trace_id_ts "
+        "WHERE TraceId IN {{ids:Array(String)}} GROUP BY TraceId"
+    )
+    itl = (
+        "SELECT sum(gaps), quantilesDDMerge(0.001, 0.5, 0.99)(itl) FROM {db}.itl_by_minute "
+        "WHERE node = {{node:String}}"
+    )
+    for sql in (ts, itl):
+        params = {"ids": ids, "node": node}
+        # as text: a node with no gaps has NaN percentiles, never equal to themselves
+        assert str(client.query(sql.format(db="tokentrace"), parameters=params).result_rows) == (
+            str(client.query(sql.format(db=plain), parameters=params).result_rows)
+        )
+
+
+def differences_sql(table: str, other: str) -> list[str]:
+    """Counts of rows for the trace ids only ``tokentrace`` has, only ``other`` has, and
+    of each."""
+    key = "TraceId" if table == "otel_traces" else "trace_id"
+    where = f"WHERE {key} IN {{ids:Array(String)}}"
+    new, old = f"SELECT * FROM tokentrace.{table} {where}", f"SELECT * FROM {other}.{table} {where}"
+    return [
+        f"SELECT count() FROM ({new} EXCEPT ALL {old})",
+        f"SELECT count() FROM ({old} EXCEPT ALL {new})",
+        f"SELECT count() FROM ({new})",
+        f"SELECT count() FROM ({old})",
+    ]
