@@ -25,6 +25,7 @@ from tokentrace.runtime.auth import BearerAuthMiddleware, refuse_unauthenticated
 from tokentrace.runtime.tls import TlsConfig
 from tokentrace.schemas.ddl import query_user_statements
 
+from .ingest import tokenspans
 from .ingest.forward import ForwardConfig, OtlpForwarder, forward_reader
 from .ingest.otlp_grpc import OtlpGrpcConfig, OtlpGrpcReceiver
 from .ingest.otlp_http import OtlpHttpConfig, create_otlp_http_app
@@ -274,7 +275,7 @@ class Collector:
         """What ``collector.json`` holds: pid, the bound endpoints (``HOST:PORT``), whether
         they serve TLS, and the URLs clients use (``https://`` with TLS): ``otlp_grpc_url``
         for an exporter's endpoint, ``otlp_http_url`` to POST spans to, ``http_url`` for
-        the API."""
+        the API; ``token_scanner``: ``compiled`` or ``python``."""
         scheme = "https" if self.config.tls else "http"
         return {
             "pid": os.getpid(),
@@ -288,6 +289,8 @@ class Collector:
             "dsn": self.config.dsn,
             "wal": self.config.wal.directory,
             "forward": [f.url for f in self.config.forward],
+            # how canonical llm.token spans are read: the compiled scanner, or Python
+            "token_scanner": "compiled" if tokenspans.COMPILED else "python",
         }
 
 

@@ -18,6 +18,11 @@ produced -- span ids derived from the decode span's
 no per-token stored row, is ever made.
 :func:`.expand.expanded_request` does the same expansion to the protobuf request, for
 forwarding.
+
+The collector decodes with :func:`decode_wire`, from the request's bytes: canonical
+``llm.token`` spans sent one span each (:mod:`.tokenspans`) become ``token_spans`` rows
+in ``batch.tokens`` (the compiled scanner takes them before anything is parsed, when it
+is built), read back through the same views as the spans they were.
 """
 
 from __future__ import annotations

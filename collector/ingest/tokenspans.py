@@ -70,7 +70,8 @@ def _load_scanner() -> Any:
 
 
 _scanner = _load_scanner()
-#: Whether the compiled scanner is in use (``tokentrace collector --help`` says which).
+#: Whether the compiled scanner is in use (a collector's ``collector.json`` says which,
+#: as ``token_scanner``).
 COMPILED = _scanner is not None
 
 

@@ -109,6 +109,15 @@ def test_token_spans_equal_output_tokens(stack: LocalStack, load: LoadResult) ->
         assert row["output_tokens"] == rec.output_tokens == OUTPUT_LEN
         assert per_trace[row["trace_id"]]["tokens"] == OUTPUT_LEN
         assert per_trace[row["trace_id"]]["spans"] == OUTPUT_LEN  # one token per emission
+    # Sent one span each, the workers' token spans are canonical: stored typed, in
+    # token_spans, none as a span row.
+    typed = stack.query("SELECT count() AS n FROM tokentrace.token_spans")[0]["n"]
+    stored = stack.query(
+        "SELECT count() AS n FROM tokentrace.otel_spans WHERE SpanName = 'llm.token'"
+    )[0]["n"]
+    assert (typed, stored) == (
+        (REQUESTS * OUTPUT_LEN, 0) if stack.token_spans == "spans" else (0, 0)
+    )
 
 
 def test_router_ttft_matches_client_ttft(stack: LocalStack, load: LoadResult) -> None:

@@ -75,6 +75,16 @@ def _iso(ns: int) -> str:
 # -- OTLP/gRPC with the OpenTelemetry SDK ------------------------------------------------
 
 
+def test_collector_json_says_which_token_scanner_it_uses(collector: Running) -> None:
+    """The collector process loads the same install as these tests: the compiled scanner
+    when it was built (tests/unit/collector/ingest/test_tokenspans.py: wherever a
+    compiler is)."""
+    from tokentrace.collector.ingest import tokenspans
+
+    expected = "compiled" if tokenspans.COMPILED else "python"
+    assert collector.info["token_scanner"] == expected
+
+
 def test_sdk_grpc_export_lands_in_every_table(collector: Running) -> None:
     def provider(node: str, role: str) -> TracerProvider:
         tp = TracerProvider(
