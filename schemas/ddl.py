@@ -92,10 +92,8 @@ TOKEN_SPANS_COLUMNS = (
     "ParentSpanId",
     "Duration",
     "ServiceName",
-    "ResourceAttributes",
-    "ScopeName",
-    "ScopeVersion",
     "Node",
+    "ResourceId",
     "EmissionIndex",
     "TokenIndex",
     "TokenCount",
@@ -366,10 +364,12 @@ ORDER BY (node, decode_start)
 
 # llm.token spans sent one span each in the shape tokentrace's emitters give them (name,
 # kind, ids, times and the five or six integer token attributes in their order, nothing
-# else: collector/ingest/tokenspans.py): the attributes as typed columns, so a token span
-# costs ClickHouse no map of strings to store. The otel_traces and token_latencies views
-# below read them back as exactly the span and token row the same span stored in
-# otel_spans gives. Sorted like token_span_latencies; a trace found by the bloom filter.
+# else: collector/ingest/tokenspans.py): the attributes as typed columns, and the
+# resource and scope once per distinct one in token_span_resources (ResourceId: a hash of
+# them), so a token span costs ClickHouse no map of strings to store. The otel_traces and
+# token_latencies views below read them back as exactly the span and token row the same
+# span stored in otel_spans gives. Sorted like token_span_latencies; a trace found by the
+# bloom filter.
 _TOKEN_SPANS = """
 CREATE TABLE IF NOT EXISTS {db}.token_spans{on_cluster} (
     Timestamp DateTime64(9) CODEC(Delta, ZSTD(1)),
@@ -378,10 +378,8 @@ CREATE TABLE IF NOT EXISTS {db}.token_spans{on_cluster} (
     ParentSpanId String CODEC(ZSTD(1)),
     Duration UInt64 CODEC(ZSTD(1)),
     ServiceName LowCardinality(String),
-    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
-    ScopeName LowCardinality(String),
-    ScopeVersion LowCardinality(String),
     Node LowCardinality(String),
+    ResourceId UInt64 CODEC(ZSTD(1)),
     EmissionIndex Int64 CODEC(Delta, ZSTD(1)),
     TokenIndex Int64 CODEC(Delta, ZSTD(1)),
     TokenCount Int64 CODEC(ZSTD(1)),
@@ -393,6 +391,19 @@ CREATE TABLE IF NOT EXISTS {db}.token_spans{on_cluster} (
 PARTITION BY toDate(Timestamp)
 ORDER BY (Node, Timestamp)
 {ttl}SETTINGS index_granularity = 1024
+"""
+
+# Each resource and scope token_spans rows name, once (again per block that has it: the
+# engine keeps one copy of a ResourceId when parts merge). Never expires: a few rows per
+# node and version.
+_TOKEN_SPAN_RESOURCES = """
+CREATE TABLE IF NOT EXISTS {db}.token_span_resources{on_cluster} (
+    ResourceId UInt64,
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1))
+) ENGINE = {replacing_engine}
+ORDER BY ResourceId
 """
 
 _TOKEN_SPANS_TRACE_ID_TS_MV = """
@@ -492,26 +503,26 @@ FROM (
 {array_join}
 UNION ALL
 SELECT
-    Timestamp,
-    TraceId,
-    SpanId,
-    ParentSpanId,
+    t.Timestamp AS Timestamp,
+    t.TraceId AS TraceId,
+    t.SpanId AS SpanId,
+    t.ParentSpanId AS ParentSpanId,
     '' AS TraceState,
     toLowCardinality('llm.token') AS SpanName,
     toLowCardinality('Internal') AS SpanKind,
-    ServiceName,
-    ResourceAttributes,
-    toString(ScopeName) AS ScopeName,
-    toString(ScopeVersion) AS ScopeVersion,
+    t.ServiceName AS ServiceName,
+    r.ResourceAttributes AS ResourceAttributes,
+    r.ScopeName AS ScopeName,
+    r.ScopeVersion AS ScopeVersion,
     CAST(mapFilter((k, v) -> v IS NOT NULL, map(
-        'tokentrace.emission.index', toString(EmissionIndex),
-        'tokentrace.token.index', toString(TokenIndex),
-        'tokentrace.token.count', toString(TokenCount),
-        'tokentrace.engine.step', toString(EngineStep),
-        'tokentrace.batch.size', toString(BatchSize),
-        'tokentrace.step.prefill_tokens', toString(StepPrefillTokens)
+        'tokentrace.emission.index', toString(t.EmissionIndex),
+        'tokentrace.token.index', toString(t.TokenIndex),
+        'tokentrace.token.count', toString(t.TokenCount),
+        'tokentrace.engine.step', toString(t.EngineStep),
+        'tokentrace.batch.size', toString(t.BatchSize),
+        'tokentrace.step.prefill_tokens', toString(t.StepPrefillTokens)
     )), 'Map(LowCardinality(String), String)') AS SpanAttributes,
-    Duration,
+    t.Duration AS Duration,
     toLowCardinality('Unset') AS StatusCode,
     '' AS StatusMessage,
     CAST([], 'Array(DateTime64(9))') AS `Events.Timestamp`,
@@ -521,7 +532,8 @@ SELECT
     CAST([], 'Array(String)') AS `Links.SpanId`,
     CAST([], 'Array(String)') AS `Links.TraceState`,
     CAST([], 'Array(Map(LowCardinality(String), String))') AS `Links.Attributes`
-FROM {db}.token_spans
+FROM {db}.token_spans AS t
+ANY LEFT JOIN {db}.token_span_resources AS r ON t.ResourceId = r.ResourceId
 """
 
 # The one definition of a token row from an llm.token span stored as its own span.
@@ -637,6 +649,7 @@ TABLES = (
     "token_span_latencies",
     "token_emissions",
     "token_spans",
+    "token_span_resources",
     "itl_by_minute",
     "kv_transfers",
     "node_clocks",
@@ -721,9 +734,11 @@ def ddl_statements(
     if cluster:
         engine = "ReplicatedMergeTree"
         agg_engine = "ReplicatedAggregatingMergeTree"
+        replacing_engine = "ReplicatedReplacingMergeTree"
     else:
         engine = "MergeTree"
         agg_engine = "AggregatingMergeTree"
+        replacing_engine = "ReplacingMergeTree"
 
     def ttl(column: str) -> str:
         return f"TTL toDateTime({column}) + toIntervalDay({ttl_days})\n" if ttl_days else ""
@@ -733,6 +748,7 @@ def ddl_statements(
         "on_cluster": on_cluster,
         "engine": engine,
         "agg_engine": agg_engine,
+        "replacing_engine": replacing_engine,
         "ttl": ttl("Timestamp"),
         "ttl_start": ttl("Start"),
         "ttl_ts": ttl("ts"),
@@ -777,6 +793,7 @@ def ddl_statements(
         _TOKEN_EMISSIONS,
         _TOKEN_EMISSIONS_TRACE_ID_TS_MV,
         _TOKEN_SPANS,
+        _TOKEN_SPAN_RESOURCES,
         _TOKEN_SPANS_TRACE_ID_TS_MV,
         _OTEL_TRACES_VIEW,
         _TOKEN_LATENCIES_MV,

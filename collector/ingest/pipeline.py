@@ -125,13 +125,16 @@ class PipelineConfig:
 
 
 def store_tables(batch: SpanBatch, rows: DerivedRows) -> list[tuple[str, Mapping[str, Column]]]:
-    """The tables a batch's rows go into, with their columns, in insert order."""
-    return [
-        ("otel_spans", batch.otel_spans_columns()),
-        *([("token_emissions", batch.packed)] if batch.packed_spans else []),
-        *([("token_spans", batch.tokens.columns())] if batch.tokens.rows else []),
-        *rows.tables().items(),
-    ]
+    """The tables a batch's rows go into, with their columns, in insert order (a token
+    span's resource before the token spans that name it)."""
+    tables: list[tuple[str, Mapping[str, Column]]] = [("otel_spans", batch.otel_spans_columns())]
+    if batch.packed_spans:
+        tables.append(("token_emissions", batch.packed))
+    if batch.tokens.rows:
+        tables.append(("token_span_resources", batch.tokens.resources()))
+        tables.append(("token_spans", batch.tokens.columns()))
+    tables.extend(rows.tables().items())
+    return tables
 
 
 class Consumer(Protocol):

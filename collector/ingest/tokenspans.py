@@ -23,6 +23,8 @@ which is what the scanner writes and what the store inserts as it is.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from array import array
@@ -41,6 +43,7 @@ __all__ = [
     "TOKEN_KEYS",
     "TokenSpans",
     "compiled_scan",
+    "resource_id",
     "token_values",
 ]
 
@@ -145,7 +148,13 @@ _BIG_ENDIAN = sys.byteorder != "little"
 #: One run of rows from one resource and scope: service name, resource attributes,
 #: scope name, scope version, node, rows.
 Run = tuple[str, dict[str, str], str, str, str, int]
-_RUN_COLUMNS = ("ServiceName", "ResourceAttributes", "ScopeName", "ScopeVersion", "Node")
+
+
+def resource_id(resource_attributes: dict[str, str], scope_name: str, scope_version: str) -> int:
+    """The ``ResourceId`` of a resource and scope: a 64-bit hash of them, attributes in
+    their order (the order the span would be stored with)."""
+    text = json.dumps([list(resource_attributes.items()), scope_name, scope_version])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 @dataclass
@@ -176,9 +185,23 @@ class TokenSpans:
         for i, (name, wire) in enumerate(_BUFFERS[:-2]):
             out[name] = Encoded(joined[i], self.rows, wire)
         out["StepPrefillTokens"] = Encoded(joined[-2] + joined[-1], self.rows, _BUFFERS[-1][1])
-        for k, name in enumerate(_RUN_COLUMNS):
-            out[name] = Repeated([(run[k], run[-1]) for run in self.runs])
+        out["ServiceName"] = Repeated([(run[0], run[-1]) for run in self.runs])
+        out["Node"] = Repeated([(run[4], run[-1]) for run in self.runs])
+        out["ResourceId"] = Repeated([(resource_id(*run[1:4]), run[-1]) for run in self.runs])
         return {name: out[name] for name in TOKEN_SPANS_COLUMNS}
+
+    def resources(self) -> dict[str, list[Any]]:
+        """The distinct resources and scopes of the rows, as ``token_span_resources``
+        insert columns."""
+        seen: dict[int, tuple[dict[str, str], str, str]] = {}
+        for run in self.runs:
+            seen.setdefault(resource_id(*run[1:4]), run[1:4])
+        return {
+            "ResourceId": list(seen),
+            "ResourceAttributes": [r[0] for r in seen.values()],
+            "ScopeName": [r[1] for r in seen.values()],
+            "ScopeVersion": [r[2] for r in seen.values()],
+        }
 
 
 class TwinRows:

@@ -393,6 +393,13 @@ def test_token_spans_read_back_as_the_spans_they_came_from(
 
     typed = decode_wire(wire, now_ns=NOW_NS)
     assert typed.tokens.rows == len(spans) and len(typed) == 0
+    resources = typed.tokens.resources()
+    client.insert(
+        "tokentrace.token_span_resources",
+        list(resources.values()),
+        column_names=list(resources),
+        column_oriented=True,
+    )
     insert_native(client, "tokentrace.token_spans", typed.tokens.columns())
     as_spans = decode_request(request, now_ns=NOW_NS)
     assert len(as_spans) == len(spans)

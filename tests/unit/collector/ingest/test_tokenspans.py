@@ -33,6 +33,7 @@ from tokentrace.collector.ingest.decode import (
     decode_wire,
     parse_protobuf,
 )
+from tokentrace.schemas import TOKEN_SPANS_COLUMNS
 from tokentrace.schemas import attributes as A
 
 # The clock decoding runs at: the SDK's spans are timed now, the hand-built ones at T0.
@@ -229,7 +230,9 @@ def test_a_real_export_of_token_spans_is_read_the_same_both_ways() -> None:
     assert fast.tokens.rows == 5 and len(fast) == 1 and fast.name == [A.SPAN_DECODE]
     assert fast.accepted_spans == fast.expanded_spans == 6
     rows = token_rows(fast)
-    assert [r[10:16] for r in rows] == [  # emission, token index, count, step, batch, prefill
+    first = TOKEN_SPANS_COLUMNS.index("EmissionIndex")
+    # emission, token index, count, step, batch, prefill
+    assert [r[first : first + 6] for r in rows] == [
         (0, 0, 1, 100, 7, 0),
         (1, 1, 1, 101, 6, 40),
         (2, 2, 3, 102, 5, 0),
