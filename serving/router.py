@@ -58,7 +58,7 @@ from tokentrace.runtime.auth import BearerAuthMiddleware
 from tokentrace.runtime.tls import TlsConfig
 from tokentrace.schemas import attributes as A
 from tokentrace.serving import openai_protocol as P
-from tokentrace.serving.serve import serve
+from tokentrace.serving.serve import CLIENT_KEEPALIVE_S, serve
 from tokentrace.serving.workers import Lease, Worker, WorkerPool
 
 __all__ = [
@@ -343,7 +343,9 @@ class _Router:
         timeout = httpx.Timeout(
             self.config.request_timeout_s, connect=self.config.connect_timeout_s, pool=None
         )
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+        limits = httpx.Limits(
+            max_connections=None, max_keepalive_connections=512, keepalive_expiry=CLIENT_KEEPALIVE_S
+        )
         self._client = httpx.AsyncClient(timeout=timeout, limits=limits)
         await asyncio.gather(*(self._probe(w) for w in self._all_workers()))
         # A few more exchanges per worker before serving, so the first requests already

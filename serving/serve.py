@@ -9,7 +9,16 @@ from typing import Any
 
 from tokentrace.instrument import stamping_http_protocol
 
-__all__ = ["freeze_startup_heap", "serve"]
+__all__ = ["CLIENT_KEEPALIVE_S", "SERVER_KEEPALIVE_S", "freeze_startup_heap", "serve"]
+
+# How long an idle keep-alive connection lives. A client that reuses a connection the
+# server is closing at that moment gets a dropped request (httpx: ReadError), so a
+# client's idle limit must be below the server's: our servers keep idle connections 75 s
+# (above aiohttp's 15 s and httpx's 5 s client defaults, which load generators use), and
+# our clients (the router, the workers) drop theirs after 3 s, below uvicorn's and
+# stock vLLM's 5 s server default, since they may talk to either.
+SERVER_KEEPALIVE_S = 75
+CLIENT_KEEPALIVE_S = 3.0
 
 
 def freeze_startup_heap() -> None:
@@ -26,8 +35,10 @@ def serve(app: Any, host: str, port: int, **uvicorn_options: Any) -> None:
     """Serve ``app`` with uvicorn until interrupted (blocks): the start-up heap frozen,
     requests' arrival stamped when their bytes are read (see
     :func:`tokentrace.instrument.stamping_http_protocol`). ``uvicorn_options`` go to
-    ``uvicorn.run`` (log level, TLS files)."""
+    ``uvicorn.run`` (log level, TLS files); idle connections are kept
+    :data:`SERVER_KEEPALIVE_S` unless they say otherwise."""
     import uvicorn
 
     freeze_startup_heap()
+    uvicorn_options.setdefault("timeout_keep_alive", SERVER_KEEPALIVE_S)
     uvicorn.run(app, host=host, port=port, http=stamping_http_protocol(), **uvicorn_options)

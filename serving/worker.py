@@ -69,7 +69,7 @@ from tokentrace.serving.engine import (
     load_or_create,
 )
 from tokentrace.serving.kv import KVRegion, KVTransferError, NixlKVEndpoint
-from tokentrace.serving.serve import serve
+from tokentrace.serving.serve import CLIENT_KEEPALIVE_S, serve
 from tokentrace.serving.stream_shape import OutputText, StreamShaper
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,9 @@ class Worker:
     async def start(self) -> None:
         self.engine.start()
         self.kv.start_notification_loop(self._on_notif, self._has_pinned)
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0))
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0), limits=httpx.Limits(keepalive_expiry=CLIENT_KEEPALIVE_S)
+        )
         self._reaper = asyncio.create_task(self._reap_expired())
 
     async def shutdown(self) -> None:
