@@ -369,3 +369,32 @@ def test_a_clickhouse_server_down_from_the_start_costs_nothing(
     replayed = second.wait_for("log drained", lambda h: h["wal_pending_records"] == 0)
     assert replayed["wal_replayed_records"] > 0
     assert _stored(second, run=4) == (1000, 1000, len(exports))
+
+
+def test_a_block_goes_in_at_its_interval_or_its_size_whichever_comes_first(
+    tmp_path: Path, collectors: list[Collector]
+) -> None:
+    """`--insert-interval` and `--insert-block-bytes` decide when the log's records go
+    into ClickHouse: with an hour's interval a small export waits (acknowledged, in the
+    log), and the export that takes the waiting bytes past the block size sends both."""
+    collector = Collector(tmp_path, "--insert-interval", "3600", "--insert-block-bytes", "64K")
+    collectors.append(collector)
+    collector.start()
+    small, large = _exports(run=5, n_exports=1, spans_per_export=10) + _exports(
+        run=6, n_exports=1, spans_per_export=3000
+    )
+    assert len(small) < 64 << 10 < len(large)
+    _send_one(collector, small)
+    time.sleep(2.0)  # twice the default interval: an ignored flag would have inserted it
+    waiting = collector.health()
+    assert (waiting["wal_pending_records"], waiting["spans_stored"]) == (1, 0), waiting
+    _send_one(collector, large)
+    stored = collector.wait_for("the block inserted", lambda h: h["wal_pending_records"] == 0)
+    assert stored["spans_stored"] == 3010 and stored["spans_lost"] == 0, stored
+
+
+def _send_one(collector: Collector, wire: bytes) -> None:
+    """Send ``wire`` and return once it is acknowledged."""
+    sender = Sender(collector.grpc, [wire])
+    sender.run()
+    assert sender.error is None and sender.acked == 1, sender.error

@@ -209,3 +209,26 @@ def test_the_readme_shows_the_query_user_statements_the_collector_runs() -> None
     assert digest is not None
     expected = "\n".join(made).replace(digest.group(1), "<sha256 of the password, hex>")
     assert shown.group(1).strip() == expected
+
+
+def test_every_table_merges_column_by_column_in_small_blocks(tmp_path: Path) -> None:
+    """The merge settings that bound an embedded store's memory while it inserts reach
+    every table, also one created before them (the DDL upgrades it)."""
+    import clickhouse_connect
+
+    from tokentrace.schemas.ddl import MERGE_SETTINGS, TABLES
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'ch'}")
+    client.command("CREATE DATABASE tokentrace")
+    client.command(  # as a release before the settings made it
+        "CREATE TABLE tokentrace.kv_transfers (ts DateTime64(9)) ENGINE = MergeTree ORDER BY ts"
+    )
+    for statement in ddl_statements():
+        client.command(statement)
+    rows = client.query(
+        "SELECT name, create_table_query FROM system.tables WHERE database = 'tokentrace'"
+    ).result_rows
+    created = dict(rows)
+    for table in TABLES:
+        for name, value in MERGE_SETTINGS.items():
+            assert f"{name} = {value}" in created[table], (table, name)
