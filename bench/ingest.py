@@ -524,7 +524,10 @@ def measure_collector(args: argparse.Namespace, packed: bool) -> tuple[Measured,
     """Ingest into a fresh collector; returns what was measured and its idle RSS."""
     with tempfile.TemporaryDirectory(prefix="tt-bench-ingest-") as tmp:
         data_dir = Path(tmp)
-        with _process(collector_argv(data_dir), data_dir / "collector.json") as proc:
+        argv = collector_argv(data_dir)
+        argv += ["--insert-interval", str(args.insert_interval)]
+        argv += ["--insert-block-bytes", args.insert_block_bytes]
+        with _process(argv, data_dir / "collector.json") as proc:
             info = json.loads((data_dir / "collector.json").read_text())
             api = f"http://{info['http']}"
             idle_rss = rss_bytes(proc.pid)
@@ -725,6 +728,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tokens", type=int, default=256, help="output tokens per LLM request (default 256)"
+    )
+    parser.add_argument(
+        "--insert-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="the collector's --insert-interval (default 1.0, its own default)",
+    )
+    parser.add_argument(
+        "--insert-block-bytes",
+        default="16M",
+        metavar="SIZE",
+        help="the collector's --insert-block-bytes (default 16M, its own default)",
     )
     add_common_args(parser)
     parser.add_argument("--sender", metavar="HOST:PORT", help=argparse.SUPPRESS)
