@@ -645,8 +645,9 @@ def _uint_sql(attribute: str, type_name: str, max_value: int) -> str:
 #: How every table merges its parts, set for memory: a merge reads and writes one column
 #: at a time (vertical), in blocks of 2,048 rows, instead of all columns of every part
 #: at once. A collector's embedded ClickHouse merges while it inserts, and ClickHouse's
-#: defaults (vertical from 131,072 rows and 11 columns, 8,192-row blocks) held about
-#: 70 MB more at peak under bench.ingest's load, for no measurable insert rate.
+#: defaults (vertical from 131,072 rows and 11 columns, 8,192-row blocks) held 20-150 MB
+#: more at peak (``bench.store_cost``; about 100 MB of a collector's peak under
+#: ``bench.ingest``'s packed load), at the same insert rate.
 MERGE_SETTINGS = {
     "vertical_merge_algorithm_min_rows_to_activate": 1,
     "vertical_merge_algorithm_min_columns_to_activate": 1,
@@ -817,7 +818,8 @@ def ddl_statements(
         statements.append(template.format(**fmt).strip())
     # Replays of the collector's write-ahead log insert with the same deduplication
     # tokens as the first attempt; a plain MergeTree only remembers tokens with a window
-    # (Replicated engines always do). Also upgrades stores made without these settings.
+    # (Replicated engines always do). The same statement sets MERGE_SETTINGS, and
+    # upgrades stores made without any of them.
     settings = ", ".join(
         f"{name} = {value}"
         for name, value in (

@@ -11,12 +11,13 @@ import time
 
 import uvicorn
 
+from tokentrace.serving.procs import free_ports
 from tokentrace.serving.serve import CLIENT_KEEPALIVE_S, SERVER_KEEPALIVE_S
 
 UVICORN_DEFAULT_S = uvicorn.Config(app="unused:app").timeout_keep_alive  # not loaded
 
 SERVER = """
-import socket, sys
+import sys
 from tokentrace.serving.serve import serve
 
 async def app(scope, receive, send):
@@ -28,12 +29,6 @@ async def app(scope, receive, send):
 
 serve(app, "127.0.0.1", int(sys.argv[1]), log_level="warning")
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(sock: socket.socket) -> bytes:
@@ -56,7 +51,7 @@ def test_clients_give_up_idle_connections_before_any_server_closes_them() -> Non
 
 
 def test_a_served_connection_stays_open_past_uvicorns_default_idle_limit() -> None:
-    port = _free_port()
+    (port,) = free_ports(1)
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)])
     try:
         deadline = time.monotonic() + 60
