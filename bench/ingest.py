@@ -47,6 +47,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 
 from bench._common import (
     Figure,
+    RssSampler,
     add_common_args,
     collector_argv,
     cpu_seconds,
@@ -119,6 +120,13 @@ class Template:
     trace_ids: list[bytes]
     spans: int
     token_rows: int
+
+    def fresh(self, rng: random.Random) -> bytes:
+        """The export with new random trace ids: distinct traces every send."""
+        data = self.data
+        for trace_id in self.trace_ids:
+            data = data.replace(trace_id, rng.randbytes(16))
+        return data
 
 
 def build_template(requests: int, tokens: int, packed: bool, seed: int = 1) -> Template:
@@ -311,9 +319,7 @@ def _sender(
         slots.release()
 
     while time.monotonic() < deadline:
-        data = template.data
-        for tid in template.trace_ids:  # fresh trace ids each time: distinct traces
-            data = data.replace(tid, rng.randbytes(16))
+        data = template.fresh(rng)
         slots.acquire()
         export.future(data, timeout=60).add_done_callback(done)
     for _ in range(inflight):
@@ -489,30 +495,6 @@ class Measured:
         return self.token_rows / self.cpu_s if self.cpu_s > 0 else float("nan")
 
 
-class _RssSampler:
-    """Peak resident memory of a process, total and anonymous (``RssAnon``: without the
-    pages of mapped files such as chDB's 200 MB library), sampled every 100 ms."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self.peak_anon = pid, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            try:
-                self.peak = max(self.peak, rss_bytes(self.pid))
-                self.peak_anon = max(self.peak_anon, rss_bytes(self.pid, "RssAnon"))
-            except (OSError, KeyError):
-                return
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
-
-
 def _count(api: str, table: str) -> int:
     body = httpx.post(
         f"{api}/query", json={"sql": f"SELECT count() FROM {table}"}, timeout=120
@@ -536,7 +518,7 @@ def measure_collector(args: argparse.Namespace, packed: bool) -> tuple[Measured,
             # are of rows in ClickHouse, and the CPU up to them includes inserting them.
             tokens0 = _count(api, "tokentrace.token_latencies")
             spans0 = httpx.get(f"{api}/health", timeout=30).json()["spans_stored"]
-            sampler = _RssSampler(proc.pid)
+            sampler = RssSampler(proc.pid)
             cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
             sent = _run_sender(info["otlp_grpc"], args.seconds, args, packed)
             tokens1 = _count(api, "tokentrace.token_latencies")

@@ -13,7 +13,7 @@ defaults (the settings reset), the baseline.
   row once per merge level it passes, more of them the longer it runs.
 - **RSS growth**: how far the process's resident memory rises above what it held
   before inserting (the decoded blocks, chDB loaded) while it inserts blocks in a loop
-  for ``--seconds`` and ClickHouse merges in the background, sampled every 50 ms.
+  for ``--seconds`` and ClickHouse merges in the background, sampled every 100 ms.
 
     .venv/bin/python -m bench.store_cost --mode spans
 """
@@ -27,34 +27,32 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from bench._common import Figure, add_common_args, emit, rss_bytes
-from bench.ingest import build_template
+from bench._common import Figure, RssSampler, add_common_args, emit, rss_bytes
+from bench.ingest import Template, build_template
 
 VARIANTS = ("tokentrace", "defaults")
 
 
-def _blocks(packed: bool, exports: int, blocks: int) -> list[list[tuple[str, Mapping[str, Any]]]]:
-    """``blocks`` blocks of ``exports`` decoded exports each, every export with fresh
-    trace ids (as ``bench.ingest``'s sender sends them), as the inserter's tables."""
+def _blocks(
+    template: Template, exports: int, blocks: int
+) -> list[list[tuple[str, Mapping[str, Any]]]]:
+    """``blocks`` blocks of ``exports`` decoded copies of ``template`` each, every copy
+    with fresh trace ids (as ``bench.ingest``'s sender sends them), as the inserter's
+    tables."""
     from tokentrace.collector.ingest.decode import SpanBatch, decode_wire
     from tokentrace.collector.ingest.derive import DerivedRows, derive_rows
     from tokentrace.collector.ingest.pipeline import store_tables
 
-    template = build_template(8, 256, packed)
     rng = random.Random(1)
     out = []
     for _ in range(blocks):
         batch, rows = SpanBatch(), DerivedRows()
         for _e in range(exports):
-            data = template.data
-            for trace_id in template.trace_ids:
-                data = data.replace(trace_id, rng.randbytes(16))
-            part = decode_wire(data)
+            part = decode_wire(template.fresh(rng))
             batch.extend(part)
             rows.extend(derive_rows(part))
         out.append(store_tables(batch, rows))
@@ -70,7 +68,7 @@ def _one(args: argparse.Namespace) -> dict[str, float]:
     main_table = "token_emissions" if packed else "token_spans"
     template = build_template(8, 256, packed)
     tokens_per_block = args.exports * template.token_rows
-    blocks = _blocks(packed, args.exports, args.blocks)
+    blocks = _blocks(template, args.exports, args.blocks)
     with tempfile.TemporaryDirectory(prefix="tt-bench-store-") as tmp:
         store = open_store(f"chdb://{tmp}/clickhouse")
         try:
@@ -81,25 +79,14 @@ def _one(args: argparse.Namespace) -> dict[str, float]:
                     )
             idle = rss_bytes(os.getpid())
             idle_anon = rss_bytes(os.getpid(), "RssAnon")
-            # peak memory while inserting and merging
-            peak = [0, 0]
-            stop = threading.Event()
-
-            def sample() -> None:
-                while not stop.wait(0.05):
-                    peak[0] = max(peak[0], rss_bytes(os.getpid()))
-                    peak[1] = max(peak[1], rss_bytes(os.getpid(), "RssAnon"))
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
+            sampler = RssSampler(os.getpid())  # peak memory while inserting and merging
             deadline = time.monotonic() + args.seconds
             k = 0
             while time.monotonic() < deadline:
                 for table, columns in blocks[k % len(blocks)]:
                     store.insert(table, columns)
                 k += 1
-            stop.set()
-            sampler.join()
+            sampler.stop()
             # insert and one rewrite, merges stopped
             store.command(f"TRUNCATE TABLE tokentrace.{main_table}")
             store.command(f"SYSTEM STOP MERGES tokentrace.{main_table}")
@@ -121,8 +108,8 @@ def _one(args: argparse.Namespace) -> dict[str, float]:
         "insert_us": insert_s / tokens * 1e6,
         "rewrite_us": rewrite_s / tokens * 1e6,
         "idle_rss": idle,
-        "growth_rss": peak[0] - idle,
-        "growth_anon": peak[1] - idle_anon,
+        "growth_rss": sampler.peak - idle,
+        "growth_anon": sampler.peak_anon - idle_anon,
     }
 
 
